@@ -1,0 +1,1 @@
+"""Task heads and necks for dense prediction built on the Vim backbone."""

@@ -1,0 +1,106 @@
+"""Entry-point plumbing: optional extras, the task wrapper, metric lookup and short user-error reporting."""
+
+from __future__ import annotations
+
+import sys
+import warnings
+from collections.abc import Callable
+from functools import wraps
+from importlib.util import find_spec
+from typing import Any
+
+from omegaconf import DictConfig
+
+from vision_mamba.utils.errors import find_user_error
+from vision_mamba.utils.pylogger import RankedLogger
+from vision_mamba.utils.rich_utils import print_config_tree
+
+log = RankedLogger(__name__, rank_zero_only=True)
+
+
+def extras(cfg: DictConfig) -> None:
+    """Apply optional utilities before the task starts (warnings filter, config tree printing)."""
+    if not cfg.get("extras"):
+        log.warning("Extras config not found! <cfg.extras=null>")
+        return
+    if cfg.extras.get("ignore_warnings"):
+        log.info("Disabling python warnings! <cfg.extras.ignore_warnings=True>")
+        warnings.filterwarnings("ignore")
+    if cfg.extras.get("print_config"):
+        log.info("Printing config tree with Rich! <cfg.extras.print_config=True>")
+        print_config_tree(cfg, resolve=True, save_to_file=True)
+
+
+def task_wrapper(task_func: Callable) -> Callable:
+    """Wrap a task so that failures are logged and W&B is closed (needed for multiruns) whatever happens."""
+
+    @wraps(task_func)
+    def wrap(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
+        try:
+            metric_dict, object_dict = task_func(cfg=cfg)
+        except Exception as ex:
+            if find_user_error(ex) is None:
+                log.exception("")
+            raise
+        finally:
+            log.info(f"Output dir: {cfg.paths.output_dir}")
+            if find_spec("wandb"):
+                import wandb
+
+                if wandb.run:
+                    log.info("Closing wandb!")
+                    wandb.finish()
+        return metric_dict, object_dict
+
+    return wrap
+
+
+def get_metric_value(metric_dict: dict[str, Any], metric_name: str | None) -> float | None:
+    """Return the metric a sweep optimises, with a clear error when it was never logged."""
+    if not metric_name:
+        log.info("Metric name is None! Skipping metric value retrieval...")
+        return None
+    if metric_name not in metric_dict:
+        raise Exception(
+            f"Metric value not found! <metric_name={metric_name}>\n"
+            "Make sure metric name logged in LightningModule is correct!\n"
+            "Make sure `optimized_metric` name in `hparams_search` config is correct!"
+        )
+    metric_value = metric_dict[metric_name].item()
+    log.info(f"Retrieved metric value! <{metric_name}={metric_value}>")
+    return metric_value
+
+
+def exit_on_user_error(main: Callable[[], Any]) -> Callable[[], Any]:
+    """Run a Hydra main; a user error becomes one ``error: ...`` line on stderr and exit code 2."""
+
+    @wraps(main)
+    def wrap(*args, **kwargs):
+        try:
+            return main(*args, **kwargs)
+        except Exception as ex:
+            user_error = find_user_error(ex)
+            if user_error is None:
+                missing = _missing_value(ex)
+                if missing is None:
+                    raise
+                user_error = f"{missing} must be set: pass {missing}=VALUE on the command line"
+                if missing == "data.root":
+                    user_error += " (the folder that holds your dataset in its standard layout)"
+            print(f"error: {user_error}", file=sys.stderr)
+            sys.exit(2)
+
+    return wrap
+
+
+def _missing_value(exc: BaseException) -> str | None:
+    """The key of a mandatory config value (``???``) that was never given, if that is what went wrong."""
+    from omegaconf.errors import MissingMandatoryValue
+
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, MissingMandatoryValue):
+            return getattr(exc, "full_key", None) or "a required config value"
+        exc = exc.__cause__ or exc.__context__
+    return None
