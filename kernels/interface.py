@@ -1,0 +1,127 @@
+"""Functional API: selective_scan / multi_route / bidirectional entry points dispatching to ref, torch or triton."""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from .reference import _check_scan_shapes, check_route_shapes, multi_route_selective_scan_ref, selective_scan_ref
+from .torch_scan import multi_route_selective_scan_torch, selective_scan_torch
+
+BACKENDS = ("ref", "torch", "triton")
+
+
+@functools.cache
+def _triton_module():
+    """The Triton backend module, or None when Triton cannot be imported."""
+    try:
+        from . import triton_scan
+    except Exception:  # noqa: BLE001 - any import failure means "no Triton backend here"
+        return None
+    return triton_scan
+
+
+def available_backends(device: torch.device | str | None = None) -> list[str]:
+    """Backends usable for tensors on `device` (default: CUDA when present): always ref and torch; triton on CUDA."""
+    device = (
+        torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    )
+    names = ["ref", "torch"]
+    if device.type == "cuda" and torch.cuda.is_available() and _triton_module() is not None:
+        names.append("triton")
+    return names
+
+
+def best_backend(device: torch.device | str | None = None) -> str:
+    """ "triton" on CUDA when Triton imports, else "torch"."""
+    return "triton" if "triton" in available_backends(device) else "torch"
+
+
+def _triton_or_raise(x: torch.Tensor):
+    mod = _triton_module()
+    if mod is None:
+        raise RuntimeError("backend='triton' needs the triton package, which cannot be imported here")
+    if x.device.type != "cuda" and not mod._INTERPRET:
+        raise RuntimeError("backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1); use backend='torch' on CPU")
+    return mod
+
+
+def selective_scan(
+    u: torch.Tensor,
+    delta: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: torch.Tensor | None = None,
+    z: torch.Tensor | None = None,
+    delta_bias: torch.Tensor | None = None,
+    delta_softplus: bool = False,
+    return_last_state: bool = False,
+    backend: str = "triton",
+):
+    """Selective scan with mamba_ssm's `selective_scan_fn` semantics (see `selective_scan_ref`).
+
+    u, delta, z: (batch, dim, L), any strides (channel-last views of (batch, L, dim) are the fast path);
+    A: (dim, N) float32, negative; B, C: (batch, N, L); D, delta_bias: (dim,) float32.
+    Returns out (batch, dim, L) in u's dtype; with return_last_state also the last state (batch, dim, N) float32.
+    backend: "ref" (sequential oracle), "torch" (chunked, CPU-friendly), "triton" (CUDA kernels).
+    """
+    if backend == "ref":
+        return selective_scan_ref(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
+    if backend == "torch":
+        return selective_scan_torch(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
+    if backend != "triton":
+        raise ValueError(f"backend must be one of {BACKENDS}; got {backend!r}")
+    _check_scan_shapes(u, delta, A, B, C, D, z, delta_bias)
+    mod = _triton_or_raise(u)
+    return mod.SelectiveScanFn.apply(u, delta, A, B, C, D, z, delta_bias, bool(delta_softplus), bool(return_last_state))
+
+
+def multi_route_selective_scan(
+    u: torch.Tensor,
+    delta: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: torch.Tensor | None,
+    z: torch.Tensor | None,
+    delta_bias: torch.Tensor | None,
+    routes: torch.Tensor,
+    delta_softplus: bool = True,
+    backend: str = "triton",
+) -> torch.Tensor:
+    """R scans over the same L tokens, each visiting them in its own order, merged by mean and gated.
+
+    u, delta: (R, batch, L, dim) in token order; A: (R, dim, N); B, C: (R, batch, L, N); D, delta_bias: (R, dim);
+    z: (batch, L, dim) or None; routes: (R, L) int64, routes[r, t] = token visited at step t of route r.
+    Returns (batch, L, dim) in token order = mean_r y_r (* silu(z)), where y_r is `selective_scan` (with D skip,
+    without gate) of route r's inputs gathered in route order, scattered back to token order.
+    The Triton backend runs all routes in one launch and reads through the index map (no permuted copies).
+    """
+    if backend == "ref":
+        return multi_route_selective_scan_ref(u, delta, A, B, C, D, z, delta_bias, routes, delta_softplus)
+    if backend == "torch":
+        return multi_route_selective_scan_torch(u, delta, A, B, C, D, z, delta_bias, routes, delta_softplus)
+    if backend != "triton":
+        raise ValueError(f"backend must be one of {BACKENDS}; got {backend!r}")
+    check_route_shapes(u, delta, A, B, C, D, z, delta_bias, routes)
+    mod = _triton_or_raise(u)
+    return mod.MultiRouteScanFn.apply(u, delta, A, B, C, D, z, delta_bias, routes, bool(delta_softplus))
+
+
+def bidirectional_selective_scan(
+    u, delta, A, B, C, D, z, delta_bias, delta_softplus: bool = True, backend: str = "triton"
+) -> torch.Tensor:
+    """Vim's bidirectional scan: `multi_route_selective_scan` with routes [arange(L), arange(L).flip(0)].
+
+    Same tensors as the multi-route entry with R = 2 (index 0: forward direction, 1: backward direction).
+    Equivalent to Vim v2's (y_fwd + flip(y_bwd computed on the flipped inputs)) / 2 * silu(z): the reversed route
+    visits the tokens last-to-first and scatters each output back to its token, which is that flip, undone.
+    """
+    if u.shape[0] != 2:
+        raise ValueError(f"bidirectional_selective_scan takes R = 2 routes; got u of shape {tuple(u.shape)}")
+    L = u.shape[2]
+    fwd = torch.arange(L, device=u.device)
+    routes = torch.stack([fwd, fwd.flip(0)])
+    return multi_route_selective_scan(u, delta, A, B, C, D, z, delta_bias, routes, delta_softplus, backend)

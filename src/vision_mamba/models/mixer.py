@@ -1,0 +1,333 @@
+"""The multi-route Mamba mixer (Vim's bimamba v2, generalised): a ScanPattern gives index routes + a merge rule.
+
+A *route* is an order in which the selective scan visits the L tokens of one image (patch tokens plus the middle
+class token). Every route has its own depthwise causal conv1d, x_proj, dt_proj, A_log and D; the conv and the scan
+run along the route order, the route outputs are brought back to token order and merged by their mean, gated by
+silu(z), and projected by one out_proj. Vim's `bidirectional` pattern is two routes: forward and reversed.
+
+Class token in multi-route patterns: the official model inserts the class token into the row-major patch sequence
+at index M // 2 (M patches), so the forward route visits it at step M // 2. Every *forward* route of a pattern keeps
+that rule: it is inserted into the route's own patch order at step M // 2 (for the column-major route: the middle of
+the column-major sequence). Every reversed route is the exact reverse of its forward twin, so it visits the class
+token at step L - 1 - M // 2. In token order the class token always sits at index M // 2.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from vision_mamba.models import scan
+
+__all__ = [
+    "ScanPattern",
+    "ScanRoutes",
+    "MultiRouteMamba",
+    "SCAN_PATTERNS",
+    "register_scan_pattern",
+    "get_scan_pattern",
+]
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Routes over the token grid
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def row_major(grid_h: int, grid_w: int) -> torch.Tensor:
+    """Patch indices visited row by row (the official Vim order)."""
+    return torch.arange(grid_h * grid_w)
+
+
+def column_major(grid_h: int, grid_w: int) -> torch.Tensor:
+    """Patch indices visited column by column (patch index = row * grid_w + col)."""
+    return torch.arange(grid_h * grid_w).view(grid_h, grid_w).t().reshape(-1)
+
+
+def with_class_token(patch_order: torch.Tensor, cls_pos: int | None) -> torch.Tensor:
+    """Turn an order over patches into an order over tokens, visiting the class token at step `cls_pos`.
+
+    Tokens are the patches with the class token inserted at index cls_pos, so patch p is token p + (p >= cls_pos).
+    """
+    if cls_pos is None:
+        return patch_order
+    tokens = patch_order + (patch_order >= cls_pos).long()
+    cls = torch.tensor([cls_pos])
+    return torch.cat([tokens[:cls_pos], cls, tokens[cls_pos:]])
+
+
+def _forward_and_reversed(*orders: Callable[[int, int], torch.Tensor]):
+    """Route builder: each patch order followed by its exact reverse (class token included)."""
+
+    def build(grid_h: int, grid_w: int, cls_pos: int | None) -> torch.Tensor:
+        routes = []
+        for order in orders:
+            forward = with_class_token(order(grid_h, grid_w), cls_pos)
+            routes += [forward, forward.flip(0)]
+        return torch.stack(routes)
+
+    return build
+
+
+@dataclass(frozen=True)
+class ScanRoutes:
+    """The routes of one pattern for one token grid, on one device.
+
+    index[r, t] is the token visited at step t of route r; inverse[r, i] is the step at which route r visits token i.
+    kinds[r] is "identity", "reverse" or "gather": the mixer runs the first two without materialising a permuted copy.
+    """
+
+    index: torch.Tensor
+    inverse: torch.Tensor
+    kinds: tuple[str, ...]
+    grid: tuple[int, int]
+    cls_pos: int | None
+
+    @property
+    def num_routes(self) -> int:
+        return self.index.shape[0]
+
+
+@dataclass(frozen=True, eq=False)
+class ScanPattern:
+    """Index routes over the token grid plus the rule that merges the route outputs.
+
+    `suffixes[r]` names route r's parameters (conv1d{s}, x_proj{s}, dt_proj{s}, A{s}_log, D{s}); route 0 has the
+    empty suffix, so a one-route pattern is plain Mamba and `bidirectional` keeps the official Vim names.
+    """
+
+    name: str
+    suffixes: tuple[str, ...]
+    build: Callable[[int, int, int | None], torch.Tensor]
+    merge: str = "mean"
+
+    def __post_init__(self):
+        if self.merge != "mean":
+            raise ValueError(f"scan pattern {self.name!r}: only the 'mean' merge is implemented, got {self.merge!r}")
+        if not self.suffixes or self.suffixes[0] != "" or len(set(self.suffixes)) != len(self.suffixes):
+            raise ValueError(f"scan pattern {self.name!r}: suffixes must be unique and start with ''")
+
+    @property
+    def num_routes(self) -> int:
+        return len(self.suffixes)
+
+    @functools.lru_cache(maxsize=64)  # noqa: B019 - patterns are module-level singletons
+    def routes(self, grid_h: int, grid_w: int, cls_pos: int | None, device: torch.device) -> ScanRoutes:
+        """Routes for a grid (cached per grid, class-token position and device)."""
+        index = self.build(grid_h, grid_w, cls_pos).long()
+        length = grid_h * grid_w + (cls_pos is not None)
+        if index.shape != (self.num_routes, length):
+            raise ValueError(
+                f"scan pattern {self.name!r} built routes of shape {tuple(index.shape)}, "
+                f"expected {(self.num_routes, length)}"
+            )
+        ar = torch.arange(length)
+        if not all(torch.equal(r.sort().values, ar) for r in index):
+            raise ValueError(f"scan pattern {self.name!r}: every route must be a permutation of the {length} tokens")
+        inverse = torch.empty_like(index)
+        inverse.scatter_(1, index, ar.expand_as(index).clone())
+        kinds = tuple(
+            "identity" if torch.equal(r, ar) else "reverse" if torch.equal(r, ar.flip(0)) else "gather" for r in index
+        )
+        return ScanRoutes(index.to(device), inverse.to(device), kinds, (grid_h, grid_w), cls_pos)
+
+
+SCAN_PATTERNS: dict[str, ScanPattern] = {}
+
+
+def register_scan_pattern(pattern: ScanPattern) -> ScanPattern:
+    """Add a pattern to the registry (new patterns, e.g. zig-zag, need no block or mixer change)."""
+    if pattern.name in SCAN_PATTERNS:
+        raise ValueError(f"scan pattern {pattern.name!r} is already registered")
+    SCAN_PATTERNS[pattern.name] = pattern
+    return pattern
+
+
+def get_scan_pattern(name: str | ScanPattern) -> ScanPattern:
+    if isinstance(name, ScanPattern):
+        return name
+    if name not in SCAN_PATTERNS:
+        raise ValueError(f"unknown scan pattern {name!r}; registered: {', '.join(sorted(SCAN_PATTERNS))}")
+    return SCAN_PATTERNS[name]
+
+
+register_scan_pattern(ScanPattern("bidirectional", ("", "_b"), _forward_and_reversed(row_major)))
+register_scan_pattern(ScanPattern("cross", ("", "_b", "_c", "_cb"), _forward_and_reversed(row_major, column_major)))
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The mixer
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _a_log_name(suffix: str) -> str:
+    return f"A{suffix}_log" if suffix else "A_log"  # official spelling: A_log, A_b_log
+
+
+class MultiRouteMamba(nn.Module):
+    """Mamba mixer scanning the tokens along every route of a ScanPattern (bimamba v2 for `bidirectional`).
+
+    in_proj (dim -> 2E, no bias) gives x and z. Per route: depthwise causal conv1d along the route + SiLU, x_proj
+    (E -> dt_rank + 2N, no bias), dt_proj (dt_rank -> E; its bias is the scan's delta_bias, softplus inside the scan),
+    A = -exp(A_log), D. out = out_proj(mean_r(y_r) * silu(z)).
+
+    path="fused" builds token-order inputs for all routes and calls the multi-route scan once; path="reference"
+    permutes into each route's order, scans it alone and un-permutes (the oracle for the fused path).
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        pattern: str | ScanPattern = "bidirectional",
+        d_state: int = 16,
+        d_conv: int = 4,
+        expand: int = 2,
+        dt_rank: int | str = "auto",
+        dt_min: float = 1e-3,
+        dt_max: float = 0.1,
+        dt_init_floor: float = 1e-4,
+        num_layers: int = 1,
+        scan_backend: str = "auto",
+        path: str = "fused",
+    ):
+        super().__init__()
+        self.pattern = get_scan_pattern(pattern)
+        self.dim, self.d_state, self.d_conv = dim, d_state, d_conv
+        self.d_inner = expand * dim
+        self.dt_rank = math.ceil(dim / 16) if dt_rank == "auto" else int(dt_rank)
+        self.dt_min, self.dt_max, self.dt_init_floor = dt_min, dt_max, dt_init_floor
+        self.num_layers = num_layers
+        self.scan_backend = scan.check_backend(scan_backend)
+        self.path = path
+
+        e = self.d_inner
+        self.in_proj = nn.Linear(dim, 2 * e, bias=False)
+        for s in self.pattern.suffixes:
+            self.add_module(f"conv1d{s}", nn.Conv1d(e, e, d_conv, groups=e, padding=d_conv - 1, bias=True))
+            self.add_module(f"x_proj{s}", nn.Linear(e, self.dt_rank + 2 * d_state, bias=False))
+            self.add_module(f"dt_proj{s}", nn.Linear(self.dt_rank, e, bias=True))
+            self.register_parameter(_a_log_name(s), nn.Parameter(torch.empty(e, d_state)))
+            self.register_parameter(f"D{s}", nn.Parameter(torch.empty(e)))
+        self.out_proj = nn.Linear(e, dim, bias=False)
+        self.reset_parameters()
+
+    @property
+    def path(self) -> str:
+        return self._path
+
+    @path.setter
+    def path(self, value: str):
+        if value not in ("fused", "reference"):
+            raise ValueError(f"mixer path must be 'fused' or 'reference', got {value!r}")
+        self._path = value
+
+    # ---- parameters ------------------------------------------------------------------------------------------------
+    def route_params(self, r: int) -> tuple[nn.Conv1d, nn.Linear, nn.Linear, nn.Parameter, nn.Parameter]:
+        """(conv1d, x_proj, dt_proj, A_log, D) of route r."""
+        s = self.pattern.suffixes[r]
+        return (
+            getattr(self, f"conv1d{s}"),
+            getattr(self, f"x_proj{s}"),
+            getattr(self, f"dt_proj{s}"),
+            getattr(self, _a_log_name(s)),
+            getattr(self, f"D{s}"),
+        )
+
+    def no_weight_decay_names(self) -> set[str]:
+        """Names (relative to this module) of the SSM parameters kept out of weight decay: every A_log and D."""
+        return {n for s in self.pattern.suffixes for n in (_a_log_name(s), f"D{s}")}
+
+    @torch.no_grad()
+    def reset_parameters(self):
+        """Mamba init: dt bias = softplus^-1(log-uniform dt), dt weight U(+-dt_rank^-0.5), S4D-real A, D = 1,
+        out_proj kaiming-uniform scaled by 1/sqrt(num_layers) (the official GPT-2 style rescale)."""
+        e, n = self.d_inner, self.d_state
+        for r in range(self.pattern.num_routes):
+            conv, _, dt_proj, a_log, d = self.route_params(r)
+            std = self.dt_rank**-0.5
+            nn.init.uniform_(dt_proj.weight, -std, std)
+            dt = torch.exp(
+                torch.rand(e, device=dt_proj.bias.device) * (math.log(self.dt_max) - math.log(self.dt_min))
+                + math.log(self.dt_min)
+            ).clamp(min=self.dt_init_floor)
+            dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))
+            a_log.copy_(torch.log(torch.arange(1, n + 1, dtype=torch.float32, device=a_log.device)).expand(e, n))
+            d.fill_(1.0)
+        nn.init.kaiming_uniform_(self.out_proj.weight, a=math.sqrt(5))
+        self.out_proj.weight /= math.sqrt(self.num_layers)
+
+    # ---- forward ---------------------------------------------------------------------------------------------------
+    def forward(self, hidden: torch.Tensor, routes: ScanRoutes) -> torch.Tensor:
+        """hidden (batch, L, dim) in token order -> (batch, L, dim)."""
+        if routes.num_routes != self.pattern.num_routes:
+            raise ValueError(
+                f"got {routes.num_routes} routes for a {self.pattern.name!r} mixer ({self.pattern.num_routes} routes)"
+            )
+        x, z = self.in_proj(hidden).chunk(2, dim=-1)  # (batch, L, E) each, channel-last
+        y = self._scan_fused(x, z, routes) if self.path == "fused" else self._scan_reference(x, z, routes)
+        return self.out_proj(y)
+
+    def _route_conv(self, xt: torch.Tensor, r: int, routes: ScanRoutes) -> torch.Tensor:
+        """Depthwise conv of route r, causal along the route, returned in token order. xt: (batch, E, L)."""
+        conv = self.route_params(r)[0]
+        k, length = self.d_conv, xt.shape[-1]
+        kind = routes.kinds[r]
+        if kind == "identity":
+            return F.conv1d(xt, conv.weight, conv.bias, padding=k - 1, groups=self.d_inner)[..., :length]
+        if kind == "reverse":  # causal along the reversed sequence == anti-causal with the flipped kernel
+            return F.conv1d(xt, conv.weight.flip(-1), conv.bias, padding=k - 1, groups=self.d_inner)[..., k - 1 :]
+        xr = xt[:, :, routes.index[r]]
+        out = F.conv1d(xr, conv.weight, conv.bias, padding=k - 1, groups=self.d_inner)[..., :length]
+        return out[:, :, routes.inverse[r]]
+
+    def _scan_fused(self, x: torch.Tensor, z: torch.Tensor, routes: ScanRoutes) -> torch.Tensor:
+        num_routes = self.pattern.num_routes
+        xt = x.transpose(1, 2)
+        # (R, batch, L, E), channel-last: the stack writes the transposed conv outputs contiguously
+        u = F.silu(torch.stack([self._route_conv(xt, r, routes).transpose(1, 2) for r in range(num_routes)]))
+        params = [self.route_params(r) for r in range(num_routes)]
+        w_x = torch.stack([p[1].weight for p in params]).unsqueeze(1)  # (R, 1, dt_rank + 2N, E)
+        w_dt = torch.stack([p[2].weight for p in params]).unsqueeze(1)  # (R, 1, E, dt_rank)
+        x_dbl = torch.matmul(u, w_x.transpose(-1, -2))  # (R, batch, L, dt_rank + 2N)
+        dt, b, c = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1)
+        delta = torch.matmul(dt, w_dt.transpose(-1, -2))  # (R, batch, L, E); bias goes in as delta_bias
+        a = -torch.exp(torch.stack([p[3] for p in params]).float())
+        d = torch.stack([p[4] for p in params]).float()
+        delta_bias = torch.stack([p[2].bias for p in params]).float()
+        return scan.multi_route_scan(u, delta, a, b, c, d, z, delta_bias, routes.index, backend=self.scan_backend)
+
+    def _scan_reference(self, x: torch.Tensor, z: torch.Tensor, routes: ScanRoutes) -> torch.Tensor:
+        length, k = x.shape[1], self.d_conv
+        ys = []
+        for r in range(self.pattern.num_routes):
+            conv, x_proj, dt_proj, a_log, d = self.route_params(r)
+            idx = routes.index[r]
+            xr, zr = x[:, idx].transpose(1, 2), z[:, idx].transpose(1, 2)  # route order, (batch, E, L)
+            xr = F.silu(F.conv1d(xr, conv.weight, conv.bias, padding=k - 1, groups=self.d_inner)[..., :length])
+            dt, b, c = torch.split(x_proj(xr.transpose(1, 2)), [self.dt_rank, self.d_state, self.d_state], dim=-1)
+            delta = F.linear(dt, dt_proj.weight).transpose(1, 2)
+            y = scan.single_scan(
+                xr,
+                delta,
+                -torch.exp(a_log.float()),
+                b.transpose(1, 2),
+                c.transpose(1, 2),
+                d.float(),
+                zr,
+                dt_proj.bias.float(),
+                backend=self.scan_backend,
+            )
+            ys.append(y.transpose(1, 2)[:, routes.inverse[r]])  # back to token order
+        return torch.stack(ys).mean(0)
+
+    def extra_repr(self) -> str:
+        return (
+            f"pattern={self.pattern.name}, d_inner={self.d_inner}, d_state={self.d_state}, "
+            f"dt_rank={self.dt_rank}, scan_backend={self.scan_backend}, path={self.path}"
+        )

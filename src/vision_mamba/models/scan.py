@@ -1,0 +1,77 @@
+"""Picks the selective-scan backend (auto | triton | torch | ref) and gives the mixer one call signature."""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+BACKENDS = ("auto", "triton", "torch", "ref")
+
+
+def check_backend(name: str) -> str:
+    """Validate a backend name at construction time; returns it unchanged."""
+    if name not in BACKENDS:
+        raise ValueError(f"scan_backend must be one of {', '.join(BACKENDS)}; got {name!r}")
+    return name
+
+
+@functools.cache
+def _kernels():
+    try:
+        import vim_kernels
+    except ImportError as e:  # pragma: no cover - an install problem, not a code path
+        raise ImportError(
+            "the selective-scan kernels (package `vim_kernels`, folder kernels/) are not importable; "
+            "reinstall the project with `pip install -e .`"
+        ) from e
+    return vim_kernels
+
+
+def triton_available(device: torch.device | str | None = None) -> bool:
+    """True when vim_kernels' Triton backend can run on `device` (default: CUDA when present)."""
+    return "triton" in _kernels().available_backends(device)
+
+
+def resolve_backend(name: str, device: torch.device) -> str:
+    """Turn a backend name into the concrete backend for tensors on `device`: auto -> triton on CUDA when Triton
+    imports, else torch. Explicit names pass through (the kernels raise a clear error for triton without CUDA)."""
+    check_backend(name)
+    return _kernels().best_backend(device) if name == "auto" else name
+
+
+def multi_route_scan(u, delta, A, B, C, D, z, delta_bias, routes, backend: str = "auto") -> torch.Tensor:
+    """All routes of one mixer in a single call (token-order inputs, see vim_kernels.multi_route_selective_scan).
+
+    u, delta: (R, batch, L, dim); B, C: (R, batch, L, N); A: (R, dim, N); D, delta_bias: (R, dim);
+    z: (batch, L, dim) or None; routes: (R, L) int64. Returns (batch, L, dim) = mean_r y_r * silu(z).
+    """
+    return _kernels().multi_route_selective_scan(
+        u,
+        delta,
+        A,
+        B,
+        C,
+        D,
+        z,
+        delta_bias,
+        routes,
+        delta_softplus=True,
+        backend=resolve_backend(backend, u.device),
+    )
+
+
+def single_scan(u, delta, A, B, C, D, z, delta_bias, backend: str = "auto") -> torch.Tensor:
+    """One route in mamba_ssm layout: u, delta, z (batch, dim, L); B, C (batch, N, L). Returns (batch, dim, L)."""
+    return _kernels().selective_scan(
+        u,
+        delta,
+        A,
+        B,
+        C,
+        D=D,
+        z=z,
+        delta_bias=delta_bias,
+        delta_softplus=True,
+        backend=resolve_backend(backend, u.device),
+    )

@@ -1,0 +1,303 @@
+"""Selective-scan backends (torch, Triton) and the multi-route entry points against the sequential reference."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import vim_kernels as vk
+
+CUDA = torch.cuda.is_available()
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
+
+
+def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
+    """||x - ref|| / ||ref|| in float64; NaN/inf anywhere fails."""
+    assert torch.isfinite(x).all(), "non-finite values (unwritten or overflowed elements)"
+    x, ref = x.double(), ref.double()
+    # floor on the denominator: a gradient that is exactly zero in the reference (dA at L = 1) is compared
+    # in absolute terms instead of blowing up on rounding noise
+    return ((x - ref).norm() / ref.norm().clamp_min(1e-3)).item()
+
+
+def triton_mod():
+    """The Triton backend, poisoned (NaN-filled outputs), or skip when it cannot run here."""
+    if not (CUDA or INTERPRET):
+        pytest.skip("Triton needs CUDA or TRITON_INTERPRET=1")
+    try:
+        from vim_kernels import triton_scan
+    except ImportError:
+        pytest.skip("triton is not importable")
+    if not CUDA and not triton_scan._INTERPRET:
+        pytest.skip("vim_kernels.triton_scan was imported before TRITON_INTERPRET was set")
+    triton_scan.POISON = True
+    return triton_scan
+
+
+def scan_inputs(batch, dim, L, N, dtype, device, channel_last=True, seed=0):
+    """Fresh random inputs as the model makes them: delta > 0 after softplus, A = -exp(rand) < 0, no zeros."""
+    g = torch.Generator().manual_seed(seed)
+
+    def act(scale=1.0):
+        shape = (batch, L, dim) if channel_last else (batch, dim, L)
+        x = (torch.randn(shape, generator=g) * scale).to(device=device, dtype=dtype)
+        return x.transpose(1, 2) if channel_last else x
+
+    u, delta, z = act(), act(0.5), act()
+    A = -torch.exp(torch.rand(dim, N, generator=g)).to(device)
+    B = torch.randn(batch, L, N, generator=g).to(device=device, dtype=dtype).transpose(1, 2)
+    C = torch.randn(batch, L, N, generator=g).to(device=device, dtype=dtype).transpose(1, 2)
+    D = torch.randn(dim, generator=g).to(device)
+    delta_bias = (torch.rand(dim, generator=g) - 1.0).to(device)
+    return dict(u=u, delta=delta, A=A, B=B, C=C, D=D, z=z, delta_bias=delta_bias)
+
+
+def route_inputs(R, batch, dim, L, N, dtype, device, seed=0):
+    g = torch.Generator().manual_seed(seed)
+
+    def rnd(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=g) * scale).to(device=device, dtype=dtype)
+
+    return dict(
+        u=rnd(R, batch, L, dim),
+        delta=rnd(R, batch, L, dim, scale=0.5),
+        A=-torch.exp(torch.rand(R, dim, N, generator=g)).to(device),
+        B=rnd(R, batch, L, N),
+        C=rnd(R, batch, L, N),
+        D=torch.randn(R, dim, generator=g).to(device),
+        z=rnd(batch, L, dim),
+        delta_bias=(torch.rand(R, dim, generator=g) - 1.0).to(device),
+    )
+
+
+def run_scan(fn, inputs, grad_out, **kw):
+    """Forward + backward; returns (out, last_state or None, {name: grad})."""
+    xs = {k: (v.detach().clone().requires_grad_() if v is not None else None) for k, v in inputs.items()}
+    res = fn(**xs, **kw)
+    out, last = res if isinstance(res, tuple) else (res, None)
+    (out.float() * grad_out).sum().backward()
+    return out.detach(), last, {k: v.grad for k, v in xs.items() if v is not None}
+
+
+def check_against_ref(inputs, fn, tol_out, tol_grad, **kw):
+    u = inputs["u"]
+    grad_out = torch.randn(u.shape, device=u.device)
+    out, last, grads = run_scan(fn, inputs, grad_out, **kw)
+    ref_in = {k: (v.float() if v is not None and v.dtype != torch.float32 else v) for k, v in inputs.items()}
+    ref_out, ref_last, ref_grads = run_scan(vk.selective_scan_ref, ref_in, grad_out, **kw)
+    assert out.dtype == u.dtype and out.shape == u.shape
+    assert rel_err(out, ref_out) < tol_out
+    if last is not None:
+        assert rel_err(last, ref_last) < tol_out
+    for k, g in ref_grads.items():
+        assert grads[k].shape == inputs[k].shape, k
+        assert rel_err(grads[k], g) < tol_grad, k
+
+
+TOL = {torch.float32: (1e-4, 1e-3), torch.bfloat16: (2e-2, 2e-2)}
+
+
+# ---- torch backend (CPU, fast) -------------------------------------------------------------------------------
+@pytest.mark.parametrize("L", [1, 2, 7, 16, 49])
+def test_torch_matches_ref(L):
+    inputs = scan_inputs(2, 5, L, 4, torch.float32, "cpu")
+    check_against_ref(inputs, vk.selective_scan_torch, *TOL[torch.float32], delta_softplus=True, return_last_state=True)
+
+
+def test_torch_options_and_layouts():
+    inputs = scan_inputs(2, 5, 23, 3, torch.float32, "cpu", channel_last=False)
+    inputs.update(D=None, z=None, delta_bias=None)
+    check_against_ref(inputs, vk.selective_scan_torch, *TOL[torch.float32], delta_softplus=False)
+
+
+def test_torch_bf16():
+    inputs = scan_inputs(2, 6, 31, 4, torch.bfloat16, "cpu")
+    check_against_ref(inputs, vk.selective_scan_torch, *TOL[torch.bfloat16], delta_softplus=True)
+
+
+def test_torch_no_overflow_for_large_decay():
+    # delta*|A| of ~100 per step: exp(-cumsum) formulations overflow here; segment differences do not
+    inputs = scan_inputs(2, 4, 40, 4, torch.float32, "cpu")
+    inputs["delta"] = inputs["delta"].abs() * 0 + 60.0
+    inputs["A"] = inputs["A"] * 2
+    check_against_ref(inputs, vk.selective_scan_torch, *TOL[torch.float32], delta_softplus=True)
+
+
+def test_dispatch_and_backends():
+    assert {"ref", "torch"} <= set(vk.available_backends("cpu"))
+    assert "triton" not in vk.available_backends("cpu")
+    assert vk.best_backend("cpu") == "torch"
+    inputs = scan_inputs(1, 3, 5, 2, torch.float32, "cpu")
+    out = vk.selective_scan(**inputs, delta_softplus=True, backend="torch")
+    ref = vk.selective_scan(**inputs, delta_softplus=True, backend="ref")
+    assert rel_err(out, ref) < 1e-5
+    with pytest.raises(ValueError):
+        vk.selective_scan(**inputs, backend="cuda")
+
+
+def _random_routes(R, L, device, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.stack([torch.randperm(L, generator=g) for _ in range(R)]).to(device)
+
+
+def _bidir_routes(L, device):
+    ar = torch.arange(L, device=device)
+    return torch.stack([ar, ar.flip(0)])
+
+
+def check_routes(inputs, routes, backend, tol_out, tol_grad):
+    grad_out = torch.randn(inputs["z"].shape, device=inputs["u"].device)
+
+    def fn(**kw):
+        return vk.multi_route_selective_scan(**kw, routes=routes, delta_softplus=True, backend=backend)
+
+    def ref(**kw):
+        return vk.multi_route_selective_scan_ref(**kw, routes=routes, delta_softplus=True)
+
+    out, _, grads = run_scan(fn, inputs, grad_out)
+    ref_in = {k: (v.float() if v.dtype != torch.float32 else v) for k, v in inputs.items()}
+    ref_out, _, ref_grads = run_scan(ref, ref_in, grad_out)
+    assert out.dtype == inputs["u"].dtype and out.shape == inputs["z"].shape
+    assert rel_err(out, ref_out) < tol_out
+    for k, g in ref_grads.items():
+        assert rel_err(grads[k], g) < tol_grad, k
+
+
+@pytest.mark.parametrize("R", [2, 4])
+def test_torch_multi_route(R):
+    inputs = route_inputs(R, 2, 5, 13, 4, torch.float32, "cpu")
+    routes = _bidir_routes(13, "cpu") if R == 2 else _random_routes(R, 13, "cpu")
+    check_routes(inputs, routes, "torch", *TOL[torch.float32])
+
+
+def _bidir_v2(inputs):
+    """Vim v2's formulation: forward scan, plus the flip of a scan on flipped inputs; mean; gate."""
+    inp = inputs
+    fwd = vk.selective_scan_ref(
+        inp["u"][0].transpose(1, 2), inp["delta"][0].transpose(1, 2), inp["A"][0], inp["B"][0].transpose(1, 2),
+        inp["C"][0].transpose(1, 2), inp["D"][0], None, inp["delta_bias"][0], delta_softplus=True,
+    )  # fmt: skip
+    bwd = vk.selective_scan_ref(
+        inp["u"][1].flip(1).transpose(1, 2), inp["delta"][1].flip(1).transpose(1, 2), inp["A"][1],
+        inp["B"][1].flip(1).transpose(1, 2), inp["C"][1].flip(1).transpose(1, 2), inp["D"][1], None,
+        inp["delta_bias"][1], delta_softplus=True,
+    ).flip(2)  # fmt: skip
+    return ((fwd + bwd) / 2).transpose(1, 2) * torch.nn.functional.silu(inp["z"])
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_bidirectional_equals_two_flipped_scans(backend):
+    if backend == "triton":
+        triton_mod()
+    dev = "cuda" if CUDA else "cpu"
+    inputs = route_inputs(2, 1, 4 if not CUDA else 64, 10, 4, torch.float32, dev)
+    out = vk.bidirectional_selective_scan(**inputs, delta_softplus=True, backend=backend)
+    assert rel_err(out, _bidir_v2(inputs)) < 1e-4
+
+
+# ---- Triton backend: interpreted on CPU with tiny grids (chunk T = 4, 4 channels per program) ----------------
+# (L, dim): 1, 2, odd over several chunks, an exact multiple of the chunk, several chunks with two channel blocks
+@pytest.mark.parametrize("L,dim", [(1, 4), (2, 4), (9, 4), (8, 3), (13, 6)])
+def test_triton_matches_ref_small(L, dim):
+    triton_mod()
+    dev = "cuda" if CUDA else "cpu"
+    inputs = scan_inputs(2 if L < 9 else 1, dim, L, 4, torch.float32, dev, seed=L)
+    check_against_ref(inputs, vk.selective_scan, *TOL[torch.float32], delta_softplus=True, return_last_state=True)
+
+
+def test_triton_options_layout_padding():
+    # no D / z / bias, no softplus, contiguous (batch, dim, L) input, N = 3 padded to 4
+    triton_mod()
+    dev = "cuda" if CUDA else "cpu"
+    inputs = scan_inputs(1, 4, 7, 3, torch.float32, dev, channel_last=False)
+    inputs.update(D=None, z=None, delta_bias=None)
+    inputs["delta"] = inputs["delta"].abs()
+    check_against_ref(inputs, vk.selective_scan, *TOL[torch.float32], delta_softplus=False)
+
+
+@pytest.fixture
+def seq_forward():
+    """Run the Triton forward as the one-step-per-iteration kernel for the duration of a test."""
+    mod = triton_mod()
+    saved = dict(mod.CONFIG["fwd"])
+    mod.CONFIG["fwd"]["kind"] = "seq"
+    yield
+    mod.CONFIG["fwd"] = saved
+
+
+@pytest.mark.parametrize("L,dim", [(1, 4), (9, 6)])
+def test_triton_seq_forward_small(L, dim, seq_forward):
+    dev = "cuda" if CUDA else "cpu"
+    inputs = scan_inputs(1, dim, L, 4, torch.float32, dev, seed=L)
+    check_against_ref(inputs, vk.selective_scan, *TOL[torch.float32], delta_softplus=True, return_last_state=True)
+
+
+def test_triton_seq_forward_routes(seq_forward):
+    dev = "cuda" if CUDA else "cpu"
+    inputs = route_inputs(3, 1, 4, 7, 4, torch.float32, dev, seed=3)
+    check_routes(inputs, _random_routes(3, 7, dev), "triton", *TOL[torch.float32])
+
+
+def test_triton_bf16_small():
+    triton_mod()
+    dev = "cuda" if CUDA else "cpu"
+    inputs = scan_inputs(1, 4, 10, 4, torch.bfloat16, dev)
+    check_against_ref(inputs, vk.selective_scan, *TOL[torch.bfloat16], delta_softplus=True)
+
+
+@pytest.mark.parametrize("R", [2, 4])
+def test_triton_multi_route_small(R):
+    triton_mod()
+    dev = "cuda" if CUDA else "cpu"
+    L = 9 if R == 2 else 6
+    inputs = route_inputs(R, 1, 4, L, 4, torch.float32, dev, seed=R)
+    routes = _bidir_routes(L, dev) if R == 2 else _random_routes(R, L, dev)
+    check_routes(inputs, routes, "triton", *TOL[torch.float32])
+
+
+# ---- real shapes on the GPU ----------------------------------------------------------------------------------
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("L", [1, 2, 63, 197, 256, 785])
+def test_triton_gpu_shapes(L, dtype):
+    triton_mod()
+    inputs = scan_inputs(2, 200, L, 16, dtype, "cuda", seed=L)
+    check_against_ref(inputs, vk.selective_scan, *TOL[dtype], delta_softplus=True, return_last_state=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("L", [1, 197, 785])
+def test_triton_gpu_seq_forward(L, seq_forward):
+    inputs = scan_inputs(2, 200, L, 16, torch.bfloat16, "cuda", seed=L)
+    check_against_ref(inputs, vk.selective_scan, *TOL[torch.bfloat16], delta_softplus=True, return_last_state=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+def test_triton_gpu_contiguous_layout():
+    triton_mod()
+    inputs = scan_inputs(2, 96, 197, 16, torch.float32, "cuda", channel_last=False)
+    check_against_ref(inputs, vk.selective_scan, *TOL[torch.float32], delta_softplus=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("R", [2, 4])
+def test_triton_gpu_multi_route(R, dtype):
+    triton_mod()
+    L = 197
+    inputs = route_inputs(R, 2, 192, L, 16, dtype, "cuda", seed=R)
+    routes = _bidir_routes(L, "cuda") if R == 2 else _random_routes(R, L, "cuda")
+    check_routes(inputs, routes, "triton", *TOL[dtype])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+def test_torch_backend_gpu():
+    inputs = scan_inputs(2, 64, 197, 16, torch.float32, "cuda")
+    check_against_ref(inputs, vk.selective_scan_torch, *TOL[torch.float32], delta_softplus=True)

@@ -1,0 +1,231 @@
+"""Scan patterns, routes and the multi-route mixer: fused path == per-route path == an official-style oracle."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from vision_mamba.models import scan
+from vision_mamba.models.mixer import (
+    SCAN_PATTERNS,
+    MultiRouteMamba,
+    ScanPattern,
+    get_scan_pattern,
+    register_scan_pattern,
+    row_major,
+    with_class_token,
+)
+from vision_mamba.models.vim import VisionMamba
+
+GRIDS = [(3, 3), (2, 5), (4, 3)]
+
+
+# ---- a test-local oracle, written the way hustvl/Vim + mamba_ssm compute it (flipped copies, two scans) -------------
+
+
+def naive_selective_scan(u, delta, A, B, C, D, z, delta_bias):
+    """mamba_ssm semantics, one step at a time: u, delta, z (b, d, L); B, C (b, n, L); float32 state."""
+    delta = F.softplus(delta.float() + delta_bias[None, :, None])
+    state = u.new_zeros(u.shape[0], u.shape[1], A.shape[1], dtype=torch.float32)
+    ys = []
+    for t in range(u.shape[-1]):
+        state = torch.exp(delta[..., t, None] * A) * state + delta[..., t, None] * B[:, None, :, t] * u[..., t, None]
+        ys.append((state * C[:, None, :, t]).sum(-1))
+    return (torch.stack(ys, dim=-1) + u * D[None, :, None]) * F.silu(z)
+
+
+def official_mixer(m: MultiRouteMamba, hidden: torch.Tensor) -> torch.Tensor:
+    """bimamba v2 with if_devide_out: both directions on their own copies, the backward one on flipped x and z."""
+    length = hidden.shape[1]
+    xz = (hidden @ m.in_proj.weight.t()).transpose(1, 2)  # (b, 2E, L)
+
+    def direction(xz, conv, x_proj, dt_proj, a_log, d):
+        x, z = xz.chunk(2, dim=1)
+        x = F.silu(conv(x)[..., :length])  # nn.Conv1d with padding k-1, keep the first L: causal
+        dt, b, c = torch.split(x_proj(x.transpose(1, 2)), [m.dt_rank, m.d_state, m.d_state], dim=-1)
+        delta = (dt @ dt_proj.weight.t()).transpose(1, 2)
+        return naive_selective_scan(
+            x, delta, -torch.exp(a_log), b.transpose(1, 2), c.transpose(1, 2), d, z, dt_proj.bias
+        )
+
+    out = direction(xz, m.conv1d, m.x_proj, m.dt_proj, m.A_log, m.D)
+    out_b = direction(xz.flip([-1]), m.conv1d_b, m.x_proj_b, m.dt_proj_b, m.A_b_log, m.D_b)
+    return F.linear((out + out_b.flip([-1])).transpose(1, 2) / 2, m.out_proj.weight)
+
+
+def official_model(model: VisionMamba, img: torch.Tensor) -> torch.Tensor:
+    """The official VisionMamba.forward (no fused add-norm, eval mode) around `official_mixer`."""
+
+    def rms(x, w):
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5) * w
+
+    x = model.patch_embed.proj(img).flatten(2).transpose(1, 2)
+    pos = x.shape[1] // 2
+    x = torch.cat([x[:, :pos], model.cls_token.expand(x.shape[0], -1, -1), x[:, pos:]], dim=1) + model.pos_embed
+    hidden, residual = x, None
+    for layer in model.layers:
+        residual = hidden if residual is None else residual + hidden
+        hidden = official_mixer(layer.mixer, rms(residual, layer.norm.weight))
+    out = rms(residual + hidden, model.norm_f.weight)
+    return model.head(out[:, pos])
+
+
+# ---- routes ---------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["bidirectional", "cross"])
+@pytest.mark.parametrize("grid", GRIDS)
+@pytest.mark.parametrize("with_cls", [True, False])
+def test_routes_are_permutations_with_the_class_token_in_the_middle(name, grid, with_cls):
+    h, w = grid
+    m = h * w
+    cls_pos = m // 2 if with_cls else None
+    routes = get_scan_pattern(name).routes(h, w, cls_pos, torch.device("cpu"))
+    length = m + with_cls
+    assert routes.index.shape == (get_scan_pattern(name).num_routes, length)
+    for r, route in enumerate(routes.index):
+        assert torch.equal(route.sort().values, torch.arange(length))
+        assert torch.equal(route[routes.inverse[r]], torch.arange(length))  # inverse: token -> step
+        if with_cls:  # forward routes visit the class token at step M // 2, reversed ones at L - 1 - M // 2
+            step = cls_pos if r % 2 == 0 else length - 1 - cls_pos
+            assert route[step] == cls_pos
+    for r in range(1, routes.num_routes, 2):
+        assert torch.equal(routes.index[r], routes.index[r - 1].flip(0))
+    assert routes.kinds[:2] == ("identity", "reverse")
+    assert get_scan_pattern(name).routes(h, w, cls_pos, torch.device("cpu")) is routes  # cached per grid
+
+
+def test_column_major_route_with_class_token():
+    # 2x3 grid, patches 0..5 row-major; cls inserted at token 3 -> tokens: p0 p1 p2 CLS p3 p4 p5 = 0 1 2 3 4 5 6
+    routes = get_scan_pattern("cross").routes(2, 3, 3, torch.device("cpu"))
+    # columns: (p0, p3), (p1, p4), (p2, p5) -> tokens 0 4 1 5 2 6; the cls token is visited at step 3
+    assert routes.index[2].tolist() == [0, 4, 1, 3, 5, 2, 6]
+    assert routes.index[3].tolist() == [6, 2, 5, 3, 1, 4, 0]
+    assert routes.kinds[2:] == ("gather", "gather")
+
+
+def test_register_a_new_pattern_needs_no_mixer_change():
+    def zigzag(h, w, cls_pos):
+        rows = torch.arange(h * w).view(h, w)
+        order = torch.cat([row if i % 2 == 0 else row.flip(0) for i, row in enumerate(rows)])
+        forward = with_class_token(order, cls_pos)
+        return torch.stack([forward, forward.flip(0)])
+
+    pattern = ScanPattern("test_zigzag", ("", "_zb"), zigzag)
+    register_scan_pattern(pattern)
+    try:
+        with pytest.raises(ValueError, match="already registered"):
+            register_scan_pattern(pattern)
+        torch.manual_seed(0)
+        m = MultiRouteMamba(16, "test_zigzag", scan_backend="torch")
+        assert hasattr(m, "conv1d_zb") and hasattr(m, "A_zb_log") and hasattr(m, "D_zb")
+        routes = pattern.routes(3, 4, 6, torch.device("cpu"))
+        x = torch.randn(2, 13, 16)
+        fused = m(x, routes)
+        m.path = "reference"
+        torch.testing.assert_close(fused, m(x, routes), rtol=1e-4, atol=1e-5)
+    finally:
+        SCAN_PATTERNS.pop("test_zigzag")
+
+
+def test_bad_pattern_and_backend_names_are_clear():
+    with pytest.raises(ValueError, match="unknown scan pattern 'diagonal'.*bidirectional"):
+        MultiRouteMamba(16, "diagonal")
+    with pytest.raises(ValueError, match="scan_backend must be one of auto, triton, torch, ref; got 'cuda'"):
+        MultiRouteMamba(16, scan_backend="cuda")
+    with pytest.raises(ValueError, match="only the 'mean' merge"):
+        ScanPattern("x", ("",), lambda h, w, c: torch.arange(h * w)[None], merge="max")
+
+
+def test_backend_resolution():
+    cpu = torch.device("cpu")
+    assert scan.resolve_backend("auto", cpu) == "torch"
+    assert scan.resolve_backend("ref", cpu) == "ref"
+    assert not scan.triton_available(cpu)
+
+
+# ---- mixer numerics -------------------------------------------------------------------------------------------------
+
+
+def _grads(module, inp):
+    return [inp.grad] + [p.grad for p in module.parameters()]
+
+
+def _run(m, x, routes):
+    x = x.clone().requires_grad_(True)
+    m.zero_grad()
+    out = m(x, routes)
+    out.pow(2).sum().backward()
+    return out.detach(), _grads(m, x)
+
+
+@pytest.mark.parametrize("grid", GRIDS)
+@pytest.mark.parametrize("with_cls", [True, False])
+def test_cross_fused_path_equals_per_route_reference(grid, with_cls):
+    torch.manual_seed(0)
+    h, w = grid
+    cls_pos = (h * w) // 2 if with_cls else None
+    m = MultiRouteMamba(16, "cross", scan_backend="torch")
+    routes = m.pattern.routes(h, w, cls_pos, torch.device("cpu"))
+    x = torch.randn(2, h * w + with_cls, 16)
+    out_fused, g_fused = _run(m, x, routes)
+    m.path = "reference"
+    out_ref, g_ref = _run(m, x, routes)
+    torch.testing.assert_close(out_fused, out_ref, rtol=1e-4, atol=1e-5)
+    for a, b in zip(g_fused, g_ref):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_cross_has_named_parameters_per_route():
+    names = dict(MultiRouteMamba(16, "cross").named_parameters())
+    for s in ("", "_b", "_c", "_cb"):
+        for n in (
+            f"conv1d{s}.weight",
+            f"conv1d{s}.bias",
+            f"x_proj{s}.weight",
+            f"dt_proj{s}.weight",
+            f"dt_proj{s}.bias",
+            f"D{s}",
+        ):
+            assert n in names
+    assert {"A_log", "A_b_log", "A_c_log", "A_cb_log"} <= set(names)
+
+
+@pytest.mark.parametrize("path", ["fused", "reference"])
+def test_bidirectional_mixer_equals_the_official_computation(path):
+    torch.manual_seed(0)
+    m = MultiRouteMamba(16, "bidirectional", scan_backend="torch", path=path)
+    routes = m.pattern.routes(3, 4, 6, torch.device("cpu"))
+    x = torch.randn(2, 13, 16, requires_grad=True)
+    out = m(x, routes)
+    (g_x,) = torch.autograd.grad(out.pow(2).sum(), x)
+    x2 = x.detach().clone().requires_grad_(True)
+    expected = official_mixer(m, x2)
+    (g_x2,) = torch.autograd.grad(expected.pow(2).sum(), x2)
+    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(g_x, g_x2, rtol=1e-4, atol=1e-5)
+
+
+def test_bidirectional_model_equals_the_official_forward():
+    torch.manual_seed(0)
+    model = VisionMamba(
+        img_size=(20, 12), patch_size=4, embed_dim=32, depth=2, num_classes=5, scan_backend="torch"
+    ).eval()
+    img = torch.randn(2, 3, 20, 12)
+    torch.testing.assert_close(model(img), official_model(model, img), rtol=1e-4, atol=1e-5)
+
+
+def test_mixer_under_bf16_autocast():
+    torch.manual_seed(0)
+    m = MultiRouteMamba(16, "cross", scan_backend="torch")
+    routes = m.pattern.routes(3, 3, 4, torch.device("cpu"))
+    x = torch.randn(2, 10, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = m(x, routes)
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
+    torch.testing.assert_close(out.float(), m(x, routes), rtol=0.1, atol=0.05)
+
+
+def test_row_major_is_the_official_order():
+    assert torch.equal(row_major(2, 3), torch.arange(6))

@@ -1,0 +1,236 @@
+"""VisionMamba: variants, state-dict layout, timm contract (features, intermediates, weight decay, layer decay)."""
+
+from __future__ import annotations
+
+import pytest
+import timm
+import torch
+from timm.optim import param_groups_layer_decay
+
+import vision_mamba.models  # noqa: F401  (registers the variants)
+from vision_mamba.models.vim import VisionMamba
+
+VARIANTS = {  # name: (embed_dim, patch stride, grid side at 224)
+    "vim_tiny_patch16_224": (192, 16, 14),
+    "vim_small_patch16_224": (384, 16, 14),
+    "vim_base_patch16_224": (768, 16, 14),
+    "vim_tiny_patch16_stride8_224": (192, 8, 27),
+    "vim_small_patch16_stride8_224": (384, 8, 27),
+}
+
+PER_ROUTE = ("conv1d", "x_proj", "dt_proj")
+
+
+def tiny(**kwargs) -> VisionMamba:
+    """A small model for behaviour tests: 32x32 input, 8px patches (4x4 grid), embed 32, depth 2."""
+    args = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_classes=7, scan_backend="torch")
+    return VisionMamba(**{**args, **kwargs})
+
+
+def expected_shapes(d: int, depth: int, grid: int, num_classes: int = 1000, patch: int = 16) -> dict:
+    e, n, r = 2 * d, 16, -(-d // 16)
+    shapes = {
+        "cls_token": (1, 1, d),
+        "pos_embed": (1, grid * grid + 1, d),
+        "patch_embed.proj.weight": (d, 3, patch, patch),
+        "patch_embed.proj.bias": (d,),
+        "head.weight": (num_classes, d),
+        "head.bias": (num_classes,),
+        "norm_f.weight": (d,),
+    }
+    for i in range(depth):
+        p = f"layers.{i}."
+        shapes |= {p + "norm.weight": (d,), p + "mixer.in_proj.weight": (2 * e, d), p + "mixer.out_proj.weight": (d, e)}
+        for s, a in (("", "A_log"), ("_b", "A_b_log")):
+            shapes |= {
+                p + f"mixer.{a}": (e, n),
+                p + f"mixer.D{s}": (e,),
+                p + f"mixer.conv1d{s}.weight": (e, 1, 4),
+                p + f"mixer.conv1d{s}.bias": (e,),
+                p + f"mixer.x_proj{s}.weight": (r + 2 * n, e),
+                p + f"mixer.dt_proj{s}.weight": (e, r),
+                p + f"mixer.dt_proj{s}.bias": (e,),
+            }
+    return shapes
+
+
+@pytest.mark.parametrize("name", list(VARIANTS))
+def test_variants_build_with_the_official_state_dict(name):
+    d, stride, grid = VARIANTS[name]
+    with torch.device("meta"):
+        model = timm.create_model(name)
+    assert (model.embed_dim, model.num_features, model.patch_stride, model.depth, model.num_classes) == (
+        d,
+        d,
+        stride,
+        24,
+        1000,
+    )
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    assert shapes == expected_shapes(d, 24, grid)
+
+
+def test_vim_tiny_has_the_official_parameter_count():
+    with torch.device("meta"):
+        model = timm.create_model("vim_tiny_patch16_224", num_classes=1000)
+    assert sum(p.numel() for p in model.parameters()) == 7_148_008
+
+
+def test_vim_digits_builds_and_runs():
+    model = timm.create_model("vim_digits", scan_backend="torch")
+    assert model.num_classes == 10 and model.pretrained_cfg["input_size"] == (3, 32, 32)
+    assert model(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+
+
+def test_cross_variant_adds_two_routes_and_keeps_the_official_names():
+    with torch.device("meta"):
+        model = timm.create_model("vim_tiny_patch16_224", scan="cross")
+    keys = set(model.state_dict())
+    assert set(expected_shapes(192, 24, 14)) <= keys
+    for s in ("_c", "_cb"):
+        assert f"layers.3.mixer.conv1d{s}.weight" in keys and f"layers.3.mixer.A{s}_log" in keys
+
+
+def test_pretrained_true_points_to_a_local_path():
+    with pytest.raises(ValueError, match="pretrained_path=.*model.pretrained="):
+        timm.create_model("vim_tiny_patch16_224", pretrained=True)
+
+
+def test_image_size_must_tile():
+    with pytest.raises(ValueError, match="30x30.*patches"):
+        tiny(img_size=30)
+    model = tiny()
+    with pytest.raises(ValueError, match="36x32"):
+        model(torch.randn(1, 3, 36, 32))
+
+
+@pytest.mark.parametrize("scan", ["bidirectional", "cross"])
+def test_gradients_reach_every_parameter(scan):
+    torch.manual_seed(0)
+    model = tiny(scan=scan, drop_path_rate=0.1, drop_rate=0.1).train()
+    model(torch.randn(2, 3, 32, 32)).sum().backward()
+    dead = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+    assert not dead
+
+
+@pytest.mark.parametrize(
+    "depth", [pytest.param(6, id="depth6"), pytest.param(24, id="depth24", marks=pytest.mark.slow)]
+)
+def test_vim_tiny_same_weights_at_224_and_448(depth):
+    torch.manual_seed(0)
+    model = timm.create_model("vim_tiny_patch16_224", depth=depth, scan_backend="torch").eval()
+    with torch.no_grad():
+        for size in (224, 448):
+            out = model(torch.randn(1, 3, size, size))
+            assert out.shape == (1, 1000) and torch.isfinite(out).all()
+
+
+def test_forward_features_and_head():
+    model = tiny().eval()
+    x = torch.randn(2, 3, 32, 40)  # 4x5 grid, class token at index 10
+    feats = model.forward_features(x)
+    assert feats.shape == (2, 21, 32) and feats.dtype == torch.float32
+    pre = model.forward_head(feats, pre_logits=True)
+    torch.testing.assert_close(pre, feats[:, 10])
+    torch.testing.assert_close(model.forward_head(feats), model(x))
+
+
+def test_forward_intermediates_shapes_and_consistency():
+    model = tiny(depth=3).eval()
+    x = torch.randn(2, 3, 32, 48)  # 4x6 grid
+    final, inter = model.forward_intermediates(x)
+    assert len(inter) == 3 and all(t.shape == (2, 32, 4, 6) for t in inter)
+    torch.testing.assert_close(final, model.forward_features(x))
+    # the last block output, normed, is forward_features' patch tokens
+    normed = model.forward_intermediates(x, indices=[2], norm=True, intermediates_only=True)
+    tokens = torch.cat([final[:, :12], final[:, 13:]], dim=1)
+    torch.testing.assert_close(normed[0].flatten(2).transpose(1, 2), tokens)
+    nlc = model.forward_intermediates(x, indices=2, output_fmt="NLC", intermediates_only=True)
+    assert len(nlc) == 2 and nlc[0].shape == (2, 24, 32)
+    torch.testing.assert_close(nlc[0].transpose(1, 2).reshape(2, 32, 4, 6), inter[1])
+    early = model.forward_intermediates(x, indices=[0], intermediates_only=True)
+    torch.testing.assert_close(early[0], inter[0])
+    with_cls = model.forward_intermediates(x, indices=1, return_prefix_tokens=True, intermediates_only=True)
+    assert with_cls[0][1].shape == (2, 1, 32)
+
+
+def test_features_only_through_timm():
+    model = timm.create_model("vim_digits", features_only=True, out_indices=(1, 3), scan_backend="torch")
+    feats = model(torch.randn(1, 3, 32, 32))
+    assert [f.shape for f in feats] == [(1, 64, 8, 8)] * 2
+
+
+def test_prune_intermediate_layers():
+    model = tiny(depth=3)
+    assert model.prune_intermediate_layers(indices=[0, 1], prune_norm=True) == [0, 1]
+    assert len(model.layers) == 2 and model.num_classes == 0
+    assert len(model.forward_intermediates(torch.randn(1, 3, 32, 32), intermediates_only=True)) == 2
+
+
+@pytest.mark.parametrize("scan", ["bidirectional", "cross"])
+def test_no_weight_decay_lists_every_ssm_parameter(scan):
+    model = tiny(scan=scan)
+    names = model.no_weight_decay()
+    params = dict(model.named_parameters())
+    assert names <= set(params)
+    expected = {
+        n
+        for n in params
+        if n.rsplit(".", 1)[-1] in ("A_log", "A_b_log", "A_c_log", "A_cb_log", "D", "D_b", "D_c", "D_cb")
+    }
+    assert len(expected) == 2 * model.depth * model.scan_pattern.num_routes
+    assert expected | {"pos_embed", "cls_token"} == names
+
+
+def test_layer_decay_param_groups():
+    model = tiny(depth=3)
+    groups = param_groups_layer_decay(
+        model, weight_decay=0.05, no_weight_decay_list=model.no_weight_decay(), layer_decay=0.75
+    )
+    assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
+    scales = {g["lr_scale"] for g in groups}
+    assert len(scales) == 5  # stem, 3 blocks, norm_f/head
+    a_log = model.layers[1].mixer.A_log
+    group = next(g for g in groups if any(p is a_log for p in g["params"]))
+    assert group["weight_decay"] == 0.0
+    head = next(g for g in groups if any(p is model.head.weight for p in g["params"]))
+    assert head["lr_scale"] == 1.0 and head["weight_decay"] == 0.05
+
+
+def test_drop_path_schedule_follows_the_official_offset():
+    model = tiny(depth=4, drop_path_rate=0.3)
+    rates = [getattr(layer.drop_path, "drop_prob", 0.0) for layer in model.layers]
+    torch.testing.assert_close(torch.tensor(rates), torch.tensor([0.0, 0.0, 0.1, 0.2]))
+    assert model.drop_path.drop_prob == pytest.approx(0.3)
+
+
+def test_grad_checkpointing_gives_the_same_gradients():
+    torch.manual_seed(0)
+    model = tiny().eval()
+    x = torch.randn(2, 3, 32, 32)
+    model(x).sum().backward()
+    ref = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    model.set_grad_checkpointing(True)
+    model(x).sum().backward()
+    for a, p in zip(ref, model.parameters()):
+        torch.testing.assert_close(a, p.grad)
+
+
+def test_bf16_autocast_keeps_a_float32_residual():
+    torch.manual_seed(0)
+    model = tiny(scan="cross").eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        feats = model.forward_features(x)
+        logits = model.forward_head(feats)
+    assert feats.dtype == torch.float32 and torch.isfinite(logits).all()
+    torch.testing.assert_close(logits.float(), model(x), rtol=0.1, atol=0.1)
+
+
+def test_reset_classifier():
+    model = tiny()
+    model.reset_classifier(3)
+    assert model(torch.randn(1, 3, 32, 32)).shape == (1, 3)
+    model.reset_classifier(0)
+    assert model(torch.randn(1, 3, 32, 32)).shape == (1, 32)
