@@ -1,121 +1,198 @@
-"""Fast pure-PyTorch selective scan for CPUs: chunked in time, differentiable by autograd, overflow-free."""
+"""Fast pure-PyTorch selective scan for CPUs: a time-major sequential scan with a hand-written backward.
+
+Layout: every tensor of the core is time-major, (L, R, batch, dim[, N]), so the one sequential part -- the state
+recurrence h_t = a_t h_{t-1} + b_t forward and dh_t = g_t + a_{t+1} dh_{t+1} backward -- walks contiguous
+slabs with one in-place op per step. Everything else (decays, outputs, all the gradient reductions) is done in
+bulk after the loop. Only decays exp(delta * A) with delta >= 0 (after softplus) and A < 0 are formed, so large
+delta*|A| underflows to 0 and never overflows.
+
+Memory: the (L, R, batch, N, dim) tensors live in per-thread scratch buffers of at most `BLOCK_BYTES`, reused for
+each block of the batch; the backward recomputes the states from the (small) saved inputs.
+"""
 
 from __future__ import annotations
 
 import math
+import threading
 
 import torch
 import torch.nn.functional as F
 
 from .reference import _check_scan_shapes, check_route_shapes
 
-
-def _chunk_len(L: int) -> int:
-    # T steps inside a chunk plus L/T chunk carries: ~2*sqrt(L) Python-level steps instead of L
-    return max(1, math.isqrt(L - 1) + 1) if L > 1 else 1
-
-
-def scan_core(u, delta, A, B, C, chunk: int | None = None):
-    """The bare recurrence on float32 tensors: returns (sum_n C_t h_t, h_L).
-
-    u, delta: (batch, dim, L) float32, delta already biased/softplussed; A: (dim, N) or (batch, dim, N);
-    B, C: (batch, N, L). Returns y (batch, dim, L) without the D skip, and the last state (batch, dim, N).
-
-    Layout: time is split into nc chunks of T steps. Every chunk starts from a zero state and all chunks step
-    through their T positions together (T vectorised steps); then the true chunk-start states are carried
-    across the nc chunks (nc small steps); finally each step gets the carried state times its decay since the
-    chunk start, exp(cumsum of delta*A within the chunk) <= 1. Only decays of the form exp(non-positive) are
-    ever formed, so large delta*|A| underflows to 0 instead of overflowing (never exp(-cumsum)).
-    """
-    batch, dim, L = u.shape
-    N = A.shape[-1]
-    T = chunk or _chunk_len(L)
-    nc = -(-L // T)
-    pad = nc * T - L
-    if pad:
-        # padded steps have delta = 0: decay 1 and no input, so the last state passes through unchanged
-        u, delta, B, C = (F.pad(t, (0, pad)) for t in (u, delta, B, C))
-    Ab = A if A.dim() == 3 else A.unsqueeze(0)  # (1 or batch, dim, N)
-    # time-major (T, batch, dim, nc, N): the within-chunk loop then reads contiguous slabs
-    # (contiguous: elementwise results inherit their inputs' layout)
-    dt = delta.view(batch, dim, nc, T).permute(3, 0, 1, 2).contiguous().unsqueeze(-1)  # (T, b, d, nc, 1)
-    du = (delta * u).view(batch, dim, nc, T).permute(3, 0, 1, 2).contiguous().unsqueeze(-1)
-    Bt = B.view(batch, N, nc, T).permute(3, 0, 2, 1).contiguous().unsqueeze(2)  # (T, b, 1, nc, N)
-    Ct = C.view(batch, N, nc, T).permute(3, 0, 2, 1).contiguous().unsqueeze(2)
-    la = dt * Ab.unsqueeze(2)  # (T, b, d, nc, N) log decay, <= 0
-    a = la.exp()
-    x = du * Bt
-    # unbind, not x[k]: the backward of unbind is one stack, that of indexing a full zero tensor per step
-    xs, as_ = x.unbind(0), a.unbind(0)
-    h = xs[0]
-    hs = [h]
-    for k in range(1, T):
-        h = torch.addcmul(xs[k], as_[k], h)
-        hs.append(h)
-    hs = torch.stack(hs)  # chunk-local states (zero start)
-    cum = la.cumsum(0)  # decay since the chunk start, <= 0
-    decay_chunk = cum[-1].exp().unbind(2)  # nc x (b, d, N)
-    last_local = hs[-1].unbind(2)
-    starts = []
-    H = u.new_zeros(batch, dim, N)
-    for c in range(nc):
-        starts.append(H)
-        H = torch.addcmul(last_local[c], decay_chunk[c], H)
-    Hs = torch.stack(starts, dim=2)  # (b, d, nc, N) state entering each chunk
-    h_full = torch.addcmul(hs, cum.exp(), Hs)
-    y = (h_full * Ct).sum(-1)  # (T, b, d, nc)
-    y = y.permute(1, 2, 3, 0).reshape(batch, dim, nc * T)[..., :L]
-    return y, H
+# largest (L, R, batch-block, N, dim) float32 buffer; the batch is split into blocks that fit it. The buffers are
+# kept per thread and reused across blocks and calls: allocating fresh large tensors (page faults) costs more on
+# CPU than the arithmetic done in them.
+BLOCK_BYTES = 16 << 20
+_WS = threading.local()
 
 
-def _prep_delta(delta, delta_bias, delta_softplus):
-    delta = delta.float()
-    if delta_bias is not None:
-        delta = delta + delta_bias.float()[:, None]
-    return F.softplus(delta) if delta_softplus else delta
+def _buffers(shape, n, device):
+    """n float32 scratch tensors of `shape` on `device`, views of per-thread, per-device storage reused across calls."""
+    numel = math.prod(shape)
+    per_device = getattr(_WS, "bufs", None)
+    if per_device is None:
+        per_device = _WS.bufs = {}
+    bufs = per_device.get(device)
+    if bufs is None or bufs[0].numel() < numel or len(bufs) < n:
+        size = max(numel, bufs[0].numel() if bufs else 0)
+        bufs = per_device[device] = [torch.empty(size, device=device) for _ in range(max(n, len(bufs or ())))]
+    return [b[:numel].view(shape) for b in bufs[:n]]
+
+
+def _blocks(L: int, R: int, batch: int, dim: int, N: int) -> list[tuple[int, int]]:
+    per_item = max(1, L * R * dim * N * 4)
+    bb = max(1, min(batch, BLOCK_BYTES // per_item))
+    return [(s, min(batch, s + bb)) for s in range(0, batch, bb)]
+
+
+def _states(a, h, dt, dtu, A, B):
+    """Fill a = exp(dt A) and the states h, (L, R, b, N, dim), of one batch block; dt, dtu: (L, R, b, dim)."""
+    torch.mul(dt.unsqueeze(-2), A.unsqueeze(1), out=a).exp_()  # A: (R, N, dim) -> (R, 1, N, dim)
+    torch.mul(dtu.unsqueeze(-2), B.unsqueeze(-1), out=h)  # b_t = dt u B, overwritten in place by h_t
+    for t in range(1, h.shape[0]):
+        h[t].addcmul_(a[t], h[t - 1])
+
+
+def _delta(delta, delta_bias, softplus):
+    x = delta if delta_bias is None else delta + delta_bias.unsqueeze(1)
+    return x, (F.softplus(x) if softplus else x)
+
+
+class _ScanFn(torch.autograd.Function):
+    """Core on float32 time-major tensors. u, delta: (L, R, b, dim); A: (R, N, dim); B, C: (L, R, b, N);
+    D, delta_bias: (R, dim) or None. Returns y (L, R, b, dim) (with the D skip) and the last state (R, b, N, dim).
+    The backward recomputes the states from the inputs (nothing of size N*dim per token is kept)."""
+
+    @staticmethod
+    def forward(ctx, u, delta, A, B, C, D, delta_bias, softplus):
+        ctx.set_materialize_grads(False)
+        L, R, batch, dim = u.shape
+        N = A.shape[-2]
+        _, dt = _delta(delta, delta_bias, softplus)
+        dtu = dt * u
+        y = torch.empty_like(u)
+        last = u.new_empty(R, batch, N, dim)
+        blocks = _blocks(L, R, batch, dim, N)
+        for s, e in blocks:
+            a, h = _buffers((L, R, e - s, N, dim), 2, u.device)
+            _states(a, h, dt[:, :, s:e], dtu[:, :, s:e], A, B[:, :, s:e])
+            # y_t = <C_t, h_t>: one batched (1, N) x (N, dim) product over all (t, r, b)
+            y[:, :, s:e] = torch.matmul(C[:, :, s:e].unsqueeze(-2), h).squeeze(-2)
+            last[:, s:e] = h[-1]
+        if D is not None:
+            y.addcmul_(u, D.unsqueeze(1))
+        ctx.softplus = softplus
+        ctx.blocks = blocks
+        ctx.save_for_backward(u, delta, A, B, C, D, delta_bias)
+        return y, last
+
+    @staticmethod
+    def backward(ctx, dy, dlast):
+        u, delta, A, B, C, D, delta_bias = ctx.saved_tensors
+        L, R, batch, dim = u.shape
+        N = A.shape[-2]
+        x, dt = _delta(delta, delta_bias, ctx.softplus)
+        dtu = dt * u
+        if dy is None:
+            dy = torch.zeros_like(u)
+        du = torch.empty_like(u)
+        ddt = torch.empty_like(u)
+        dB = torch.empty_like(B)
+        dC = torch.empty_like(C)
+        dA = torch.zeros_like(A)
+        for s, e in ctx.blocks:
+            dts, dtus, Bs, Cs, dys = dt[:, :, s:e], dtu[:, :, s:e], B[:, :, s:e], C[:, :, s:e], dy[:, :, s:e]
+            a, h, g = _buffers((L, R, e - s, N, dim), 3, u.device)
+            _states(a, h, dts, dtus, A, Bs)
+            # g_t = dL/dh_t: C_t dy_t plus what flows back from h_{t+1} = a_{t+1} h_t + ...
+            torch.mul(dys.unsqueeze(-2), Cs.unsqueeze(-1), out=g)
+            if dlast is not None:
+                g[-1].add_(dlast[:, s:e])
+            for t in range(L - 2, -1, -1):
+                g[t].addcmul_(a[t + 1], g[t + 1])
+            # dC_t = sum_dim h_t dy_t
+            dC[:, :, s:e] = torch.matmul(h, dys.unsqueeze(-1)).squeeze(-1)
+            # b_t = dt u B: db_t = g_t
+            gB = torch.matmul(Bs.unsqueeze(-2), g).squeeze(-2)  # (L, R, b, dim)
+            dB[:, :, s:e] = torch.matmul(g, dtus.unsqueeze(-1)).squeeze(-1)
+            torch.mul(gB, dts, out=du[:, :, s:e])
+            torch.mul(gB, u[:, :, s:e], out=ddt[:, :, s:e])
+            if L > 1:
+                # a_t = exp(dt_t A): d(dt A)_t = g_t h_{t-1} a_t (t >= 1; h_{-1} = 0)
+                da = a[1:].mul_(h[:-1]).mul_(g[1:])  # in a's buffer
+                gw = g[1:]  # g is no longer needed: scratch
+                torch.mul(da, dts[1:].unsqueeze(-2), out=gw)
+                dA += gw.sum(0).sum(1)
+                torch.mul(da, A.unsqueeze(1), out=gw)
+                ddt[1:, :, s:e] += gw.sum(-2)
+        if D is not None:
+            du.addcmul_(dy, D.unsqueeze(1))
+            dD = torch.mul(dy, u).sum((0, 2))
+        else:
+            dD = None
+        if ctx.softplus:
+            ddt.mul_(torch.sigmoid(x))  # softplus' (torch's threshold 20: sigmoid(x > 20) is 1 in float32)
+        ddb = ddt.sum((0, 2)) if delta_bias is not None else None
+        return du, ddt, dA, dB, dC, dD, ddb, None
+
+
+def _scan_tm(u, delta, A, B, C, D, delta_bias, softplus):
+    """float32 time-major core with autograd (see `_ScanFn`)."""
+    f = lambda t: None if t is None else t.float()  # noqa: E731
+    y, last = _ScanFn.apply(
+        u.float().contiguous(),
+        delta.float().contiguous(),
+        A.float().transpose(-1, -2).contiguous(),
+        B.float().contiguous(),
+        C.float().contiguous(),
+        f(D),
+        f(delta_bias),
+        bool(softplus),
+    )
+    return y, last.transpose(-1, -2)
 
 
 def selective_scan_torch(
-    u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, return_last_state=False, chunk=None
+    u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, return_last_state=False
 ):
     """Same function and signature as `selective_scan_ref` (u, delta, z (batch, dim, L); A (dim, N);
-    B, C (batch, N, L); D, delta_bias (dim,)), computed by the chunked scan of `scan_core`."""
+    B, C (batch, N, L); D, delta_bias (dim,)), computed by the time-major scan of `_ScanFn`."""
     _check_scan_shapes(u, delta, A, B, C, D, z, delta_bias)
     dtype_in = u.dtype
-    uf = u.float()
-    dt = _prep_delta(delta, delta_bias, delta_softplus)
-    y, last = scan_core(uf, dt, A.float(), B.float(), C.float(), chunk=chunk)
-    if D is not None:
-        y = y + uf * D.float()[:, None]
+    # (batch, dim, L) -> time-major (L, 1, batch, dim): one route
+    tm = lambda t: t.permute(2, 0, 1).unsqueeze(1)  # noqa: E731
+    y, last = _scan_tm(
+        tm(u),
+        tm(delta),
+        A.unsqueeze(0),
+        tm(B),
+        tm(C),
+        None if D is None else D.unsqueeze(0),
+        None if delta_bias is None else delta_bias.unsqueeze(0),
+        delta_softplus,
+    )
+    y = y.squeeze(1).permute(1, 2, 0)  # (batch, dim, L)
     if z is not None:
         y = y * F.silu(z.float())
     out = y.to(dtype_in)
-    return (out, last) if return_last_state else out
+    return (out, last.squeeze(0)) if return_last_state else out
 
 
-def multi_route_selective_scan_torch(u, delta, A, B, C, D, z, delta_bias, routes, delta_softplus=True, chunk=None):
+def multi_route_selective_scan_torch(u, delta, A, B, C, D, z, delta_bias, routes, delta_softplus=True):
     """Multi-route scan (see `multi_route_selective_scan_ref`) with all routes folded into one batched scan."""
     check_route_shapes(u, delta, A, B, C, D, z, delta_bias, routes)
     R, batch, L, dim = u.shape
     N = A.shape[-1]
-    # gather every route into route order at once: (R, batch, L, .) -> (R*batch, ., L)
-    idx = routes.view(R, 1, L, 1)
-    uf = u.float().gather(2, idx.expand(R, batch, L, dim)).reshape(R * batch, L, dim).transpose(1, 2)
-    dr = delta.float()
-    if delta_bias is not None:
-        dr = dr + delta_bias.float()[:, None, None, :]
-    if delta_softplus:
-        dr = F.softplus(dr)
-    dt = dr.gather(2, idx.expand(R, batch, L, dim)).reshape(R * batch, L, dim).transpose(1, 2)
-    Bg = B.float().gather(2, idx.expand(R, batch, L, N)).reshape(R * batch, L, N).transpose(1, 2)
-    Cg = C.float().gather(2, idx.expand(R, batch, L, N)).reshape(R * batch, L, N).transpose(1, 2)
-    Ab = A.float()[:, None].expand(R, batch, dim, N).reshape(R * batch, dim, N)
-    y, _ = scan_core(uf, dt, Ab, Bg, Cg, chunk=chunk)  # (R*batch, dim, L) route order
-    if D is not None:
-        y = y + uf * D.float()[:, None, :].expand(R, batch, dim).reshape(R * batch, dim, 1)
-    y = y.view(R, batch, dim, L).transpose(2, 3)  # (R, batch, L, dim) route order
-    inv = torch.argsort(routes, dim=1).view(R, 1, L, 1).expand(R, batch, L, dim)
-    out = y.gather(2, inv).mean(0)  # back to token order, then the merge
+    # token order (R, batch, L, .) -> route order, time-major (L, R, batch, .): one gather each
+    idx = routes.t().reshape(L, R, 1, 1)
+
+    def gather(t, w):
+        return t.permute(2, 0, 1, 3).gather(0, idx.expand(L, R, batch, w))
+
+    y, _ = _scan_tm(gather(u, dim), gather(delta, dim), A, gather(B, N), gather(C, N), D, delta_bias, delta_softplus)
+    inv = torch.argsort(routes, dim=1).t().reshape(L, R, 1, 1).expand(L, R, batch, dim)
+    out = y.gather(0, inv).mean(1).transpose(0, 1)  # back to token order, merge: (batch, L, dim)
     if z is not None:
         out = out * F.silu(z.float())
-    return out.to(u.dtype)
+    return out.to(u.dtype).contiguous()
