@@ -19,8 +19,21 @@ CONFIG = {
     "fwd": {"kind": "chunk", "T": 4, "BD": 4, "num_warps": 1}
     if _INTERPRET
     else {"kind": "auto", "T": 8, "BD": 64, "num_warps": 1},
-    "bwd": {"T": 4, "BD": 4, "num_warps": 1} if _INTERPRET else {"T": 8, "BD": 32, "num_warps": 4},
+    "bwd": {"kind": "seq", "T": 4, "BD": 4, "num_warps": 1, "store_a": False}
+    if _INTERPRET
+    else {"kind": "auto", "T": 8, "BD": 32, "num_warps": 1, "store_a": False},
 }
+# bwd kind "seq": _scan_bwd_seq_kernel (one step at a time, chunk states in registers); "chunk": _scan_bwd_kernel
+# (two associative scans per chunk); "auto": seq, unless the grid is small (then _BWD_SMALL_GRID's settings).
+# H200, (128, 768, 197): seq T 8, BD 32, 1 warp 3.08 ms backward vs chunk 3.29 ms (benchmarks/README.md). The seq
+# kernel is not yet timed at long L / small grids, so those keep the measured chunk settings.
+_BWD_SMALL_GRID = {"kind": "chunk", "BD": 32, "num_warps": 4}
+# VIM_SCAN_CONFIG='{"fwd": {...}, "bwd": {...}}' overrides entries (benchmarks try variants this way)
+if os.environ.get("VIM_SCAN_CONFIG"):
+    import json as _json
+
+    for _k, _v in _json.loads(os.environ["VIM_SCAN_CONFIG"]).items():
+        CONFIG[_k].update(_v)
 # fwd kind "auto": the one-step kernel (fastest at Vim's batch sizes, 0.62 vs 0.84 ms at (128, 768, 197) on an
 # H200) needs many programs to hide its per-step latency; with few programs (long L, small batch) the chunked
 # kernel with small channel blocks is 4x faster (2.7 vs 10.4 ms at (16, 384, 6085)).
@@ -351,6 +364,163 @@ def _scan_bwd_kernel(
 
 
 @triton.jit
+def _scan_bwd_seq_kernel(
+    u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, db_ptr, z_ptr, dout_ptr, hs_ptr, route_ptr,
+    du_ptr, ddt_ptr, dz_ptr, dA_ptr, dB_ptr, dC_ptr, dD_ptr, ddb_ptr,
+    L, DIM, N, NCHUNK, BATCH,
+    s_u_r, s_u_b, s_u_l, s_u_d,
+    s_dt_r, s_dt_b, s_dt_l, s_dt_d,
+    s_B_r, s_B_b, s_B_l, s_B_n,
+    s_C_r, s_C_b, s_C_l, s_C_n,
+    s_z_b, s_z_l, s_z_d,
+    s_do_r, s_do_b, s_do_l, s_do_d,
+    s_du_r, s_du_b, s_du_l, s_du_d,
+    s_ddt_r, s_ddt_b, s_ddt_l, s_ddt_d,
+    s_dz_b, s_dz_l, s_dz_d,
+    HAS_D: tl.constexpr, HAS_DB: tl.constexpr, HAS_Z: tl.constexpr, SOFTPLUS: tl.constexpr,
+    ROUTED: tl.constexpr, T: tl.constexpr, BD: tl.constexpr, NP: tl.constexpr, STORE_A: tl.constexpr,
+):  # fmt: skip
+    # Same contract as _scan_bwd_kernel, one time step at a time, in the layout of the one-step forward: tiles
+    # (NP, BD), a channel's N states inside one thread (sums over N need no shuffles). Per chunk (last first):
+    # phase 1 walks the chunk forward from its saved start state, keeping the T states in a (T, NP, BD) register
+    # tile (the where/sum over its T axis fold away: the loops are unrolled and T lies inside each thread), and
+    # forms y, dz, dC, which need only h_t; phase 2 walks the chunk backward with one FMA of loop-carried
+    # dependency (g_t = C_t dy_t + a_{t+1} g_{t+1}) and forms du, ddt, dA, dB.
+    # a_t h_{t-1} = h_t - B_t dt_t u_t, so the previous state is never needed.
+    pid_d = tl.program_id(0)
+    pid_b = tl.program_id(1).to(tl.int64)
+    pid_r = tl.program_id(2).to(tl.int64)
+    rd = pid_d * BD + tl.arange(0, BD)
+    rn = tl.arange(0, NP)
+    rk3 = tl.arange(0, T)[:, None, None]
+    rk2 = tl.arange(0, T)[:, None]
+    dmask = rd < DIM
+    nmask = rn < N
+    nd_mask = nmask[:, None] & dmask[None, :]
+    A2 = tl.load(A_ptr + pid_r * DIM * N + rd[None, :] * N + rn[:, None], mask=nd_mask, other=0.0)
+    A2 = A2 * 1.4426950408889634
+    if HAS_D:
+        Dv = tl.load(D_ptr + pid_r * DIM + rd, mask=dmask, other=0.0)
+    if HAS_DB:
+        dbv = tl.load(db_ptr + pid_r * DIM + rd, mask=dmask, other=0.0)
+    u_base = u_ptr + pid_r * s_u_r + pid_b * s_u_b
+    dt_base = dt_ptr + pid_r * s_dt_r + pid_b * s_dt_b
+    B_base = B_ptr + pid_r * s_B_r + pid_b * s_B_b
+    C_base = C_ptr + pid_r * s_C_r + pid_b * s_C_b
+    do_base = dout_ptr + pid_r * s_do_r + pid_b * s_do_b
+    du_base = du_ptr + pid_r * s_du_r + pid_b * s_du_b
+    ddt_base = ddt_ptr + pid_r * s_ddt_r + pid_b * s_ddt_b
+    dBC_off = (pid_r * BATCH + pid_b) * L * N
+    hs_base = hs_ptr + (pid_r * BATCH + pid_b) * NCHUNK * DIM * NP
+    gnext = tl.zeros((NP, BD), dtype=tl.float32)  # a_{t+1} g_{t+1}, handed from the later step/chunk
+    dA_acc = tl.zeros((NP, BD), dtype=tl.float32)
+    dD_acc = tl.zeros((BD,), dtype=tl.float32)
+    ddb_acc = tl.zeros((BD,), dtype=tl.float32)
+    for ci in range(NCHUNK):
+        c = NCHUNK - 1 - ci
+        h = tl.load(hs_base + c * DIM * NP + rd[None, :] * NP + rn[:, None], mask=dmask[None, :], other=0.0)
+        Hs = tl.zeros((T, NP, BD), dtype=tl.float32)
+        if STORE_A:
+            As = tl.zeros((T, NP, BD), dtype=tl.float32)
+        Us = tl.zeros((T, BD), dtype=tl.float32)
+        DTs = tl.zeros((T, BD), dtype=tl.float32)
+        DYs = tl.zeros((T, BD), dtype=tl.float32)
+        SPs = tl.zeros((T, BD), dtype=tl.float32)
+        # ---- phase 1: forward through the chunk
+        for k in tl.static_range(T):
+            t = c * T + k
+            live = t < L
+            if ROUTED:
+                tok = tl.load(route_ptr + pid_r * L + t, mask=live, other=0)
+            else:
+                tok = t.to(tl.int64)
+            m1 = dmask & live
+            mn = nmask & live
+            u = tl.load(u_base + tok * s_u_l + rd * s_u_d, mask=m1, other=0.0).to(tl.float32)
+            dt_raw = tl.load(dt_base + tok * s_dt_l + rd * s_dt_d, mask=m1, other=0.0).to(tl.float32)
+            dout = tl.load(do_base + tok * s_do_l + rd * s_do_d, mask=m1, other=0.0).to(tl.float32)
+            Bt = tl.load(B_base + tok * s_B_l + rn * s_B_n, mask=mn, other=0.0).to(tl.float32)
+            Ct = tl.load(C_base + tok * s_C_l + rn * s_C_n, mask=mn, other=0.0).to(tl.float32)
+            if HAS_DB:
+                dt_raw = dt_raw + dbv
+            if SOFTPLUS:
+                dt = _softplus(dt_raw)
+                SPs = tl.where(rk2 == k, tl.where(dt_raw <= 20.0, tl.sigmoid(dt_raw), 1.0)[None, :], SPs)
+            else:
+                dt = dt_raw
+            dt = tl.where(m1, dt, 0.0)
+            a = tl.exp2(dt[None, :] * A2)
+            h = a * h + Bt[:, None] * (dt * u)[None, :]
+            Hs = tl.where(rk3 == k, h[None, :, :], Hs)
+            if STORE_A:
+                As = tl.where(rk3 == k, a[None, :, :], As)
+            if HAS_Z:
+                y = tl.sum(h * Ct[:, None], axis=0)
+                if HAS_D:
+                    y = y + u * Dv
+                zv = tl.load(z_ptr + pid_b * s_z_b + tok * s_z_l + rd * s_z_d, mask=m1, other=0.0).to(tl.float32)
+                sz = tl.sigmoid(zv)
+                dy = dout * zv * sz
+                dz = dout * y * sz * (1.0 + zv * (1.0 - sz))
+                tl.store(dz_ptr + pid_b * s_dz_b + tok * s_dz_l + rd * s_dz_d, dz.to(dz_ptr.dtype.element_ty), mask=m1)
+            else:
+                dy = dout
+            if HAS_D:
+                dD_acc += dy * u
+            dC = tl.sum(h * dy[None, :], axis=1)
+            tl.atomic_add(dC_ptr + dBC_off + tok * N + rn, dC, mask=mn)
+            Us = tl.where(rk2 == k, u[None, :], Us)
+            DTs = tl.where(rk2 == k, dt[None, :], DTs)
+            DYs = tl.where(rk2 == k, dy[None, :], DYs)
+        # ---- phase 2: backward through the chunk
+        for kk in tl.static_range(T):
+            k = T - 1 - kk
+            t = c * T + k
+            live = t < L
+            if ROUTED:
+                tok = tl.load(route_ptr + pid_r * L + t, mask=live, other=0)
+            else:
+                tok = t.to(tl.int64)
+            m1 = dmask & live
+            mn = nmask & live
+            Bt = tl.load(B_base + tok * s_B_l + rn * s_B_n, mask=mn, other=0.0).to(tl.float32)
+            Ct = tl.load(C_base + tok * s_C_l + rn * s_C_n, mask=mn, other=0.0).to(tl.float32)
+            u = tl.sum(tl.where(rk2 == k, Us, 0.0), axis=0)
+            dt = tl.sum(tl.where(rk2 == k, DTs, 0.0), axis=0)
+            dy = tl.sum(tl.where(rk2 == k, DYs, 0.0), axis=0)
+            hk = tl.sum(tl.where(rk3 == k, Hs, 0.0), axis=0)
+            if STORE_A:
+                a = tl.sum(tl.where(rk3 == k, As, 0.0), axis=0)
+            else:
+                a = tl.exp2(dt[None, :] * A2)
+            dtu = dt * u
+            ah = hk - Bt[:, None] * dtu[None, :]  # a_t h_{t-1}
+            g = Ct[:, None] * dy[None, :] + gnext
+            gnext = a * g
+            gB = tl.sum(g * Bt[:, None], axis=0)
+            gah = g * ah
+            du = dt * gB
+            if HAS_D:
+                du = du + dy * Dv
+            ddt = u * gB + tl.sum(gah * A2, axis=0) * 0.6931471805599453  # A = A2 * ln 2
+            if SOFTPLUS:
+                ddt = ddt * tl.sum(tl.where(rk2 == k, SPs, 0.0), axis=0)
+            ddt = tl.where(m1, ddt, 0.0)
+            if HAS_DB:
+                ddb_acc += ddt
+            dA_acc += gah * dt[None, :]
+            dB = tl.sum(g * dtu[None, :], axis=1)
+            tl.atomic_add(dB_ptr + dBC_off + tok * N + rn, dB, mask=mn)
+            tl.store(du_base + tok * s_du_l + rd * s_du_d, du.to(du_ptr.dtype.element_ty), mask=m1)
+            tl.store(ddt_base + tok * s_ddt_l + rd * s_ddt_d, ddt.to(ddt_ptr.dtype.element_ty), mask=m1)
+    tl.atomic_add(dA_ptr + pid_r * DIM * N + rd[None, :] * N + rn[:, None], dA_acc, mask=nd_mask)
+    if HAS_D:
+        tl.atomic_add(dD_ptr + pid_r * DIM + rd, dD_acc, mask=dmask)
+    if HAS_DB:
+        tl.atomic_add(ddb_ptr + pid_r * DIM + rd, ddb_acc, mask=dmask)
+
+
+@triton.jit
 def _merge_fwd_kernel(acc_ptr, z_ptr, out_ptr, n_elem, inv_r, HAS_Z: tl.constexpr, BLOCK: tl.constexpr):
     # out = (sum_r y_r) / R * silu(z); acc, z, out are contiguous (batch, L, dim)
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
@@ -411,8 +581,18 @@ def _launch_fwd(u4, dt4, A, B4, C4, D, db, z3, out4, routes, softplus, accum, sa
     return hs, (last if save_last else None)
 
 
+def _bwd_config(batch: int, dim: int, R: int) -> dict:
+    cfg = dict(CONFIG["bwd"])
+    cfg.setdefault("kind", "chunk")
+    if cfg["kind"] == "auto":
+        cfg["kind"] = "seq"
+        if batch * R * triton.cdiv(dim, cfg["BD"]) < _SEQ_MIN_PROGRAMS:
+            cfg.update(_BWD_SMALL_GRID)
+    return cfg
+
+
 def _launch_bwd(u4, dt4, A, B4, C4, D, db, z3, dout4, hs, routes, du4, ddt4, dz3, softplus, batch, L, dim, N, R):
-    cfg = CONFIG["bwd"]
+    cfg = _bwd_config(batch, dim, R)
     T, BD = cfg["T"], cfg["BD"]
     NP = _np(N)
     nchunk = triton.cdiv(L, T)
@@ -426,7 +606,11 @@ def _launch_bwd(u4, dt4, A, B4, C4, D, db, z3, dout4, hs, routes, du4, ddt4, dz3
     ddb = torch.zeros((R, dim), device=dev, dtype=torch.float32) if db is not None else None
     zz = z3 if z3 is not None else u4[0]
     dzz = dz3 if dz3 is not None else u4[0]
-    _scan_bwd_kernel[(triton.cdiv(dim, BD), batch, R)](
+    if cfg["kind"] == "seq":
+        kernel, extra = _scan_bwd_seq_kernel, {"STORE_A": bool(cfg.get("store_a", False))}
+    else:
+        kernel, extra = _scan_bwd_kernel, {}
+    kernel[(triton.cdiv(dim, BD), batch, R)](
         u4, dt4, A, B4, C4,
         D if D is not None else A, db if db is not None else A, zz, dout4, hs,
         routes if routes is not None else A,
@@ -435,7 +619,7 @@ def _launch_bwd(u4, dt4, A, B4, C4, D, db, z3, dout4, hs, routes, du4, ddt4, dz3
         *u4.stride(), *dt4.stride(), *B4.stride(), *C4.stride(), *zz.stride(), *dout4.stride(),
         *du4.stride(), *ddt4.stride(), *dzz.stride(),
         HAS_D=D is not None, HAS_DB=db is not None, HAS_Z=z3 is not None, SOFTPLUS=softplus,
-        ROUTED=routes is not None, T=T, BD=BD, NP=NP, num_warps=cfg["num_warps"],
+        ROUTED=routes is not None, T=T, BD=BD, NP=NP, num_warps=cfg["num_warps"], **extra,
     )  # fmt: skip
     return dA, dB, dC, dD, ddb
 
