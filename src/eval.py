@@ -54,19 +54,25 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     object_dict = {"cfg": cfg, "datamodule": datamodule, "model": model, "logger": logger, "trainer": trainer}
     if logger:
         log_hyperparameters(object_dict)
-    log.info(f"Testing checkpoint {cfg.ckpt_path}")
-    trainer.test(model=model, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+    ckpt_path = cfg.ckpt_path or None  # None: the weights model.pretrained loaded (e.g. an official checkpoint)
+    log.info(f"Testing {ckpt_path or 'model.pretrained=' + str(cfg.model.get('pretrained'))}")
+    # our checkpoints hold hyper-parameters as DictConfigs, which torch's weights_only loader refuses
+    trainer.test(model=model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=False)
     return dict(trainer.callback_metrics), object_dict
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="eval.yaml")
 @exit_on_user_error
 def main(cfg: DictConfig) -> None:
-    if OmegaConf.is_missing(cfg, "ckpt_path") or not cfg.ckpt_path:
-        raise UserError("ckpt_path is required: python src/eval.py ckpt_path=logs/train/runs/<run>/checkpoints/<file>.ckpt")
-    if not Path(cfg.ckpt_path).is_file():
+    pretrained = cfg.get("model", {}).get("pretrained")
+    if OmegaConf.is_missing(cfg, "ckpt_path") or (not cfg.ckpt_path and not pretrained):
+        raise UserError(
+            "ckpt_path is required: python src/eval.py ckpt_path=logs/train/runs/<run>/checkpoints/<file>.ckpt "
+            "(or ckpt_path=null model.pretrained=<official .pth> to evaluate released weights)"
+        )
+    if cfg.ckpt_path and not Path(cfg.ckpt_path).is_file():
         raise UserError(f"ckpt_path={cfg.ckpt_path} does not exist: give a .ckpt file written by train.py")
-    if cfg.get("use_run_config"):
+    if cfg.ckpt_path and cfg.get("use_run_config"):
         adopt_run_config(cfg)
     log.info(run_banner(cfg))
     extras(cfg)

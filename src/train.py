@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,7 @@ from vision_mamba.utils import (
     task_wrapper,
 )
 from vision_mamba.utils.banner import run_banner
+from vision_mamba.utils.hydra_callbacks import pin_ddp_relaunch, pin_run_id_from_launcher
 from vision_mamba.utils.utils import exit_on_user_error
 
 log = RankedLogger(__name__, rank_zero_only=True)
@@ -31,22 +33,30 @@ log = RankedLogger(__name__, rank_zero_only=True)
 LIGHTNING_CKPT_KEYWORDS = ("last", "best", "hpc", "registry")
 
 
-def check_ckpt_path(ckpt_path: str | None) -> None:
+def check_ckpt_path(ckpt_path: str | None, output_dir: str | None = None) -> None:
     if ckpt_path and ckpt_path not in LIGHTNING_CKPT_KEYWORDS and not Path(ckpt_path).is_file():
         raise UserError(
             f"ckpt_path={ckpt_path} does not exist: give a .ckpt written by train.py "
             "(they are in logs/train/runs/<run>/checkpoints/), or `last` with hydra.run.dir=<the run folder>"
         )
+    if ckpt_path == "last" and output_dir and not list(Path(output_dir, "checkpoints").glob("last*.ckpt")):
+        # Lightning would warn and silently start from scratch in a new folder
+        raise UserError(
+            f"ckpt_path=last found no checkpoints/last.ckpt in {output_dir}: resume inside the old run with "
+            "hydra.run.dir=<the run folder> ckpt_path=last (e.g. hydra.run.dir=logs/train/runs/2025-01-31_12-00-00)"
+        )
 
 
 def build_trainer(cfg: DictConfig, callbacks: list[Callback], logger: list[Logger], **extra: Any) -> Trainer:
-    return hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=logger, plugins=[AtomicCheckpointIO()], **extra)
+    # trainer configs may add plugins (e.g. trainer=slurm's SLURMEnvironment); the atomic checkpoint IO is always on
+    plugins = [AtomicCheckpointIO(), *(hydra.utils.instantiate(p) for p in cfg.trainer.get("plugins") or [])]
+    return hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=logger, plugins=plugins, **extra)
 
 
 @task_wrapper
 def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     """Fit the task, then test the best checkpoint. Returns the metrics and the objects it built."""
-    check_ckpt_path(cfg.get("ckpt_path"))
+    check_ckpt_path(cfg.get("ckpt_path"), cfg.paths.get("output_dir"))
     if cfg.get("seed") is not None:
         L.seed_everything(cfg.seed, workers=True)
 
@@ -62,14 +72,16 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     extra = {}
     if cfg.data.get("repeated_aug"):  # the RepeatAugSampler shards by itself
         extra["use_distributed_sampler"] = False
+    pin_ddp_relaunch()  # DDP children (ranks 1..) must run this job, in this folder
     trainer = build_trainer(cfg, callbacks, logger, **extra)
 
     object_dict = {"cfg": cfg, "datamodule": datamodule, "model": model, "callbacks": callbacks, "logger": logger, "trainer": trainer}
     if logger:
         log_hyperparameters(object_dict)
 
+    # our own checkpoints hold the hyper-parameters as DictConfigs, which torch's weights_only loader refuses
     if cfg.get("train"):
-        trainer.fit(model=model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+        trainer.fit(model=model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"), weights_only=False)
     train_metrics = dict(trainer.callback_metrics)
 
     if cfg.get("test"):
@@ -77,12 +89,26 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
         if not ckpt_path:
             log.warning("Best ckpt not found! Using current weights for testing...")
             ckpt_path = None
-        trainer.test(model=model, datamodule=datamodule, ckpt_path=ckpt_path)
+        trainer.test(model=model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=False)
         log.info(f"Best ckpt path: {ckpt_path}")
     test_metrics = dict(trainer.callback_metrics)
 
     summarize(cfg, trainer, {**train_metrics, **test_metrics})
+    end_distributed(trainer)
     return {**train_metrics, **test_metrics}, object_dict
+
+
+def end_distributed(trainer: Trainer) -> None:
+    """Close the process group this run opened, so the next job of a multirun can open its own."""
+    if not torch.distributed.is_available() or not torch.distributed.is_initialized():
+        return
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
+    if getattr(getattr(trainer.strategy, "launcher", None), "procs", None):
+        # this process launched the other ranks and Lightning left their variables in our environment: with
+        # LOCAL_RANK set, the next job would think torchrun made its processes and wait for ranks that never come
+        for key in ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "LOCAL_RANK", "WORLD_SIZE"):
+            os.environ.pop(key, None)
 
 
 def summarize(cfg: DictConfig, trainer: Trainer, metrics: dict[str, Any]) -> None:
@@ -108,4 +134,5 @@ def main(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
+    pin_run_id_from_launcher()  # torchrun/srun processes must agree on one run folder before Hydra names it
     main()

@@ -16,6 +16,7 @@ from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from vision_mamba.data.errors import DatasetError
+from vision_mamba.data.resumable import ResumableDataLoader
 
 LAYOUT_HINT = "expected the ImageNet layout: ROOT/train/<class>/*.JPEG and ROOT/val/<class>/*.JPEG"
 
@@ -122,7 +123,11 @@ class ImageFolderDataModule(LightningDataModule):
 
     def _loader(self, dataset, shuffle: bool, drop_last: bool, sampler=None) -> DataLoader:
         workers = self.hparams.num_workers
-        return DataLoader(
+        # [issue #8] the training loader resumes mid-epoch exactly; its shuffle seed is the one Lightning's
+        # DistributedSampler uses, so 1- and N-process runs see the same global batches
+        extra = {"seed": int(os.environ.get("PL_GLOBAL_SEED", 0))} if shuffle and sampler is None else {}
+        loader_cls = ResumableDataLoader if extra else DataLoader
+        return loader_cls(
             dataset,
             batch_size=self.batch_size_per_device,
             shuffle=shuffle if sampler is None else False,
@@ -131,6 +136,7 @@ class ImageFolderDataModule(LightningDataModule):
             pin_memory=self.hparams.pin_memory and torch.cuda.is_available(),
             persistent_workers=self.hparams.persistent_workers and workers > 0,
             drop_last=drop_last,
+            **extra,
         )
 
     def train_dataloader(self) -> DataLoader:

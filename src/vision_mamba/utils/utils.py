@@ -26,6 +26,10 @@ def extras(cfg: DictConfig) -> None:
     if cfg.extras.get("ignore_warnings"):
         log.info("Disabling python warnings! <cfg.extras.ignore_warnings=True>")
         warnings.filterwarnings("ignore")
+    if cfg.extras.get("cpu_threads"):
+        import torch
+
+        torch.set_num_threads(int(cfg.extras.cpu_threads))
     if cfg.extras.get("print_config"):
         log.info("Printing config tree with Rich! <cfg.extras.print_config=True>")
         print_config_tree(cfg, resolve=True, save_to_file=True)
