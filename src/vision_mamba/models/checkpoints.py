@@ -35,6 +35,8 @@ HEAD_KEYS = ("head.weight", "head.bias")
 class CheckpointError(RuntimeError):
     """A checkpoint file could not be read or does not fit the model (the message names the file and the problem)."""
 
+    user_error = True  # printed without a traceback by the entry points
+
 
 @dataclass
 class LoadReport:

@@ -20,6 +20,12 @@ from vision_mamba.models.scan import check_backend
 __all__ = ["VisionMamba", "PatchEmbed", "RMSNorm", "MambaBlock", "checkpoint_filter_fn"]
 
 
+class ImageSizeError(ValueError):
+    """An image size the patch grid cannot tile (a user input error: the entry points print it without a traceback)."""
+
+    user_error = True
+
+
 class PatchEmbed(nn.Module):
     """Conv2d patch embedding; the stride may be smaller than the patch (overlapping '+' variants)."""
 
@@ -43,7 +49,7 @@ class PatchEmbed(nn.Module):
         h, w = img_size
         p, s = self.patch_size, self.stride
         if h < p or w < p or (h - p) % s or (w - p) % s:
-            raise ValueError(
+            raise ImageSizeError(
                 f"input {h}x{w} does not tile into {p}px patches at stride {s}: "
                 f"need H, W >= {p} and (H - {p}), (W - {p}) divisible by {s}"
             )

@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# Everything that must run on a GPU, checked and timed in one call of the device tool (see benchmarks/README.md):
+#   bash benchmarks/gpu_suite.sh [tests] [scan] [cross] [train] [backbones] [ddp]     (no argument: all)
+# Needs the offline wheels (`../shared/offline-wheels.sh .whl`, carried as .whl). Results land in $OUT.
+set -uo pipefail
+OUT=${OUT:-/tmp/gpu_suite}
+mkdir -p "$OUT"
+steps=${*:-tests scan cross train backbones ddp}
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+# the package from src/, and kernels/ under its import name (no build step needed)
+mkdir -p /tmp/pkg && ln -sfn "$PWD/kernels" /tmp/pkg/vim_kernels
+export PYTHONPATH=/tmp/site:$PWD/src:/tmp/pkg PYTHONUNBUFFERED=1
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, 'gpus', torch.cuda.device_count())"
+declare -A status
+run() {  # name, command...
+  local name=$1; shift
+  local t0=$SECONDS
+  "$@" > "$OUT/$name.log" 2>&1
+  status[$name]="rc=$? $((SECONDS - t0))s"
+  tail -n 25 "$OUT/$name.log"
+}
+common_train=(data=digits data.img_size=224 data.num_workers=8 model=vim_small model.scan_backend=triton
+  task.base_lr=1e-3 task.schedule.warmup_epochs=1 logger=csv callbacks=default_with_throughput extras.print_config=false test=false)
+for step in $steps; do
+  case $step in
+    tests) run tests python3 -m pytest -q -m gpu tests/kernels tests/models -p no:cacheprovider ;;
+    scan) run scan python3 benchmarks/scan.py --out "$OUT" ;;
+    cross) run cross python3 benchmarks/cross_scan.py --out "$OUT" ;;
+    train) run train python3 src/train.py "${common_train[@]}" trainer=gpu data.batch_size=128 trainer.max_steps=300 \
+             trainer.max_epochs=1000 hydra.run.dir="$OUT/train_run" paths.data_dir=/tmp/data
+           run train_check python3 benchmarks/gpu_model_check.py "$OUT/train_run" --out "$OUT" ;;
+    backbones) run backbones python3 benchmarks/backbones.py --out "$OUT" ;;
+    ddp) if [ "$(python3 -c 'import torch; print(torch.cuda.device_count())')" -ge 2 ]; then
+           run ddp1 python3 src/train.py "${common_train[@]}" trainer=gpu data.batch_size=128 trainer.max_steps=120 \
+               trainer.max_epochs=1000 trainer.limit_val_batches=0 hydra.run.dir="$OUT/ddp1" paths.data_dir=/tmp/data
+           run ddp2 python3 src/train.py "${common_train[@]}" trainer=ddp trainer.devices=2 data.batch_size=256 \
+               trainer.max_steps=120 trainer.max_epochs=1000 trainer.limit_val_batches=0 hydra.run.dir="$OUT/ddp2" paths.data_dir=/tmp/data
+           run ddp_summary python3 benchmarks/ddp_scaling.py "$OUT/ddp1" "$OUT/ddp2" --out "$OUT"
+         else status[ddp]="skipped: one GPU"; fi ;;
+  esac
+done
+echo; echo "== GPU suite summary =="
+for k in "${!status[@]}"; do printf '%-14s %s\n' "$k" "${status[$k]}"; done
