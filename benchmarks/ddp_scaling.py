@@ -19,7 +19,9 @@ from common import write_result  # noqa: E402
 def samples_per_sec(run: Path) -> float:
     """Median global samples/s over the second half of the run (after compilation and warm-up)."""
     log = pd.read_csv(next(run.rglob("metrics.csv")))
-    rates = log["train/samples_per_sec"].dropna().to_numpy()
+    # Lightning logs the all-process rate only when the world size is > 1; alone, the device rate is the rate
+    column = "train/samples_per_sec" if "train/samples_per_sec" in log else "train/device/samples_per_sec"
+    rates = log[column].dropna().to_numpy()
     return float(pd.Series(rates[len(rates) // 2 :]).median())
 
 

@@ -36,7 +36,9 @@ def _buffers(shape, n, device):
     bufs = per_device.get(device)
     if bufs is None or bufs[0].numel() < numel or len(bufs) < n:
         size = max(numel, bufs[0].numel() if bufs else 0)
-        bufs = per_device[device] = [torch.empty(size, device=device) for _ in range(max(n, len(bufs or ())))]
+        # normal tensors even when first asked for under inference_mode (validation): they outlive the call
+        with torch.inference_mode(False):
+            bufs = per_device[device] = [torch.empty(size, device=device) for _ in range(max(n, len(bufs or ())))]
     return [b[:numel].view(shape) for b in bufs[:n]]
 
 

@@ -229,3 +229,15 @@ def test_mixer_under_bf16_autocast():
 
 def test_row_major_is_the_official_order():
     assert torch.equal(row_major(2, 3), torch.arange(6))
+
+
+def test_routes_cached_in_inference_mode_can_be_used_for_training():
+    """Lightning validates under inference_mode before training: the cached routes must stay usable by autograd."""
+    import timm
+
+    model = timm.create_model("vim_digits", depth=1, img_size=24, patch_size=8, scan_backend="torch")
+    x = torch.randn(2, 3, 24, 24)
+    with torch.inference_mode():
+        model(x)
+    model(x).sum().backward()
+    assert model.patch_embed.proj.weight.grad is not None

@@ -120,6 +120,12 @@ class ScanPattern:
     @functools.lru_cache(maxsize=64)  # noqa: B019 - patterns are module-level singletons
     def routes(self, grid_h: int, grid_w: int, cls_pos: int | None, device: torch.device) -> ScanRoutes:
         """Routes for a grid (cached per grid, class-token position and device)."""
+        # built outside inference mode: the cache outlives the call, and an inference tensor cached during
+        # validation could not be saved for backward in the next training step
+        with torch.inference_mode(False):
+            return self._build_routes(grid_h, grid_w, cls_pos, device)
+
+    def _build_routes(self, grid_h: int, grid_w: int, cls_pos: int | None, device: torch.device) -> ScanRoutes:
         index = self.build(grid_h, grid_w, cls_pos).long()
         length = grid_h * grid_w + (cls_pos is not None)
         if index.shape != (self.num_routes, length):

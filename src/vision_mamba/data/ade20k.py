@@ -1,0 +1,326 @@
+"""ADE20K (ADEChallengeData2016 layout) semantic segmentation data with the mmseg training/eval pipelines."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import albumentations as A
+import cv2
+import numpy as np
+import torch
+from albumentations.augmentations.crops.transforms import BaseCropAndPad
+from albumentations.pytorch import ToTensorV2
+from lightning import LightningDataModule
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset, default_collate
+
+from vision_mamba.data.errors import DatasetError
+
+IGNORE_INDEX = 255
+DIRNAME = "ADEChallengeData2016"
+LAYOUT_HINT = (
+    f"expected the ADE20K release layout: ROOT/{DIRNAME}/images/{{training,validation}}/*.jpg and "
+    f"ROOT/{DIRNAME}/annotations/{{training,validation}}/*.png (ROOT may also be {DIRNAME} itself)"
+)
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+
+
+class MaskError(DatasetError):
+    """A bad mask or image file, found while reading it (possibly inside a DataLoader worker)."""
+
+    def __init__(self, message: str) -> None:
+        # a DataLoader worker re-raises as MaskError("Caught MaskError in ...\nOriginal Traceback ...\n<type>: <msg>"):
+        # keep only our own message, so the entry points still print one short line
+        if "Original Traceback" in message:
+            message = message.strip().rsplit("\n", 1)[-1].split(": ", 1)[-1]
+        super().__init__(message)
+
+
+def resolve_root(root: str | Path) -> Path:
+    """The ADEChallengeData2016 folder, given it or its parent."""
+    root = Path(root)
+    for candidate in (root, root / DIRNAME):
+        if (candidate / "images").is_dir() and (candidate / "annotations").is_dir():
+            return candidate
+    if not root.exists():
+        raise DatasetError(f"data.root={root} does not exist ({LAYOUT_HINT})")
+    raise DatasetError(f"data.root={root} holds no images/ and annotations/ folders ({LAYOUT_HINT})")
+
+
+def list_pairs(root: Path, split: str) -> list[tuple[Path, Path]]:
+    """(image, mask) paths of a split, matched by file stem; a DatasetError names the first image without a mask."""
+    image_dir, mask_dir = root / "images" / split, root / "annotations" / split
+    for folder in (image_dir, mask_dir):
+        if not folder.is_dir():
+            raise DatasetError(f"{folder} does not exist ({LAYOUT_HINT})")
+    with os.scandir(image_dir) as entries:
+        images = sorted(Path(e.path) for e in entries if e.is_file() and e.name.lower().endswith(IMAGE_SUFFIXES))
+    if not images:
+        raise DatasetError(f"{image_dir} holds no images (*.jpg) ({LAYOUT_HINT})")
+    with os.scandir(mask_dir) as entries:
+        masks = {Path(e.name).stem: Path(e.path) for e in entries if e.name.endswith(".png")}
+    pairs = []
+    for image in images:
+        mask = masks.get(image.stem)
+        if mask is None:
+            raise DatasetError(
+                f"{image} has no annotation {mask_dir / (image.stem + '.png')}: every image needs a mask of the "
+                "same name (or remove the image)"
+            )
+        pairs.append((image, mask))
+    return pairs
+
+
+def label_lut(num_classes: int, reduce_zero_label: bool) -> np.ndarray:
+    """uint8 lookup from file labels to training labels: with reduce_zero_label, 0 ("other") -> 255, k -> k - 1."""
+    lut = np.full(256, IGNORE_INDEX, np.uint8)
+    if reduce_zero_label:
+        lut[1 : num_classes + 1] = np.arange(num_classes)
+    else:
+        lut[:num_classes] = np.arange(num_classes)
+    return lut
+
+
+class RescaleToFit(A.DualTransform):
+    """mmseg's keep-ratio ``Resize(img_scale=(long, short), ratio_range)``: scale the image so that it fits in
+    ``ratio * (long, short)`` (long side <= ratio * long, short side <= ratio * short, one of them equal), with the
+    ratio drawn uniformly from ``ratio_range`` (1 when None). Images bilinear, masks nearest.
+
+    Albumentations' SmallestMaxSize/LongestMaxSize bound one side only, hence this transform.
+    """
+
+    def __init__(self, scale: Sequence[int], ratio_range: Sequence[float] | None = None, p: float = 1.0) -> None:
+        super().__init__(p=p)
+        self.scale = (max(scale), min(scale))
+        self.ratio_range = tuple(ratio_range) if ratio_range is not None else None
+
+    def get_params_dependent_on_data(self, params: dict[str, Any], data: dict[str, Any]) -> dict[str, Any]:
+        h, w = params["shape"][:2]
+        ratio = self.py_random.uniform(*self.ratio_range) if self.ratio_range else 1.0
+        factor = ratio * min(self.scale[0] / max(h, w), self.scale[1] / min(h, w))
+        return {"size": (max(1, int(h * factor + 0.5)), max(1, int(w * factor + 0.5)))}
+
+    def apply(self, img: np.ndarray, size: tuple[int, int], **params: Any) -> np.ndarray:
+        return cv2.resize(img, size[::-1], interpolation=cv2.INTER_LINEAR)
+
+    def apply_to_mask(self, mask: np.ndarray, size: tuple[int, int], **params: Any) -> np.ndarray:
+        return cv2.resize(mask, size[::-1], interpolation=cv2.INTER_NEAREST)
+
+    def get_transform_init_args_names(self) -> tuple[str, ...]:
+        return ("scale", "ratio_range")
+
+
+class CatMaxRatioCrop(BaseCropAndPad):
+    """mmseg's ``RandomCrop(crop_size, cat_max_ratio)``: a random crop (of at most the image size) re-drawn up to
+    10 times while one class covers more than ``cat_max_ratio`` of its labelled pixels. Albumentations has no
+    class-balance-aware crop; cropping and box/keypoint bookkeeping come from its BaseCropAndPad."""
+
+    def __init__(self, size: int, cat_max_ratio: float = 0.75, ignore_index: int = IGNORE_INDEX, p: float = 1.0):
+        super().__init__(pad_if_needed=False, border_mode=cv2.BORDER_CONSTANT, fill=0, fill_mask=ignore_index,
+                         pad_position="top_left", p=p)
+        self.size, self.cat_max_ratio, self.ignore_index = size, cat_max_ratio, ignore_index
+
+    def _draw(self, h: int, w: int) -> tuple[int, int, int, int]:
+        ch, cw = min(self.size, h), min(self.size, w)
+        y0, x0 = self.py_random.randint(0, h - ch), self.py_random.randint(0, w - cw)
+        return x0, y0, x0 + cw, y0 + ch
+
+    def get_params_dependent_on_data(self, params: dict[str, Any], data: dict[str, Any]) -> dict[str, Any]:
+        h, w = params["shape"][:2]
+        coords = self._draw(h, w)
+        mask = data.get("mask")
+        if mask is not None and self.cat_max_ratio < 1.0:
+            for _ in range(10):
+                x0, y0, x1, y1 = coords
+                labels, counts = np.unique(mask[y0:y1, x0:x1], return_counts=True)
+                counts = counts[labels != self.ignore_index]
+                if len(counts) > 1 and counts.max() / counts.sum() < self.cat_max_ratio:
+                    break
+                coords = self._draw(h, w)
+        return {"crop_coords": coords, "pad_params": None}
+
+    def get_transform_init_args_names(self) -> tuple[str, ...]:
+        return ("size", "cat_max_ratio", "ignore_index")
+
+
+def photometric_distortion() -> list[A.BasicTransform]:
+    """mmseg's PhotoMetricDistortion, each step with probability 0.5: brightness +-32, contrast x[0.5, 1.5],
+    saturation x[0.5, 1.5], hue +-18 (OpenCV units, i.e. +-36 degrees)."""
+    return [
+        A.RandomBrightnessContrast(brightness_limit=32 / 255, contrast_limit=0.0, p=0.5),
+        A.RandomBrightnessContrast(brightness_limit=0.0, contrast_limit=0.5, p=0.5),
+        A.ColorJitter(brightness=0.0, contrast=0.0, saturation=(0.5, 1.5), hue=0.0, p=0.5),
+        A.ColorJitter(brightness=0.0, contrast=0.0, saturation=0.0, hue=0.1, p=0.5),
+    ]
+
+
+class SegmentationFolder(Dataset):
+    """(image, mask) pairs of one split: image (3, H, W) float normalised, mask (H, W) int64 with 255 = ignore.
+
+    Masks are checked as they are read: single channel, the image's size, labels within 0..num_classes (a
+    DatasetError names the file otherwise).
+    """
+
+    def __init__(self, pairs: list[tuple[Path, Path]], transform: A.Compose, num_classes: int,
+                 reduce_zero_label: bool = True, resize_image: A.BasicTransform | None = None) -> None:
+        self.pairs, self.transform, self.num_classes = pairs, transform, num_classes
+        self.reduce_zero_label = reduce_zero_label
+        self.lut = label_lut(num_classes, reduce_zero_label)
+        # eval only: resizes the image alone, so the mask (and the metric) stay at the annotation's size
+        self.resize_image = resize_image
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def read(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        image_path, mask_path = self.pairs[index]
+        image = cv2.imread(str(image_path), cv2.IMREAD_COLOR)
+        if image is None:
+            raise MaskError(f"{image_path} is not a readable image: replace or remove it")
+        image = cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+        with Image.open(mask_path) as m:
+            if m.mode not in ("L", "P", "I;16", "I"):
+                raise MaskError(f"{mask_path} is a {m.mode} image: masks must be single-channel class-index PNGs")
+            mask = np.asarray(m)
+        if mask.shape != image.shape[:2]:
+            raise MaskError(f"{mask_path} is {mask.shape[1]}x{mask.shape[0]} but its image is "
+                               f"{image.shape[1]}x{image.shape[0]}: a mask must have its image's size")
+        limit = self.num_classes if self.reduce_zero_label else self.num_classes - 1
+        if int(mask.max()) > limit:
+            # without reduce_zero_label the files may already mark ignored pixels with 255
+            outside = mask[(mask > limit) & ((mask != IGNORE_INDEX) | self.reduce_zero_label)]
+            if outside.size:
+                raise MaskError(f"{mask_path} holds label {int(outside.max())}, outside 0-{limit} for "
+                                   f"data.num_classes={self.num_classes}: fix the mask or set data.num_classes")
+        return image, self.lut[mask.astype(np.int64)]
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        image, mask = self.read(index)
+        if self.resize_image is not None:
+            image = self.resize_image(image=image)["image"]
+            return self.transform(image=image)["image"], torch.from_numpy(mask.astype(np.int64))
+        out = self.transform(image=image, mask=mask)
+        return out["image"], out["mask"].long()
+
+
+def collate_same_size(batch: list[tuple[torch.Tensor, torch.Tensor]]):
+    """Stack a batch; images of different sizes cannot be stacked, so say how to evaluate one at a time."""
+    if len({tuple(x.shape) for x, _ in batch}) > 1 or len({tuple(y.shape) for _, y in batch}) > 1:
+        raise DatasetError("validation images differ in size and cannot share a batch: set data.val_batch_size=1")
+    return default_collate(batch)
+
+
+class ADE20KDataModule(LightningDataModule):
+    """ADE20K scene parsing (150 classes) with the mmseg recipe.
+
+    Training: keep-ratio resize of ``scale`` x U(``ratio_range``), random ``img_size`` crop re-drawn while one class
+    covers > ``cat_max_ratio``, horizontal flip, photometric distortion, normalise, pad to the crop with 255 in the
+    mask. Evaluation: the image resized to fit ``scale`` (short side 512 for ADE20K, as mmseg) and the mask kept at
+    its own size: the task predicts on the resized image (sliding window) and compares at the annotation's size.
+
+    ``batch_size`` is the global training batch; ``val_batch_size`` is per device (1 when sizes differ, as here).
+    File labels: 0 = "other" (ignored), k = class k - 1 (``reduce_zero_label``).
+    """
+
+    def __init__(
+        self,
+        root: str,
+        num_classes: int = 150,
+        reduce_zero_label: bool = True,
+        img_size: int = 512,
+        batch_size: int = 16,
+        val_batch_size: int = 1,
+        num_workers: int = 8,
+        pin_memory: bool = True,
+        persistent_workers: bool = True,
+        train_split: str = "training",
+        val_split: str = "validation",
+        scale: Sequence[int] = (2048, 512),
+        ratio_range: Sequence[float] | None = (0.5, 2.0),
+        cat_max_ratio: float = 0.75,
+        hflip: float = 0.5,
+        photometric: bool = True,
+        mean: Sequence[float] = (0.485, 0.456, 0.406),
+        std: Sequence[float] = (0.229, 0.224, 0.225),
+        class_names: Sequence[str] | None = None,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters(logger=False)
+        if root in (None, "", "???"):
+            raise DatasetError(f"data.root is not set: pass data.root=DIR ({LAYOUT_HINT})")
+        self.root = Path(root)
+        self.batch_size = batch_size
+        self.batch_size_per_device = batch_size
+        self.data_train: SegmentationFolder | None = None
+        self.data_val: SegmentationFolder | None = None
+
+    @property
+    def num_classes(self) -> int:
+        return self.hparams.num_classes
+
+    def train_transform(self) -> A.Compose:
+        hp = self.hparams
+        return A.Compose([
+            RescaleToFit(hp.scale, hp.ratio_range),
+            CatMaxRatioCrop(hp.img_size, hp.cat_max_ratio),
+            A.HorizontalFlip(p=hp.hflip),
+            *(photometric_distortion() if hp.photometric else []),
+            A.Normalize(mean=hp.mean, std=hp.std),
+            # after Normalize, as mmseg: padded pixels are 0 in normalised space and ignored in the mask
+            A.PadIfNeeded(hp.img_size, hp.img_size, position="top_left", border_mode=cv2.BORDER_CONSTANT,
+                          fill=0, fill_mask=IGNORE_INDEX),
+            ToTensorV2(),
+        ])
+
+    def eval_transform(self) -> A.Compose:
+        return A.Compose([A.Normalize(mean=self.hparams.mean, std=self.hparams.std), ToTensorV2()])
+
+    def _dataset(self, split: str, training: bool) -> SegmentationFolder:
+        hp = self.hparams
+        pairs = list_pairs(resolve_root(self.root), split)
+        if training:
+            return SegmentationFolder(pairs, self.train_transform(), hp.num_classes, hp.reduce_zero_label)
+        return SegmentationFolder(pairs, self.eval_transform(), hp.num_classes, hp.reduce_zero_label,
+                                  resize_image=RescaleToFit(hp.scale))
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.trainer is not None:
+            world = self.trainer.world_size
+            if self.batch_size % world != 0:
+                raise DatasetError(
+                    f"data.batch_size={self.batch_size} is the global batch size and must divide by the "
+                    f"number of processes ({world}); pick a multiple of {world}"
+                )
+            self.batch_size_per_device = self.batch_size // world
+        if self.data_val is None:
+            self.data_val = self._dataset(self.hparams.val_split, training=False)
+        if stage in (None, "fit") and self.data_train is None:
+            self.data_train = self._dataset(self.hparams.train_split, training=True)
+
+    def _loader(self, dataset: Dataset, batch_size: int, shuffle: bool, drop_last: bool, collate=None) -> DataLoader:
+        workers = self.hparams.num_workers
+        return DataLoader(
+            dataset,
+            batch_size=batch_size,
+            shuffle=shuffle,
+            num_workers=workers,
+            pin_memory=self.hparams.pin_memory and torch.cuda.is_available(),
+            persistent_workers=self.hparams.persistent_workers and workers > 0,
+            drop_last=drop_last,
+            collate_fn=collate,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        # drop_last: BatchNorm in the heads needs more than one sample per device
+        return self._loader(self.data_train, self.batch_size_per_device, shuffle=True, drop_last=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.data_val, self.hparams.val_batch_size, shuffle=False, drop_last=False,
+                            collate=collate_same_size)
+
+    def test_dataloader(self) -> DataLoader:
+        # the ADE20K test images have no public annotations: test on the validation split
+        return self.val_dataloader()

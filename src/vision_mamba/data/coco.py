@@ -1,0 +1,382 @@
+"""COCO instance detection/segmentation data (train2017/, val2017/, annotations/instances_*.json) via pycocotools."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import albumentations as A
+import cv2
+import numpy as np
+import torch
+from lightning import LightningDataModule
+from PIL import Image
+from pycocotools.coco import COCO
+from torch.utils.data import DataLoader, Dataset
+
+from vision_mamba.data.errors import DatasetError
+
+log = logging.getLogger(__name__)
+# OpenCV's own thread pool (used by albumentations) competes with the DataLoader workers and the training step
+cv2.setNumThreads(0)
+
+LAYOUT_HINT = (
+    "expected the COCO layout: ROOT/train2017/*.jpg, ROOT/val2017/*.jpg, "
+    "ROOT/annotations/instances_train2017.json and ROOT/annotations/instances_val2017.json"
+)
+
+
+# ---- box and category conversions ----------------------------------------------------------------------------------
+def xywh_to_xyxy(boxes: np.ndarray | torch.Tensor):
+    """COCO [x, y, w, h] -> [x1, y1, x2, y2] (what torchvision's detectors take)."""
+    out = boxes.clone() if isinstance(boxes, torch.Tensor) else np.array(boxes, dtype=np.float32, copy=True)
+    out[..., 2] = boxes[..., 0] + boxes[..., 2]
+    out[..., 3] = boxes[..., 1] + boxes[..., 3]
+    return out
+
+
+def xyxy_to_xywh(boxes: np.ndarray | torch.Tensor):
+    """[x1, y1, x2, y2] -> COCO [x, y, w, h] (what COCO results files hold)."""
+    out = boxes.clone() if isinstance(boxes, torch.Tensor) else np.array(boxes, dtype=np.float32, copy=True)
+    out[..., 2] = boxes[..., 2] - boxes[..., 0]
+    out[..., 3] = boxes[..., 3] - boxes[..., 1]
+    return out
+
+
+class CategoryMap:
+    """COCO category ids (sparse: 1..90 for COCO) <-> contiguous labels 1..K; label 0 is torchvision's background."""
+
+    def __init__(self, categories: Sequence[dict[str, Any]]) -> None:
+        cats = sorted(categories, key=lambda c: c["id"])
+        self.cat_ids = [int(c["id"]) for c in cats]
+        self.names = [str(c.get("name", c["id"])) for c in cats]
+        self._to_label = {cid: i + 1 for i, cid in enumerate(self.cat_ids)}
+
+    def __len__(self) -> int:
+        return len(self.cat_ids)
+
+    def to_label(self, cat_id: int) -> int:
+        return self._to_label[int(cat_id)]
+
+    def to_cat_id(self, label: int) -> int:
+        if not 1 <= int(label) <= len(self.cat_ids):
+            raise KeyError(f"label {label} is not a foreground label (1..{len(self.cat_ids)})")
+        return self.cat_ids[int(label) - 1]
+
+    def __contains__(self, cat_id: int) -> bool:
+        return int(cat_id) in self._to_label
+
+
+# ---- reading and checking an annotation file -----------------------------------------------------------------------
+def load_coco(ann_file: Path) -> COCO:
+    """Parse an instances json into a pycocotools COCO index, with a DatasetError for a missing or broken file."""
+    if not ann_file.is_file():
+        raise DatasetError(f"annotation file {ann_file} does not exist ({LAYOUT_HINT})")
+    try:
+        with open(ann_file) as f:
+            data = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise DatasetError(f"annotation file {ann_file} is not valid JSON ({err}): re-download or regenerate it") from err
+    missing = [k for k in ("images", "annotations", "categories") if k not in data]
+    if not isinstance(data, dict) or missing:
+        raise DatasetError(f"annotation file {ann_file} lacks {missing}: it must be a COCO instances json")
+    coco = COCO()
+    coco.dataset = data
+    with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress lines
+        coco.createIndex()
+    return coco
+
+
+def _valid_segmentation(seg: Any) -> bool:
+    if isinstance(seg, list):  # polygons: each a flat [x1, y1, x2, y2, ...] with at least 3 points
+        return len(seg) > 0 and all(isinstance(p, list) and len(p) >= 6 and len(p) % 2 == 0 for p in seg)
+    return isinstance(seg, dict) and "counts" in seg and "size" in seg
+
+
+class CocoInstances(Dataset):
+    """One COCO split. Items are ``(image, target)``: image a float tensor (3, H, W) in [0, 1]; target a dict with
+    ``boxes`` (N, 4) xyxy float, ``labels`` (N,) int64 in 1..K, ``masks`` (N, H, W) uint8, ``iscrowd`` (N,),
+    ``image_id`` and ``orig_size`` (H, W).
+
+    Annotations are checked once, up front: those for images that are not in the file, with an unknown category, a
+    degenerate box (w or h < ``min_box_size`` after clipping to the image) or an unusable segmentation are skipped,
+    counted and logged (``skipped``), so nothing fails mid-epoch. An image listed in the json whose file is missing is
+    a DatasetError. With ``train=True``, crowd annotations are dropped (torchvision's losses do not know "ignore"
+    regions) and ``filter_empty`` drops images left with no annotation; evaluation keeps everything and passes
+    ``iscrowd`` on, so COCO eval ignores detections on crowd regions.
+    """
+
+    def __init__(
+        self,
+        image_dir: str | Path,
+        ann_file: str | Path,
+        transform: A.Compose | None = None,
+        train: bool = False,
+        filter_empty: bool = True,
+        min_box_size: float = 1.0,
+    ) -> None:
+        self.image_dir = Path(image_dir)
+        self.ann_file = Path(ann_file)
+        self.transform = transform
+        self.train = train
+        self.coco = load_coco(self.ann_file)
+        self.categories = CategoryMap(self.coco.dataset["categories"])
+        if not len(self.categories):
+            raise DatasetError(f"{self.ann_file} defines no categories")
+        if not self.image_dir.is_dir():
+            raise DatasetError(f"image folder {self.image_dir} does not exist ({LAYOUT_HINT})")
+        self._check_image_files()
+        self.anns, self.skipped = self._clean_annotations(min_box_size)
+        ids = sorted(self.coco.imgs)
+        if train and filter_empty:
+            ids = [i for i in ids if any(not a["iscrowd"] for a in self.anns.get(i, []))]
+        self.ids = ids
+        if not self.ids:
+            raise DatasetError(f"{self.ann_file} leaves no usable image in {self.image_dir}")
+        if any(self.skipped.values()):
+            counts = ", ".join(f"{n} {why}" for why, n in self.skipped.items() if n)
+            log.warning(f"{self.ann_file.name}: skipped annotations: {counts}")
+
+    def _check_image_files(self) -> None:
+        on_disk = {e.name for e in os.scandir(self.image_dir)}
+        missing = [img["file_name"] for img in self.coco.imgs.values() if Path(img["file_name"]).name not in on_disk]
+        if missing:
+            raise DatasetError(
+                f"{len(missing)} image(s) listed in {self.ann_file} are not in {self.image_dir} "
+                f"(first: {missing[0]}): add the files or remove their entries from the json"
+            )
+
+    def _clean_annotations(self, min_box_size: float) -> tuple[dict[int, list[dict]], dict[str, int]]:
+        skipped = {"for images not in the file": 0, "with an unknown category": 0, "with a degenerate box": 0,
+                   "without a usable segmentation": 0}
+        kept: dict[int, list[dict]] = {}
+        for ann in self.coco.dataset["annotations"]:
+            img = self.coco.imgs.get(ann.get("image_id"))
+            if img is None:
+                skipped["for images not in the file"] += 1
+                continue
+            if ann.get("category_id") not in self.categories:
+                skipped["with an unknown category"] += 1
+                continue
+            if not _valid_segmentation(ann.get("segmentation")):
+                skipped["without a usable segmentation"] += 1
+                continue
+            bbox = ann.get("bbox")
+            if not (isinstance(bbox, list) and len(bbox) == 4):
+                skipped["with a degenerate box"] += 1
+                continue
+            x1, y1, x2, y2 = xywh_to_xyxy(np.asarray(bbox, dtype=np.float32)).tolist()
+            x1, x2 = np.clip([x1, x2], 0, img["width"])
+            y1, y2 = np.clip([y1, y2], 0, img["height"])
+            if x2 - x1 < min_box_size or y2 - y1 < min_box_size:
+                skipped["with a degenerate box"] += 1
+                continue
+            clean = dict(ann, iscrowd=int(ann.get("iscrowd", 0)), _xyxy=[float(x1), float(y1), float(x2), float(y2)])
+            kept.setdefault(ann["image_id"], []).append(clean)
+        return kept, skipped
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def load_image(self, image_id: int) -> np.ndarray:
+        info = self.coco.imgs[image_id]
+        with Image.open(self.image_dir / Path(info["file_name"]).name) as im:
+            return np.array(im.convert("RGB"))  # a writable copy: torch.from_numpy wants one
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        image_id = self.ids[index]
+        image = self.load_image(image_id)
+        anns = [a for a in self.anns.get(image_id, []) if not (self.train and a["iscrowd"])]
+        h, w = image.shape[:2]
+        boxes = np.array([a["_xyxy"] for a in anns], dtype=np.float32).reshape(-1, 4)
+        labels = np.array([self.categories.to_label(a["category_id"]) for a in anns], dtype=np.int64)
+        iscrowd = np.array([a["iscrowd"] for a in anns], dtype=np.int64)
+        # annToMask decodes polygons, compressed and uncompressed RLE alike, at the image's size
+        masks = np.stack([self.coco.annToMask(a) for a in anns]) if anns else np.zeros((0, h, w), np.uint8)
+        if masks.shape[1:] != (h, w):
+            raise DatasetError(
+                f"image {image_id} ({self.coco.imgs[image_id]['file_name']}) is {w}x{h} on disk but its entry in "
+                f"{self.ann_file} says {masks.shape[2]}x{masks.shape[1]}: fix width/height in the json"
+            )
+        if self.transform is not None:
+            image, boxes, labels, iscrowd, masks = self._augment(image, boxes, labels, iscrowd, masks)
+        target = {
+            "boxes": torch.from_numpy(boxes).float().reshape(-1, 4),
+            "labels": torch.from_numpy(labels).long(),
+            "masks": torch.from_numpy(np.ascontiguousarray(masks)).to(torch.uint8),
+            "iscrowd": torch.from_numpy(iscrowd).long(),
+            "image_id": torch.tensor(image_id),
+            "orig_size": torch.tensor([h, w]),
+        }
+        return torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float().div(255.0), target
+
+    def _augment(self, image, boxes, labels, iscrowd, masks):
+        """Boxes and masks go through the same geometric ops; instances cropped away lose their mask too."""
+        index = np.arange(len(boxes))
+        kwargs = {"masks": list(masks)} if len(masks) else {}
+        out = self.transform(image=image, bboxes=boxes, labels=labels, index=index, **kwargs)
+        keep = np.asarray(out["index"], dtype=np.int64)
+        image = out["image"]
+        new_boxes = np.asarray(out["bboxes"], dtype=np.float32).reshape(-1, 4)
+        if len(masks) and len(keep):
+            masks = np.stack(out["masks"])[keep]
+            # a crop cuts the shape, not its box: take the box of what is left of the mask (ViTDet's
+            # recompute_boxes), so box and mask targets agree
+            new_boxes = masks_to_boxes(masks)
+        else:
+            masks = np.zeros((0, *image.shape[:2]), np.uint8)
+        # a box squeezed below a pixel by the down-scaling makes torchvision's box coder produce inf/nan
+        ok = ((new_boxes[:, 2] - new_boxes[:, 0]) >= 1) & ((new_boxes[:, 3] - new_boxes[:, 1]) >= 1)
+        return image, new_boxes[ok], labels[keep][ok], iscrowd[keep][ok], masks[ok]
+
+
+def masks_to_boxes(masks: np.ndarray) -> np.ndarray:
+    """(N, H, W) binary masks -> (N, 4) xyxy pixel-edge boxes (x2 = last column + 1, like COCO's); empty -> zeros."""
+    boxes = np.zeros((len(masks), 4), np.float32)
+    for i, m in enumerate(masks):
+        cols, rows = np.flatnonzero(m.any(0)), np.flatnonzero(m.any(1))
+        if len(cols):
+            boxes[i] = (cols[0], rows[0], cols[-1] + 1, rows[-1] + 1)
+    return boxes
+
+
+def train_transform(img_size: int, scale_range: Sequence[float] = (0.1, 2.0), hflip: float = 0.5) -> A.Compose:
+    """Large-scale jitter (ViTDet / Copy-Paste): longest side to img_size * U(scale_range), random crop / pad to a
+    img_size square (padding at the bottom-right, so coordinates need no shift), horizontal flip."""
+    lo, hi = scale_range
+    return A.Compose(
+        [
+            A.LongestMaxSize(max_size=img_size, interpolation=cv2.INTER_LINEAR),
+            A.RandomScale(scale_limit=(lo - 1.0, hi - 1.0), interpolation=cv2.INTER_LINEAR, p=1.0),
+            A.PadIfNeeded(img_size, img_size, position="top_left", border_mode=cv2.BORDER_CONSTANT, fill=0, fill_mask=0),
+            A.RandomCrop(img_size, img_size),
+            A.HorizontalFlip(p=hflip),
+        ],
+        bbox_params=A.BboxParams(format="pascal_voc", label_fields=["labels", "index"], min_visibility=0.0, clip=True),
+    )
+
+
+def collate_detection(batch: list[tuple[torch.Tensor, dict]]) -> tuple[list[torch.Tensor], list[dict]]:
+    """Images of different sizes and per-image target dicts stay lists (what torchvision's detectors take)."""
+    images, targets = zip(*batch)
+    return list(images), list(targets)
+
+
+class CocoDataModule(LightningDataModule):
+    """COCO instances for Mask R-CNN.
+
+    Training images get large-scale jitter to an ``img_size`` square here. Evaluation images are passed at their
+    original size: the detector's transform resizes the longest side to ``img_size``, pads to the square and maps
+    predictions back to the original pixels, which is what COCO eval and a results json need. ``batch_size`` is the
+    global batch size; each device gets ``batch_size / world_size``.
+    """
+
+    def __init__(
+        self,
+        root: str,
+        num_classes: int | None = 80,
+        img_size: int = 1024,
+        batch_size: int = 64,
+        num_workers: int = 8,
+        pin_memory: bool = True,
+        persistent_workers: bool = True,
+        train_split: str = "train2017",
+        val_split: str = "val2017",
+        test_split: str | None = None,
+        ann_file: str = "annotations/instances_{split}.json",
+        scale_range: Sequence[float] = (0.1, 2.0),
+        hflip: float = 0.5,
+        filter_empty: bool = True,
+        min_box_size: float = 1.0,
+        eval_batch_size: int | None = None,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters(logger=False)
+        if root in (None, "", "???"):
+            raise DatasetError(f"data.root is not set: pass data.root=DIR ({LAYOUT_HINT})")
+        self.root = Path(root)
+        self.batch_size = batch_size
+        self.batch_size_per_device = batch_size
+        self.data_train: CocoInstances | None = None
+        self.data_val: CocoInstances | None = None
+        self.data_test: CocoInstances | None = None
+
+    @property
+    def num_classes(self) -> int:
+        return self.hparams.num_classes
+
+    @property
+    def categories(self) -> CategoryMap | None:
+        """The label <-> category id map (from whichever split is loaded; all splits must agree)."""
+        data = self.data_val or self.data_train or self.data_test
+        return data.categories if data is not None else None
+
+    def _split(self, split: str, train: bool) -> CocoInstances:
+        hp = self.hparams
+        transform = train_transform(hp.img_size, hp.scale_range, hp.hflip) if train else None
+        data = CocoInstances(
+            self.root / split, self.root / hp.ann_file.format(split=split), transform=transform, train=train,
+            filter_empty=hp.filter_empty, min_box_size=hp.min_box_size,
+        )
+        if hp.num_classes is not None and len(data.categories) != hp.num_classes:
+            raise DatasetError(
+                f"{data.ann_file} defines {len(data.categories)} categories but data.num_classes={hp.num_classes}: "
+                f"set data.num_classes={len(data.categories)}"
+            )
+        return data
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.trainer is not None:
+            world = self.trainer.world_size
+            if self.batch_size % world != 0:
+                raise DatasetError(
+                    f"data.batch_size={self.batch_size} is the global batch size and must divide by the "
+                    f"number of processes ({world}); pick a multiple of {world}"
+                )
+            self.batch_size_per_device = self.batch_size // world
+        if not self.root.is_dir():
+            raise DatasetError(f"data.root={self.root} does not exist ({LAYOUT_HINT})")
+        hp = self.hparams
+        if stage in (None, "fit", "validate") and self.data_val is None:
+            self.data_val = self._split(hp.val_split, train=False)
+        if stage in (None, "fit") and self.data_train is None:
+            self.data_train = self._split(hp.train_split, train=True)
+            if self.data_train.categories.cat_ids != self.data_val.categories.cat_ids:
+                raise DatasetError(
+                    f"the categories of {self.data_train.ann_file} and {self.data_val.ann_file} differ: "
+                    "both splits need the same category list"
+                )
+        if stage in (None, "test") and self.data_test is None:
+            test_split = hp.test_split or hp.val_split  # COCO's test-dev has no public labels
+            self.data_test = self.data_val if test_split == hp.val_split and self.data_val else self._split(test_split, False)
+
+    def _loader(self, dataset: Dataset, shuffle: bool, batch_size: int) -> DataLoader:
+        workers = self.hparams.num_workers
+        return DataLoader(
+            dataset,
+            batch_size=batch_size,
+            shuffle=shuffle,
+            num_workers=workers,
+            collate_fn=collate_detection,
+            pin_memory=self.hparams.pin_memory and torch.cuda.is_available(),
+            persistent_workers=self.hparams.persistent_workers and workers > 0,
+            drop_last=shuffle,
+        )
+
+    def _eval_batch(self) -> int:
+        return self.hparams.eval_batch_size or self.batch_size_per_device
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.data_train, shuffle=True, batch_size=self.batch_size_per_device)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.data_val, shuffle=False, batch_size=self._eval_batch())
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.data_test, shuffle=False, batch_size=self._eval_batch())

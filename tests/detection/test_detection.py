@@ -1,0 +1,350 @@
+"""Detection (issue #7): the COCO loader, the embedded shapes, the Vim Mask R-CNN and a fit/test through train.py."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import compose_config, make_fast, run_train
+from omegaconf import open_dict
+from PIL import Image, ImageDraw
+from pycocotools import mask as mask_utils
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
+
+from vision_mamba.data.coco import (
+    CategoryMap,
+    CocoDataModule,
+    CocoInstances,
+    collate_detection,
+    train_transform,
+    xywh_to_xyxy,
+    xyxy_to_xywh,
+)
+from vision_mamba.data.errors import DatasetError
+from vision_mamba.data.shapes_det import write_shapes_coco
+from vision_mamba.models.factory import create_model
+from vision_mamba.models.heads.mask_rcnn import VimMaskRCNN
+from vision_mamba.tasks.detection import DetectionTask, to_coco_results
+from vision_mamba.tasks.optim import build_param_groups
+
+CATS = [{"id": 3, "name": "square"}, {"id": 7, "name": "disc"}, {"id": 11, "name": "triangle"}]
+SMALL_HEADS = ["task.detector.out_channels=32", "task.detector.representation_size=64",
+               "task.detector.mask_channels=32", "task.detector.mask_convs=1",
+               "task.detector.anchor_sizes=[8,16,32,64,128]", "task.detector.rpn_pre_nms_top_n_test=100",
+               "task.detector.rpn_post_nms_top_n_test=50", "task.detector.box_batch_size_per_image=64"]
+
+
+def _rle(mask: np.ndarray) -> dict:
+    rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
+    return {"size": list(rle["size"]), "counts": rle["counts"].decode()}
+
+
+def _ann(ann_id, image_id, cat, seg, mask, crowd=0):
+    rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
+    return {"id": ann_id, "image_id": image_id, "category_id": cat, "iscrowd": crowd, "segmentation": seg,
+            "area": float(mask_utils.area(rle)), "bbox": [float(v) for v in mask_utils.toBbox(rle)]}
+
+
+def write_tiny_coco(root: Path, extra_anns: list[dict] | None = None) -> Path:
+    """5 images per split: a polygon square, an RLE disc, a polygon triangle, a crowd region, one empty image."""
+    rng = np.random.default_rng(0)
+    (root / "annotations").mkdir(parents=True, exist_ok=True)
+    for split in ("train2017", "val2017"):
+        (root / split).mkdir(exist_ok=True)
+        images, anns = [], []
+        for i in range(1, 6):
+            w, h = 72 + 4 * i, 60
+            img = Image.fromarray(rng.integers(0, 50, (h, w, 3), dtype=np.uint8))
+            draw = ImageDraw.Draw(img)
+
+            def add(seg, mask, cat, crowd=0, anns=anns, image_id=i):
+                anns.append(_ann(len(anns) + 1, image_id, cat, seg, mask, crowd))
+
+            if i != 5:  # image 5 has no annotation at all
+                square = [6.0 + i, 8.0, 30.0 + i, 8.0, 30.0 + i, 32.0, 6.0 + i, 32.0]
+                draw.polygon(square, fill=(230, 40, 40))
+                m = Image.new("L", (w, h)); ImageDraw.Draw(m).polygon(square, fill=1)  # noqa: E702
+                add([square], np.asarray(m), 3)
+                disc = [40, 20, 62, 42]
+                draw.ellipse(disc, fill=(40, 230, 40))
+                m = Image.new("L", (w, h)); ImageDraw.Draw(m).ellipse(disc, fill=1)  # noqa: E702
+                add(_rle(np.asarray(m)), np.asarray(m), 7)  # compressed RLE
+            if i in (2, 4):
+                tri = [10.0, 55.0, 30.0, 38.0, 34.0, 57.0]
+                draw.polygon(tri, fill=(40, 40, 230))
+                m = Image.new("L", (w, h)); ImageDraw.Draw(m).polygon(tri, fill=1)  # noqa: E702
+                add([tri], np.asarray(m), 11)
+            if i == 3:  # a crowd region in uncompressed RLE, as COCO stores them
+                m = np.zeros((h, w), np.uint8)
+                m[44:56, 44:60] = 1
+                flat = m.flatten(order="F")
+                counts = np.diff(np.concatenate([[0], np.flatnonzero(np.diff(flat)) + 1, [flat.size]])).tolist()
+                add({"size": [h, w], "counts": counts}, m, 7, crowd=1)
+            img.save(root / split / f"{i:012d}.jpg", quality=95)
+            images.append({"id": i, "file_name": f"{i:012d}.jpg", "width": w, "height": h})
+        anns += extra_anns or []
+        data = {"images": images, "annotations": anns, "categories": CATS}
+        (root / "annotations" / f"instances_{split}.json").write_text(json.dumps(data))
+    return root
+
+
+@pytest.fixture(scope="module")
+def coco_root(tmp_path_factory) -> Path:
+    return write_tiny_coco(tmp_path_factory.mktemp("coco"))
+
+
+# ---- conversions ---------------------------------------------------------------------------------------------------
+def test_box_and_category_conversions_round_trip() -> None:
+    xywh = np.array([[10.5, 20.0, 30.0, 5.25], [0.0, 0.0, 1.0, 2.0]], np.float32)
+    xyxy = xywh_to_xyxy(xywh)
+    np.testing.assert_allclose(xyxy, [[10.5, 20.0, 40.5, 25.25], [0.0, 0.0, 1.0, 2.0]])
+    np.testing.assert_allclose(xyxy_to_xywh(xyxy), xywh)
+    t = torch.tensor(xywh)
+    assert torch.allclose(xyxy_to_xywh(xywh_to_xyxy(t)), t)
+    cats = CategoryMap(list(reversed(CATS)))
+    assert [cats.to_label(c["id"]) for c in CATS] == [1, 2, 3]  # contiguous, sorted by id; 0 stays background
+    assert [cats.to_cat_id(label) for label in (1, 2, 3)] == [3, 7, 11]
+    with pytest.raises(KeyError):
+        cats.to_cat_id(0)
+
+
+# ---- the loader ----------------------------------------------------------------------------------------------------
+def test_loader_reads_polygons_rle_crowd_and_empty_images(coco_root) -> None:
+    val = CocoInstances(coco_root / "val2017", coco_root / "annotations/instances_val2017.json")
+    assert len(val) == 5  # evaluation keeps the image without annotations
+    image, target = val[2]  # image 3: square, disc and the crowd region
+    assert image.shape == (3, 60, 84) and image.dtype == torch.float32 and image.max() <= 1
+    assert target["labels"].tolist() == [1, 2, 2] and target["iscrowd"].tolist() == [0, 0, 1]
+    coco = COCO(str(coco_root / "annotations/instances_val2017.json"))
+    expected = xywh_to_xyxy(np.array([a["bbox"] for a in coco.loadAnns(coco.getAnnIds(imgIds=3))], np.float32))
+    np.testing.assert_allclose(target["boxes"].numpy(), expected)
+    # masks decoded from polygon, compressed RLE and uncompressed RLE: each box is its mask's extent
+    for box, mask in zip(target["boxes"], target["masks"]):
+        ys, xs = np.nonzero(mask.numpy())
+        assert abs(xs.min() - box[0]) <= 1 and abs(ys.min() - box[1]) <= 1 and abs(xs.max() + 1 - box[2]) <= 1
+    assert target["masks"][2].sum() == 12 * 16
+    empty = val[4][1]
+    assert empty["boxes"].shape == (0, 4) and empty["masks"].shape == (0, 60, 92)
+
+    train = CocoInstances(coco_root / "train2017", coco_root / "annotations/instances_train2017.json", train=True)
+    assert len(train) == 4  # the empty image is dropped for training (filter_empty)
+    assert all(train[i][1]["iscrowd"].sum() == 0 for i in range(4))  # crowd regions ignored in training
+    kept = CocoInstances(coco_root / "train2017", coco_root / "annotations/instances_train2017.json", train=True,
+                         filter_empty=False)
+    assert len(kept) == 5
+    jittered = CocoInstances(coco_root / "train2017", coco_root / "annotations/instances_train2017.json", train=True,
+                             filter_empty=False, transform=train_transform(64))
+    image, target = jittered[4]  # an image without objects goes through the augmentation too
+    assert image.shape == (3, 64, 64) and target["boxes"].shape == (0, 4) and target["masks"].shape == (0, 64, 64)
+
+
+def test_large_scale_jitter_moves_boxes_and_masks_together(coco_root) -> None:
+    data = CocoInstances(coco_root / "train2017", coco_root / "annotations/instances_train2017.json",
+                         transform=train_transform(64, (0.3, 2.0), hflip=0.5), train=True)
+    seen = 0
+    for seed in range(12):
+        np.random.seed(seed)
+        random.seed(seed)
+        image, target = data[seed % len(data)]
+        assert image.shape == (3, 64, 64)
+        assert len(target["boxes"]) == len(target["masks"]) == len(target["labels"])
+        for box, mask in zip(target["boxes"], target["masks"]):
+            ys, xs = np.nonzero(mask.numpy())  # every box is exactly its (scaled, cropped, flipped) mask's extent
+            assert len(xs) and box.tolist() == [xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]
+            seen += 1
+        # the masks moved with the image: under each mask lies its object's colour (red square, green disc, blue
+        # triangle = labels 1, 2, 3)
+        for label, mask in zip(target["labels"], target["masks"]):
+            if mask.sum() >= 20:
+                colour = image[:, mask.bool()].mean(1)
+                assert colour.argmax().item() == label.item() - 1, (seed, label, colour)
+    assert seen > 10
+
+
+def test_bad_annotations_are_counted_and_missing_files_are_clear_errors(tmp_path, caplog) -> None:
+    root = write_tiny_coco(tmp_path / "coco", extra_anns=[
+        {"id": 900, "image_id": 99, "category_id": 3, "iscrowd": 0, "bbox": [1, 1, 5, 5],
+         "segmentation": [[1, 1, 6, 1, 6, 6]], "area": 10},  # an image that does not exist
+        {"id": 901, "image_id": 1, "category_id": 3, "iscrowd": 0, "bbox": [5, 5, 0, 8],
+         "segmentation": [[5, 5, 5, 13, 5, 9]], "area": 0},  # a degenerate (zero-width) box
+        {"id": 902, "image_id": 1, "category_id": 42, "iscrowd": 0, "bbox": [1, 1, 5, 5],
+         "segmentation": [[1, 1, 6, 1, 6, 6]], "area": 10},  # an unknown category
+    ])
+    with caplog.at_level("WARNING"):
+        data = CocoInstances(root / "val2017", root / "annotations/instances_val2017.json")
+    assert data.skipped["for images not in the file"] == 1
+    assert data.skipped["with a degenerate box"] == 1
+    assert data.skipped["with an unknown category"] == 1
+    assert "skipped annotations" in caplog.text
+    assert [len(data[i][1]["boxes"]) for i in range(len(data))] == [2, 3, 3, 3, 0]  # every item still loads
+
+    dm = CocoDataModule(root=str(root), num_classes=3, img_size=64, batch_size=2, num_workers=0)
+    (root / "annotations/instances_train2017.json").unlink()
+    with pytest.raises(DatasetError, match=r"instances_train2017\.json does not exist"):
+        dm.setup("fit")
+    (root / "val2017" / f"{2:012d}.jpg").unlink()
+    with pytest.raises(DatasetError, match=r"not in .*val2017.*000000000002\.jpg"):
+        CocoInstances(root / "val2017", root / "annotations/instances_val2017.json")
+    with pytest.raises(DatasetError, match="data.num_classes=3"):
+        CocoDataModule(root=str(write_tiny_coco(tmp_path / "c2")), num_classes=80, img_size=64,
+                       batch_size=2, num_workers=0).setup("validate")
+
+
+# ---- evaluation: ground truth as predictions -----------------------------------------------------------------------
+class _Oracle(torch.nn.Module):
+    """A 'detector' that returns whatever predictions the test queued."""
+
+    def __init__(self, backbone=None, num_classes=None):
+        super().__init__()
+        self.queue = []
+        self.dummy = torch.nn.Linear(1, 1)
+
+    def forward(self, images, targets=None):
+        return self.queue.pop(0)
+
+
+def _gt_as_predictions(target: dict) -> dict:
+    keep = target["iscrowd"] == 0
+    n = int(keep.sum())
+    return {"boxes": target["boxes"][keep], "labels": target["labels"][keep], "scores": torch.ones(n),
+            "masks": target["masks"][keep][:, None].float()}
+
+
+def test_ground_truth_as_predictions_scores_ap_one(coco_root, tmp_path) -> None:
+    val = CocoInstances(coco_root / "val2017", coco_root / "annotations/instances_val2017.json")
+    task = DetectionTask(net=torch.nn.Identity(), detector=_Oracle, num_classes=3, draw_predictions=False)
+    batch = collate_detection([val[i] for i in range(len(val))])
+    task.net.queue.append([_gt_as_predictions(t) for t in batch[1]])
+    task._eval_step("val", batch, batch_idx=1)
+    out = task.metrics["val"].compute()
+    for key in ("bbox_map", "bbox_map_50", "bbox_map_75", "segm_map", "segm_map_50", "segm_map_75"):
+        assert out[key].item() == pytest.approx(1.0), key
+    # a wrong label on one box must cost AP: the metric is not trivially 1
+    task.metrics["val"].reset()
+    preds = [_gt_as_predictions(t) for t in batch[1]]
+    preds[0]["labels"] = torch.full_like(preds[0]["labels"], 3)
+    task.net.queue.append(preds)
+    task._eval_step("val", batch, batch_idx=1)
+    assert task.metrics["val"].compute()["bbox_map"] < 0.9
+
+    # the results-json path: original category ids, xywh boxes, RLE masks, scored by COCO's own evaluator
+    to_cat = val.categories.to_cat_id
+    results = [r for t in batch[1] for r in to_coco_results(_gt_as_predictions(t), int(t["image_id"]), to_cat)]
+    assert {r["category_id"] for r in results} == {3, 7, 11}
+    gt = COCO(str(coco_root / "annotations/instances_val2017.json"))
+    (tmp_path / "res.json").write_text(json.dumps(results))
+    dt = gt.loadRes(str(tmp_path / "res.json"))
+    for iou_type in ("bbox", "segm"):
+        ev = COCOeval(gt, dt, iou_type)
+        ev.evaluate(), ev.accumulate(), ev.summarize()
+        assert ev.stats[0] == pytest.approx(1.0) and ev.stats[1] == pytest.approx(1.0), iou_type
+
+
+# ---- the detector --------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def detector() -> VimMaskRCNN:
+    torch.manual_seed(0)
+    vim = create_model("vim_tiny_patch16_224", num_classes=3, img_size=64, embed_dim=32, depth=2, d_state=4)
+    return VimMaskRCNN(vim, num_classes=3, img_size=64, out_channels=16, anchor_sizes=(8, 16, 32, 64, 128),
+                       representation_size=32, mask_channels=16, mask_convs=1)
+
+
+def test_pyramid_levels_and_predictions_in_original_pixels(detector) -> None:
+    feats = detector.backbone(torch.randn(2, 3, 64, 64))
+    assert list(feats) == ["0", "1", "2", "3", "pool"]
+    assert [tuple(f.shape[-2:]) for f in feats.values()] == [(16, 16), (8, 8), (4, 4), (2, 2), (1, 1)]
+    assert all(f.shape[1] == detector.backbone.out_channels == 16 for f in feats.values())
+    assert isinstance(detector.backbone.body.head, torch.nn.Identity)  # reset_classifier(0)
+    images = [torch.rand(3, 50, 70), torch.rand(3, 90, 40)]  # longest side resized to 64, padded to 64x64
+    batched, _ = detector.transform(images)
+    assert batched.tensors.shape[-2:] == (64, 64) and batched.image_sizes[0] == (45, 64)
+    detector.eval()
+    detector.roi_heads.score_thresh = 0.0  # an untrained net: keep whatever it finds
+    with torch.no_grad():
+        out = detector(images)
+    assert out[0]["masks"].shape[-2:] == (50, 70) and out[1]["masks"].shape[-2:] == (90, 40)
+    assert (out[0]["boxes"][:, 2] <= 70).all() and (out[1]["boxes"][:, 3] <= 90).all()
+    with pytest.raises(ValueError, match="multiple of 32"):
+        VimMaskRCNN(create_model("vim_tiny_patch16_224", embed_dim=32, depth=2), num_classes=3, img_size=80)
+
+
+def test_layer_decay_groups_prefix_the_backbone(detector) -> None:
+    names = dict(detector.named_parameters())
+    assert detector.no_weight_decay() and detector.no_weight_decay() <= set(names)
+    groups = build_param_groups(detector, weight_decay=0.1, layer_decay=0.5)
+    scale_of = {id(p): g["lr_scale"] for g in groups for p in g["params"]}
+    head = scale_of[id(names["roi_heads.box_predictor.cls_score.weight"])]
+    fpn = scale_of[id(names["backbone.fpn.stages.0.0.weight"])]
+    stem = scale_of[id(names["backbone.body.patch_embed.proj.weight"])]
+    block1 = scale_of[id(names["backbone.body.layers.1.mixer.in_proj.weight"])]
+    assert head == fpn == 1.0 and stem < block1 < 1.0
+    decay_of = {id(p): g["weight_decay"] for g in groups for p in g["params"]}
+    assert decay_of[id(names["backbone.body.pos_embed"])] == 0.0 and decay_of[id(names["rpn.head.conv.0.0.weight"])] == 0.1
+
+
+def test_shapes_det_is_written_once_as_a_coco_layout(tmp_path) -> None:
+    root = write_shapes_coco(tmp_path / "shapes", num_train=12, num_val=6)
+    stamp = (root / "annotations/instances_val2017.json").stat().st_mtime_ns
+    assert write_shapes_coco(root, num_train=12, num_val=6) == root
+    assert (root / "annotations/instances_val2017.json").stat().st_mtime_ns == stamp  # not rewritten
+    assert not list(tmp_path.glob(".shapes-*")), "temporary folder left behind"
+    anns = json.loads((root / "annotations/instances_train2017.json").read_text())
+    segs = [a["segmentation"] for a in anns["annotations"]]
+    assert any(isinstance(s, list) for s in segs) and any(isinstance(s, dict) for s in segs)
+    assert {a["image_id"] for a in anns["annotations"]} < {im["id"] for im in anns["images"]}  # an empty image
+    data = CocoInstances(root / "train2017", root / "annotations/instances_train2017.json")
+    assert len(data) == 12 and sum(len(data[i][1]["boxes"]) for i in range(12)) == len(anns["annotations"])
+
+
+# ---- end to end through src/train.py -------------------------------------------------------------------------------
+def test_fit_and_test_through_train_py_on_a_coco_layout(coco_root, tmp_path, data_dir) -> None:
+    cfg = compose_config("train.yaml", ["task=detection", "data=coco", f"data.root={coco_root}", "data.num_classes=3",
+                                        "data.img_size=64", "data.batch_size=2", "task.write_results=true",
+                                        "model.embed_dim=32", "model.depth=2", *SMALL_HEADS])
+    assert cfg.hydra.runtime.choices.recipe == "coco" and cfg.task.layer_decay == pytest.approx(0.837)
+    cfg = make_fast(cfg, tmp_path, data_dir)
+    with open_dict(cfg):
+        cfg.trainer.limit_val_batches = 3
+        cfg.trainer.limit_test_batches = 3
+        cfg.callbacks.pop("lr_monitor", None)  # make_fast removes the loggers, which LearningRateMonitor needs
+    metrics = run_train(cfg)
+    for key in ("train/loss", "train/loss_classifier", "train/loss_box_reg", "train/loss_mask",
+                "train/loss_objectness", "train/loss_rpn_box_reg"):
+        assert np.isfinite(float(metrics[f"{key}_epoch"])), key
+    for key in ("val/bbox_mAP", "val/bbox_mAP_50", "val/segm_mAP_75", "val/bbox_mAP_best", "test/segm_mAP"):
+        assert -1.0 <= float(metrics[key]) <= 1.0, key
+    out = Path(cfg.paths.output_dir)
+    assert list((out / "predictions").glob("epoch_*.png"))
+    results = json.loads((out / "coco_results_test.json").read_text())
+    assert {r["category_id"] for r in results} <= {3, 7, 11}
+    assert all(len(r["bbox"]) == 4 and "counts" in r["segmentation"] for r in results)
+    # the task's and datamodule's hparams are plain Python (no OmegaConf nodes, no partials): what a
+    # torch.load(weights_only=True) accepts
+    ckpt = torch.load(next((out / "checkpoints").glob("epoch_*.ckpt")), map_location="cpu", weights_only=False)
+
+    def plain(obj) -> bool:
+        if isinstance(obj, dict):
+            return all(isinstance(k, str) and plain(v) for k, v in obj.items())
+        if isinstance(obj, (list, tuple)):
+            return all(plain(v) for v in obj)
+        return obj is None or isinstance(obj, (bool, int, float, str))
+
+    assert plain(ckpt["hyper_parameters"]) and plain(ckpt["datamodule_hyper_parameters"])
+    assert "detector" not in ckpt["hyper_parameters"]
+
+
+def test_default_detection_config_is_the_embedded_shapes() -> None:
+    cfg = compose_config("train.yaml", ["task=detection"])
+    choices = cfg.hydra.runtime.choices
+    assert (choices.data, choices.model, choices.recipe) == ("shapes_det", "vim_det_shapes", "shapes_det")
+    assert cfg.optimized_metric == "val/bbox_mAP_best" and cfg.task.monitor == "val/bbox_mAP"
+    assert cfg.task.schedule.kind == "step" and list(cfg.task.schedule.milestones) == [0.89, 0.96]
+    cfg = compose_config("train.yaml", ["experiment=coco_mask_rcnn_vim_tiny"])
+    assert cfg.data._target_.endswith("CocoDataModule") and cfg.task.layer_decay == pytest.approx(0.837)
+    assert cfg.data.img_size == 1024 and list(cfg.data.scale_range) == [0.1, 2.0]
+
