@@ -28,15 +28,15 @@ for step in $steps; do
     tests) run tests python3 -m pytest -q -m gpu tests/kernels tests/models -p no:cacheprovider ;;
     scan) run scan python3 benchmarks/scan.py --out "$OUT" ;;
     cross) run cross python3 benchmarks/cross_scan.py --out "$OUT" ;;
-    train) run train python3 src/train.py "${common_train[@]}" trainer=gpu data.batch_size=128 ++trainer.max_steps=300 \
+    train) run train python3 src/train.py "${common_train[@]}" trainer=gpu data.batch_size=128 trainer.max_steps=300 \
              trainer.max_epochs=1000 hydra.run.dir="$OUT/train_run" paths.data_dir=/tmp/data
            run train_check python3 benchmarks/gpu_model_check.py "$OUT/train_run" --out "$OUT" ;;
     backbones) run backbones python3 benchmarks/backbones.py --out "$OUT" ;;
     ddp) if [ "$(python3 -c 'import torch; print(torch.cuda.device_count())')" -ge 2 ]; then
-           run ddp1 python3 src/train.py "${common_train[@]}" trainer=gpu data.batch_size=128 ++trainer.max_steps=120 \
-               trainer.max_epochs=1000 ++trainer.limit_val_batches=0 optimized_metric=null hydra.run.dir="$OUT/ddp1" paths.data_dir=/tmp/data
+           run ddp1 python3 src/train.py "${common_train[@]}" trainer=gpu data.batch_size=128 trainer.max_steps=120 \
+               trainer.max_epochs=1000 trainer.limit_val_batches=0 optimized_metric=null hydra.run.dir="$OUT/ddp1" paths.data_dir=/tmp/data
            run ddp2 python3 src/train.py "${common_train[@]}" trainer=ddp trainer.devices=2 data.batch_size=256 \
-               ++trainer.max_steps=120 trainer.max_epochs=1000 ++trainer.limit_val_batches=0 optimized_metric=null hydra.run.dir="$OUT/ddp2" paths.data_dir=/tmp/data
+               trainer.max_steps=120 trainer.max_epochs=1000 trainer.limit_val_batches=0 optimized_metric=null hydra.run.dir="$OUT/ddp2" paths.data_dir=/tmp/data
            run ddp_summary python3 benchmarks/ddp_scaling.py "$OUT/ddp1" "$OUT/ddp2" --out "$OUT"
          else status[ddp]="skipped: one GPU"; fi ;;
   esac

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import hydra
 import pytest
-from conftest import CONF_DIR, compose_config
+from helpers import CONF_DIR, compose_config
 from omegaconf import OmegaConf
 
 MODELS = sorted(p.stem for p in Path(CONF_DIR, "model").glob("*.yaml"))

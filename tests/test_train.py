@@ -9,8 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import compose_config, make_fast, run_train
-from hydra.core.hydra_config import HydraConfig
+from helpers import as_job, compose_config, make_fast, run_train
 from omegaconf import open_dict
 from PIL import Image
 
@@ -51,9 +50,10 @@ def test_imagenet_layout_trains_with_the_real_recipe(tmp_path, data_dir) -> None
 def test_digits_learning_check_and_eval_reproduces_val_acc(tmp_path, data_dir) -> None:
     """A shorter version of `make train`: the loss falls and val top-1 rises far above chance (10%);
     then src/eval.py on the best checkpoint reports the top-1 that training logged for it."""
-    cfg = compose_config("train.yaml", ["trainer.max_epochs=3", "logger=csv"])
+    cfg = compose_config("train.yaml", ["logger=csv"])
     cfg = make_fast(cfg, tmp_path, data_dir)
     with open_dict(cfg):
+        cfg.trainer.max_epochs = 3
         cfg.trainer.limit_train_batches = 1.0
         cfg.trainer.limit_val_batches = 1.0
         cfg.trainer.limit_test_batches = 1.0
@@ -74,6 +74,5 @@ def test_digits_learning_check_and_eval_reproduces_val_acc(tmp_path, data_dir) -
     ecfg = make_fast(compose_config("eval.yaml", [f"ckpt_path={best}"]), tmp_path / "eval", data_dir)
     with open_dict(ecfg):
         ecfg.trainer.limit_test_batches = 1.0
-    HydraConfig().set_config(ecfg)
-    emetrics, _ = evaluate(ecfg)
+    emetrics, _ = evaluate(as_job(ecfg))
     assert float(emetrics["test/acc1"]) == pytest.approx(best_score, abs=1e-6)

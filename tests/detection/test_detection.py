@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import compose_config, make_fast, run_train
+from helpers import compose_config, make_fast, run_train
 from omegaconf import open_dict
 from PIL import Image, ImageDraw
 from pycocotools import mask as mask_utils

@@ -12,7 +12,7 @@ import hydra
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, compose_config, make_fast, run_train
+from helpers import ROOT, compose_config, make_fast, run_train
 from omegaconf import open_dict
 from PIL import Image
 from torch.utils.data import DataLoader, TensorDataset
@@ -125,7 +125,7 @@ def test_label_outside_range_is_a_short_error_naming_the_mask(tmp_path) -> None:
     mask[0, 0] = 151
     Image.fromarray(mask).save(bad)
     args = ade_overrides(root, "data.num_classes=150", "data.num_workers=1", "data.persistent_workers=false",
-                         "trainer.max_epochs=1", "++trainer.limit_train_batches=1", "++trainer.limit_val_batches=1",
+                         "trainer.max_epochs=1", "trainer.limit_train_batches=1", "trainer.limit_val_batches=1",
                          "extras.print_config=false")
     env = {**os.environ, "VIM_ROOT": str(tmp_path), "HYDRA_FULL_ERROR": "0"}
     proc = subprocess.run([sys.executable, str(ROOT / "src" / "train.py"), *args], cwd=tmp_path, env=env,

@@ -109,17 +109,18 @@ class ImageFolderDataModule(LightningDataModule):
                     f"number of processes ({world}); pick a multiple of {world}"
                 )
             self.batch_size_per_device = self.batch_size // world
-        if self.data_val is None:
-            if not self.root.is_dir():
-                raise DatasetError(f"data.root={self.root} does not exist ({LAYOUT_HINT})")
-            self.data_val = self._dataset(self.hparams.val_split, is_training=False)
+        if not self.root.is_dir():
+            raise DatasetError(f"data.root={self.root} does not exist ({LAYOUT_HINT})")
+        # the training split first: its folders are the ones a user is most likely to have got wrong
         if stage in (None, "fit") and self.data_train is None:
             self.data_train = self._dataset(self.hparams.train_split, is_training=True)
-            if self.data_train.classes != self.data_val.classes:
-                raise DatasetError(
-                    f"the class folders of {self.root / self.hparams.train_split} and "
-                    f"{self.root / self.hparams.val_split} differ: both splits need the same classes"
-                )
+        if self.data_val is None:
+            self.data_val = self._dataset(self.hparams.val_split, is_training=False)
+        if self.data_train is not None and self.data_train.classes != self.data_val.classes:
+            raise DatasetError(
+                f"the class folders of {self.root / self.hparams.train_split} and "
+                f"{self.root / self.hparams.val_split} differ: both splits need the same classes"
+            )
 
     def _loader(self, dataset, shuffle: bool, drop_last: bool, sampler=None) -> DataLoader:
         workers = self.hparams.num_workers

@@ -53,16 +53,12 @@ class ClassificationTask(VisionTask):
             if self.ema is not None:
                 self.metrics[f"{stage}_acc1_ema"] = MulticlassAccuracy(num_classes=num_classes, top_k=1, average="micro")
         self.val_acc1_best = MaxMetric()
-        # saved in checkpoints, so a resumed run keeps its best-so-far and its epoch's running loss
+        # saved in checkpoints, so a resumed run keeps its best-so-far (never reset: the sanity-check validation
+        # does not update it, see on_validation_epoch_end)
         self.val_acc1_best.persistent(True)
-        self.train_loss.persistent(True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
-
-    def on_train_start(self) -> None:
-        if not self.trainer.ckpt_path:  # a fresh run; a resumed one keeps the restored best
-            self.val_acc1_best.reset()
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         images, targets = batch

@@ -90,14 +90,13 @@ class DetectionTask(VisionTask):
             stage: MeanAveragePrecision(iou_type=("bbox", "segm"), backend=coco_backend()) for stage in ("val", "test")
         })
         self.val_map_best = MaxMetric()
+        self.val_map_best.persistent(True)  # kept across a resume; sanity-check validation never updates it
         self._results: list[dict] = []
         self._drawn: tuple[torch.Tensor, dict] | None = None
 
     def forward(self, images: list[torch.Tensor], targets: list[dict] | None = None):
         return self.net(images, targets)
 
-    def on_train_start(self) -> None:
-        self.val_map_best.reset()
 
     def training_step(self, batch: tuple[list[torch.Tensor], list[dict]], batch_idx: int) -> torch.Tensor:
         images, targets = batch

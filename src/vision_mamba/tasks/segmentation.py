@@ -109,6 +109,7 @@ class SegmentationTask(VisionTask):
             self.metrics[f"{stage}_pixel_acc"] = MulticlassAccuracy(num_classes, average="micro",
                                                                     ignore_index=IGNORE_INDEX, validate_args=False)
         self.val_mIoU_best = MaxMetric()
+        self.val_mIoU_best.persistent(True)  # kept across a resume; sanity-check validation never updates it
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
@@ -125,8 +126,6 @@ class SegmentationTask(VisionTask):
         stride = int(self.inference["stride"] or crop * 2 // 3)  # 341 for 512, mmseg's ADE20K setting
         return slide_inference(self.net, images, self.num_classes, crop, stride)
 
-    def on_train_start(self) -> None:
-        self.val_mIoU_best.reset()
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         images, targets = batch

@@ -23,3 +23,16 @@ def find_user_error(exc: BaseException) -> BaseException | None:
             return exc
         exc = exc.__cause__ or exc.__context__
     return None
+
+
+def missing_config_value(exc: BaseException) -> str | None:
+    """The key of a mandatory config value (``???``) that was never given, if that is what went wrong."""
+    from omegaconf.errors import MissingMandatoryValue
+
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, MissingMandatoryValue):
+            return getattr(exc, "full_key", None) or "a required config value"
+        exc = exc.__cause__ or exc.__context__
+    return None

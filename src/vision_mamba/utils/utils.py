@@ -11,7 +11,7 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-from vision_mamba.utils.errors import find_user_error
+from vision_mamba.utils.errors import find_user_error, missing_config_value
 from vision_mamba.utils.pylogger import RankedLogger
 from vision_mamba.utils.rich_utils import print_config_tree
 
@@ -43,7 +43,7 @@ def task_wrapper(task_func: Callable) -> Callable:
         try:
             metric_dict, object_dict = task_func(cfg=cfg)
         except Exception as ex:
-            if find_user_error(ex) is None:
+            if find_user_error(ex) is None and missing_config_value(ex) is None:  # user errors get one line, later
                 log.exception("")
             raise
         finally:
@@ -85,7 +85,7 @@ def exit_on_user_error(main: Callable[[], Any]) -> Callable[[], Any]:
         except Exception as ex:
             user_error = find_user_error(ex)
             if user_error is None:
-                missing = _missing_value(ex)
+                missing = missing_config_value(ex)
                 if missing is None:
                     raise
                 user_error = f"{missing} must be set: pass {missing}=VALUE on the command line"
@@ -96,15 +96,3 @@ def exit_on_user_error(main: Callable[[], Any]) -> Callable[[], Any]:
 
     return wrap
 
-
-def _missing_value(exc: BaseException) -> str | None:
-    """The key of a mandatory config value (``???``) that was never given, if that is what went wrong."""
-    from omegaconf.errors import MissingMandatoryValue
-
-    seen: set[int] = set()
-    while exc is not None and id(exc) not in seen:
-        seen.add(id(exc))
-        if isinstance(exc, MissingMandatoryValue):
-            return getattr(exc, "full_key", None) or "a required config value"
-        exc = exc.__cause__ or exc.__context__
-    return None
