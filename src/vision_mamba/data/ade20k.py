@@ -17,6 +17,7 @@ from lightning import LightningDataModule
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, default_collate
 
+from vision_mamba.data.common import per_device_batch_size
 from vision_mamba.data.errors import DatasetError
 
 IGNORE_INDEX = 255
@@ -287,14 +288,7 @@ class ADE20KDataModule(LightningDataModule):
                                   resize_image=RescaleToFit(hp.scale))
 
     def setup(self, stage: str | None = None) -> None:
-        if self.trainer is not None:
-            world = self.trainer.world_size
-            if self.batch_size % world != 0:
-                raise DatasetError(
-                    f"data.batch_size={self.batch_size} is the global batch size and must divide by the "
-                    f"number of processes ({world}); pick a multiple of {world}"
-                )
-            self.batch_size_per_device = self.batch_size // world
+        self.batch_size_per_device = per_device_batch_size(self.batch_size, self.trainer)
         if self.data_val is None:
             self.data_val = self._dataset(self.hparams.val_split, training=False)
         if stage in (None, "fit") and self.data_train is None:

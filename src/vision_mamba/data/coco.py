@@ -20,6 +20,7 @@ from PIL import Image
 from pycocotools.coco import COCO
 from torch.utils.data import DataLoader, Dataset
 
+from vision_mamba.data.common import per_device_batch_size
 from vision_mamba.data.errors import DatasetError
 
 log = logging.getLogger(__name__)
@@ -332,14 +333,7 @@ class CocoDataModule(LightningDataModule):
         return data
 
     def setup(self, stage: str | None = None) -> None:
-        if self.trainer is not None:
-            world = self.trainer.world_size
-            if self.batch_size % world != 0:
-                raise DatasetError(
-                    f"data.batch_size={self.batch_size} is the global batch size and must divide by the "
-                    f"number of processes ({world}); pick a multiple of {world}"
-                )
-            self.batch_size_per_device = self.batch_size // world
+        self.batch_size_per_device = per_device_batch_size(self.batch_size, self.trainer)
         if not self.root.is_dir():
             raise DatasetError(f"data.root={self.root} does not exist ({LAYOUT_HINT})")
         hp = self.hparams

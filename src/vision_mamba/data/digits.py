@@ -2,17 +2,13 @@
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
+from vision_mamba.data.common import write_dataset_once
 from vision_mamba.data.imagenet import ImageFolderDataModule
-
-MARKER = ".complete"
 
 
 def write_digits_imagefolder(root: str | Path, val_fraction: float = 0.2, seed: int = 0) -> Path:
@@ -24,26 +20,21 @@ def write_digits_imagefolder(root: str | Path, val_fraction: float = 0.2, seed: 
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
 
-    root = Path(root)
-    if (root / MARKER).exists():
-        return root
-    digits = load_digits()
-    images = (digits.images * (255.0 / 16.0)).round().astype(np.uint8)
-    idx_train, idx_val = train_test_split(
-        np.arange(len(images)), test_size=val_fraction, random_state=seed, stratify=digits.target
-    )
-    root.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}-", dir=root.parent))
-    for split, indices in (("train", idx_train), ("val", idx_val)):
-        for i in indices:
-            class_dir = tmp / split / str(digits.target[i])
-            class_dir.mkdir(parents=True, exist_ok=True)
-            Image.fromarray(images[i], mode="L").save(class_dir / f"digit_{i:04d}.png")
-    (tmp / MARKER).write_text(f"{len(idx_train)} train, {len(idx_val)} val\n")
-    if root.exists():  # a stale, unmarked folder from an interrupted earlier write
-        shutil.rmtree(root)
-    os.replace(tmp, root)
-    return root
+
+    def write(folder: Path) -> str:
+        digits = load_digits()
+        images = (digits.images * (255.0 / 16.0)).round().astype(np.uint8)
+        idx_train, idx_val = train_test_split(
+            np.arange(len(images)), test_size=val_fraction, random_state=seed, stratify=digits.target
+        )
+        for split, indices in (("train", idx_train), ("val", idx_val)):
+            for i in indices:
+                class_dir = folder / split / str(digits.target[i])
+                class_dir.mkdir(parents=True, exist_ok=True)
+                Image.fromarray(images[i], mode="L").save(class_dir / f"digit_{i:04d}.png")
+        return f"{len(idx_train)} train, {len(idx_val)} val"
+
+    return write_dataset_once(root, write)
 
 
 class DigitsDataModule(ImageFolderDataModule):

@@ -15,6 +15,7 @@ from torch.utils.data import DataLoader
 from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
+from vision_mamba.data.common import per_device_batch_size
 from vision_mamba.data.errors import DatasetError
 from vision_mamba.data.resumable import ResumableDataLoader
 
@@ -101,14 +102,7 @@ class ImageFolderDataModule(LightningDataModule):
         return dataset
 
     def setup(self, stage: str | None = None) -> None:
-        if self.trainer is not None:
-            world = self.trainer.world_size
-            if self.batch_size % world != 0:
-                raise DatasetError(
-                    f"data.batch_size={self.batch_size} is the global batch size and must divide by the "
-                    f"number of processes ({world}); pick a multiple of {world}"
-                )
-            self.batch_size_per_device = self.batch_size // world
+        self.batch_size_per_device = per_device_batch_size(self.batch_size, self.trainer)
         if not self.root.is_dir():
             raise DatasetError(f"data.root={self.root} does not exist ({LAYOUT_HINT})")
         # the training split first: its folders are the ones a user is most likely to have got wrong

@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -14,8 +11,8 @@ from PIL import Image, ImageDraw
 from pycocotools import mask as mask_utils
 
 from vision_mamba.data.coco import CocoDataModule
+from vision_mamba.data.common import write_dataset_once
 
-MARKER = ".complete"
 # deliberately sparse ids, as in COCO (1..90 for 80 classes), so the id <-> label mapping is exercised
 CATEGORIES = [{"id": 2, "name": "circle"}, {"id": 5, "name": "square"}, {"id": 9, "name": "triangle"}]
 
@@ -116,21 +113,16 @@ def write_shapes_coco(root: str | Path, num_train: int = 400, num_val: int = 60,
                       splits: tuple[str, str] = ("train2017", "val2017")) -> Path:
     """Write the shapes dataset in the COCO layout under ``root``, once (a temporary folder renamed at the end, so an
     interrupted write never leaves a half-written dataset)."""
-    root = Path(root)
-    if (root / MARKER).exists():
-        return root
-    rng = np.random.default_rng(seed)
-    root.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}-", dir=root.parent))
-    (tmp / "annotations").mkdir()
-    for split, n in zip(splits, (num_train, num_val)):
-        coco = draw_split(tmp, split, n, rng)
-        (tmp / "annotations" / f"instances_{split}.json").write_text(json.dumps(coco))
-    (tmp / MARKER).write_text(f"{num_train} train, {num_val} val\n")
-    if root.exists():  # a stale, unmarked folder from an interrupted earlier write
-        shutil.rmtree(root)
-    os.replace(tmp, root)
-    return root
+
+    def write(folder: Path) -> str:
+        rng = np.random.default_rng(seed)
+        (folder / "annotations").mkdir()
+        for split, n in zip(splits, (num_train, num_val)):
+            coco = draw_split(folder, split, n, rng)
+            (folder / "annotations" / f"instances_{split}.json").write_text(json.dumps(coco))
+        return f"{num_train} train, {num_val} val"
+
+    return write_dataset_once(root, write)
 
 
 class ShapesDetDataModule(CocoDataModule):

@@ -4,17 +4,14 @@ from __future__ import annotations
 
 import colorsys
 import math
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
 
 from vision_mamba.data.ade20k import DIRNAME, ADE20KDataModule
+from vision_mamba.data.common import write_dataset_once
 
-MARKER = ".complete"
 CLASS_NAMES = ("background", "circle", "square", "triangle")
 # each shape class has a hue band (degrees); the bands overlap and saturation/value are random, so colour is a cue
 # that gets a small CPU model started within minutes, and the outline has to settle the rest
@@ -62,26 +59,21 @@ def write_shapes_ade20k(root: str | Path, num_train: int = 800, num_val: int = 2
 
     Written under a temporary name and renamed at the end, so an interrupted write never leaves a partial dataset.
     """
-    root = Path(root)
-    if (root / MARKER).exists():
-        return root
-    rng = np.random.default_rng(seed)
-    root.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}-", dir=root.parent))
-    for split, count in (("training", num_train), ("validation", num_val)):
-        image_dir, mask_dir = tmp / DIRNAME / "images" / split, tmp / DIRNAME / "annotations" / split
-        image_dir.mkdir(parents=True)
-        mask_dir.mkdir(parents=True)
-        for i in range(count):
-            image, mask = draw_sample(rng, size)
-            name = f"shapes_{split}_{i:05d}"
-            Image.fromarray(image).save(image_dir / f"{name}.jpg", quality=95)
-            Image.fromarray(mask).save(mask_dir / f"{name}.png")
-    (tmp / MARKER).write_text(f"{num_train} training, {num_val} validation, {size}px, seed {seed}\n")
-    if root.exists():  # a stale, unmarked folder from an interrupted earlier write
-        shutil.rmtree(root)
-    os.replace(tmp, root)
-    return root
+
+    def write(folder: Path) -> str:
+        rng = np.random.default_rng(seed)
+        for split, count in (("training", num_train), ("validation", num_val)):
+            image_dir, mask_dir = folder / DIRNAME / "images" / split, folder / DIRNAME / "annotations" / split
+            image_dir.mkdir(parents=True)
+            mask_dir.mkdir(parents=True)
+            for i in range(count):
+                image, mask = draw_sample(rng, size)
+                name = f"shapes_{split}_{i:05d}"
+                Image.fromarray(image).save(image_dir / f"{name}.jpg", quality=95)
+                Image.fromarray(mask).save(mask_dir / f"{name}.png")
+        return f"{num_train} training, {num_val} validation, {size}px, seed {seed}"
+
+    return write_dataset_once(root, write)
 
 
 class ShapesSegDataModule(ADE20KDataModule):

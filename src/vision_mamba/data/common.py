@@ -1,0 +1,47 @@
+"""Pieces every datamodule shares: the per-device batch size, and writing an embedded dataset once, atomically."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+from vision_mamba.data.errors import DatasetError
+
+MARKER = ".complete"
+
+
+def per_device_batch_size(batch_size: int, trainer) -> int:
+    """``batch_size`` is the global batch size: split it over the trainer's processes, or say why it cannot be."""
+    world = trainer.world_size if trainer is not None else 1
+    if batch_size % world != 0:
+        raise DatasetError(
+            f"data.batch_size={batch_size} is the global batch size and must divide by the "
+            f"number of processes ({world}); pick a multiple of {world}"
+        )
+    return batch_size // world
+
+
+def write_dataset_once(root: str | Path, write: Callable[[Path], str]) -> Path:
+    """Fill ``root`` with ``write(folder)`` unless a complete copy is already there.
+
+    ``write`` fills a temporary sibling folder and returns a one-line summary; the folder is marked complete and
+    renamed onto ``root`` at the end, so an interrupted write never leaves a half-filled dataset behind.
+    """
+    root = Path(root)
+    if (root / MARKER).exists():
+        return root
+    root.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}-", dir=root.parent))
+    try:
+        summary = write(tmp)
+        (tmp / MARKER).write_text(summary + "\n")
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if root.exists():  # a stale, unmarked folder from an interrupted earlier write
+        shutil.rmtree(root)
+    os.replace(tmp, root)
+    return root
