@@ -104,8 +104,8 @@ class DetectionTask(VisionTask):
         loss = sum(losses.values())
         n = len(images)
         for name, value in losses.items():
-            self.log(f"train/{name}", value.detach(), on_step=True, on_epoch=True, batch_size=n)
-        self.log("train/loss", loss.detach(), on_step=True, on_epoch=True, prog_bar=True, batch_size=n)
+            self.log(f"train/{name}", value.detach(), on_step=True, on_epoch=True, batch_size=n, sync_dist=True)
+        self.log("train/loss", loss.detach(), on_step=True, on_epoch=True, prog_bar=True, batch_size=n, sync_dist=True)
         return loss
 
     # ---- evaluation ------------------------------------------------------------------------------------------------
@@ -169,7 +169,7 @@ class DetectionTask(VisionTask):
             self._drawn = None
             return
         self.val_map_best(logged["val/bbox_mAP"])
-        self.log("val/bbox_mAP_best", self.val_map_best.compute(), prog_bar=True)
+        self.log("val/bbox_mAP_best", self.val_map_best.compute(), prog_bar=True, sync_dist=True)
         self._write_results("val")
         self._save_drawing()
 
