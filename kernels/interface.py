@@ -65,7 +65,7 @@ def selective_scan(
     u, delta, z: (batch, dim, L), any strides (channel-last views of (batch, L, dim) are the fast path);
     A: (dim, N) float32, negative; B, C: (batch, N, L); D, delta_bias: (dim,) float32.
     Returns out (batch, dim, L) in u's dtype; with return_last_state also the last state (batch, dim, N) float32.
-    backend: "ref" (sequential oracle), "torch" (chunked, CPU-friendly), "triton" (CUDA kernels).
+    backend: "ref" (sequential oracle), "torch" (time-major recurrence with a hand-written backward, CPU-friendly), "triton" (CUDA kernels).
     """
     if backend == "ref":
         return selective_scan_ref(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)

@@ -17,7 +17,7 @@ from lightning import LightningDataModule
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, default_collate
 
-from vision_mamba.data.common import per_device_batch_size
+from vision_mamba.data.common import dataset_root, per_device_batch_size
 from vision_mamba.data.errors import DatasetError
 
 IGNORE_INDEX = 255
@@ -250,9 +250,7 @@ class ADE20KDataModule(LightningDataModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters(logger=False)
-        if root in (None, "", "???"):
-            raise DatasetError(f"data.root is not set: pass data.root=DIR ({LAYOUT_HINT})")
-        self.root = Path(root)
+        self.root = dataset_root(root, LAYOUT_HINT)
         self.batch_size = batch_size
         self.batch_size_per_device = batch_size
         self.data_train: SegmentationFolder | None = None

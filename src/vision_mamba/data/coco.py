@@ -20,7 +20,7 @@ from PIL import Image
 from pycocotools.coco import COCO
 from torch.utils.data import DataLoader, Dataset
 
-from vision_mamba.data.common import per_device_batch_size
+from vision_mamba.data.common import dataset_root, per_device_batch_size
 from vision_mamba.data.errors import DatasetError
 
 log = logging.getLogger(__name__)
@@ -299,9 +299,7 @@ class CocoDataModule(LightningDataModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters(logger=False)
-        if root in (None, "", "???"):
-            raise DatasetError(f"data.root is not set: pass data.root=DIR ({LAYOUT_HINT})")
-        self.root = Path(root)
+        self.root = dataset_root(root, LAYOUT_HINT)
         self.batch_size = batch_size
         self.batch_size_per_device = batch_size
         self.data_train: CocoInstances | None = None

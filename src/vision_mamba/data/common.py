@@ -13,6 +13,13 @@ from vision_mamba.data.errors import DatasetError
 MARKER = ".complete"
 
 
+def dataset_root(root: str | Path | None, layout_hint: str) -> Path:
+    """``data.root`` as a Path, or a DatasetError saying it must be set and what layout it should hold."""
+    if root in (None, "", "???"):
+        raise DatasetError(f"data.root is not set: pass data.root=DIR ({layout_hint})")
+    return Path(root)
+
+
 def per_device_batch_size(batch_size: int, trainer) -> int:
     """``batch_size`` is the global batch size: split it over the trainer's processes, or say why it cannot be."""
     world = trainer.world_size if trainer is not None else 1

@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader
 from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
-from vision_mamba.data.common import per_device_batch_size
+from vision_mamba.data.common import dataset_root, per_device_batch_size
 from vision_mamba.data.errors import DatasetError
 from vision_mamba.data.resumable import ResumableDataLoader
 
@@ -65,9 +65,7 @@ class ImageFolderDataModule(LightningDataModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters(logger=False)
-        if root in (None, "", "???"):
-            raise DatasetError(f"data.root is not set: pass data.root=DIR ({LAYOUT_HINT})")
-        self.root = Path(root)
+        self.root = dataset_root(root, LAYOUT_HINT)
         self.batch_size = batch_size
         self.batch_size_per_device = batch_size
         self.data_train: ImageFolder | None = None
