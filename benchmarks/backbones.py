@@ -86,7 +86,7 @@ def bench_inference(key: str, img_size: int, device, args) -> dict:
             batch=batch,
             ms_per_batch=ms,
             images_per_s=batch * 1e3 / ms,
-            latency_ms_batch1=time_ms(lambda: run(x1), warmup=args.warmup, iters=args.iters),
+            latency_ms_batch1=time_ms(lambda: run(x1), warmup=args.warmup, iters=args.iters, latency=True),
             peak_mem_gib=peak_memory_gib(lambda: run(x)),
         )
     except torch.OutOfMemoryError:

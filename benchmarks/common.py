@@ -37,26 +37,33 @@ def environment() -> dict:
     return info
 
 
-def time_ms(fn: Callable[[], object], warmup: int = 3, iters: int = 20) -> float:
-    """Median milliseconds of ``fn`` (device-synchronised; CUDA events on GPU, perf_counter on CPU)."""
+def time_ms(fn: Callable[[], object], warmup: int = 3, iters: int = 20, latency: bool = False) -> float:
+    """Milliseconds per call of ``fn``: on GPU, CUDA events around `iters` back-to-back calls (the host queues
+    ahead, so its launch overhead overlaps the GPU work, as in a model), median of 3 such rounds; with
+    `latency`, the median of single synchronised calls (host overhead included); on CPU, the median of `iters`
+    perf_counter timings."""
     for _ in range(warmup):
         fn()
     times = []
-    if torch.cuda.is_available():
+    if torch.cuda.is_available() and not latency:
         torch.cuda.synchronize()
-        for _ in range(iters):
+        for _ in range(3):
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
-            fn()
+            for _ in range(iters):
+                fn()
             end.record()
             torch.cuda.synchronize()
-            times.append(start.elapsed_time(end))
+            times.append(start.elapsed_time(end) / iters)
     else:
         import time
 
+        sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+        sync()
         for _ in range(iters):
             t0 = time.perf_counter()
             fn()
+            sync()
             times.append((time.perf_counter() - t0) * 1e3)
     return statistics.median(times)
 

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Everything that must run on a GPU, checked and timed in one call of the device tool (see benchmarks/README.md):
 #   bash benchmarks/gpu_suite.sh [tests] [scan] [cross] [train] [backbones] [ddp]     (no argument: all)
+#   extra steps: kernel_tests (tests/kernels only), scan_variants (scan.py --variants: times the kernel variants)
 # Needs the offline wheels (`../shared/offline-wheels.sh .whl`, carried as .whl). Results land in $OUT.
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu_suite}
@@ -26,7 +27,9 @@ common_train=(data=digits data.img_size=224 data.num_workers=8 model=vim_small m
 for step in $steps; do
   case $step in
     tests) run tests python3 -m pytest -q -m gpu tests/kernels tests/models -p no:cacheprovider ;;
+    kernel_tests) run kernel_tests python3 -m pytest -q -m gpu tests/kernels -p no:cacheprovider ;;
     scan) run scan python3 benchmarks/scan.py --out "$OUT" ;;
+    scan_variants) run scan_variants python3 benchmarks/scan.py --variants --no-torch --out "$OUT" ;;
     cross) run cross python3 benchmarks/cross_scan.py --out "$OUT" ;;
     train) run train python3 src/train.py "${common_train[@]}" trainer=gpu data.batch_size=128 trainer.max_steps=300 \
              trainer.max_epochs=1000 hydra.run.dir="$OUT/train_run" paths.data_dir=/tmp/data

@@ -2,7 +2,7 @@
 
 python benchmarks/scan.py            # benchmark, JSON to benchmarks/results/scan_<card>.json
 python benchmarks/scan.py --check    # first the GPU kernel tests (pytest -m gpu tests/kernels), then the above
-python benchmarks/scan.py --sweep    # also try a few launch configs first and use the fastest
+python benchmarks/scan.py --variants # also time the kernel variants (gradients checked first), use the fastest
 """
 
 from __future__ import annotations
@@ -24,9 +24,6 @@ ROUTE_SHAPES = [(128, 384, 197), (16, 384, 785)]
 N = 16
 # mamba_ssm's selective_scan_fn on an H100 at (128, 768, 197), bf16, z + softplus (the issue's reference figures)
 MAMBA_REF = {"shape": [128, 768, 197], "fwd_ms": 0.78, "bwd_ms": 2.38, "fwd_bwd_ms": 3.16}
-# backward (T, BD, warps) first, then forward (kind, BD, warps) at the chosen T (the chunk-state layout is shared)
-SWEEP_BWD = [(8, 32, 4), (4, 32, 4), (4, 64, 4), (8, 64, 8), (8, 16, 2), (16, 16, 4)]
-SWEEP_FWD = [("chunk", 32, 4), ("chunk", 16, 2), ("seq", 32, 1), ("seq", 64, 2), ("seq", 128, 4), ("seq", 64, 1)]
 
 
 def copy_bandwidth_gbs() -> float:
@@ -136,59 +133,34 @@ def torch_scan(**kw):
     return vk.selective_scan(**kw, delta_softplus=True, backend="torch")
 
 
-def sweep(log):
-    """Try launch configs at (128, 768, 197): the backward's first (it dominates), then the forward's at its T."""
-    from vim_kernels import triton_scan as ts
-
-    inputs = scan_inputs(128, 768, 197)
-    rows = []
-
-    def trial(fwd_cfg, bwd_cfg, what):
-        ts.CONFIG["fwd"], ts.CONFIG["bwd"] = fwd_cfg, bwd_cfg
-        row = {"what": what, "fwd": dict(fwd_cfg), "bwd": dict(bwd_cfg)}
-        try:
-            f, fb = time_fwd_bwd(triton_scan, inputs, iters=10)
-            row.update(fwd_ms=f, bwd_ms=fb - f)
-        except Exception as e:  # noqa: BLE001 - a config that fails to compile is reported, not fatal
-            row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
-        rows.append(row)
-        log(f"sweep {row}")
-        return row
-
-    best_b = None
-    for T, BD, w in SWEEP_BWD:
-        r = trial({"kind": "seq", "T": T, "BD": 64, "num_warps": 2}, {"T": T, "BD": BD, "num_warps": w}, "bwd")
-        if "error" not in r and (best_b is None or r["bwd_ms"] < best_b["bwd_ms"]):
-            best_b = r
-    best_f = None
-    if best_b is not None:
-        T = best_b["bwd"]["T"]
-        for kind, BD, w in SWEEP_FWD:
-            r = trial({"kind": kind, "T": T, "BD": BD, "num_warps": w}, best_b["bwd"], "fwd")
-            if "error" not in r and (best_f is None or r["fwd_ms"] < best_f["fwd_ms"]):
-                best_f = r
-    if best_f is not None:
-        ts.CONFIG["fwd"], ts.CONFIG["bwd"] = best_f["fwd"], best_f["bwd"]
-    log(f"chosen config {ts.CONFIG}")
-    return rows
+# kernel variants, tried in one call (--variants): name, full fwd config, full bwd config (T must agree)
+def _seq(T, BD=32, w=1):
+    return {"kind": "seq", "T": T, "BD": BD, "num_warps": w}
 
 
-# backward variants, tried in one call (--variants): name, fwd overrides, bwd overrides
+def _bseq(T, subs, BD=32, w=1):
+    return {"kind": "seq", "T": T, "SUBS": subs, "BD": BD, "num_warps": w}
+
+
 VARIANTS = [
-    ("v3 chunk T8 BD32 w4", {"T": 8}, {"kind": "chunk", "T": 8, "BD": 32, "num_warps": 4}),
-    ("seq T8 BD32 w1", {"T": 8}, {"kind": "seq", "T": 8, "BD": 32, "num_warps": 1, "store_a": False}),
-    ("seq T8 BD32 w1 storeA", {"T": 8}, {"kind": "seq", "T": 8, "BD": 32, "num_warps": 1, "store_a": True}),
-    ("seq T8 BD64 w2", {"T": 8}, {"kind": "seq", "T": 8, "BD": 64, "num_warps": 2, "store_a": False}),
-    ("seq T4 BD32 w1", {"T": 4}, {"kind": "seq", "T": 4, "BD": 32, "num_warps": 1, "store_a": False}),
-    ("seq T4 BD64 w1", {"T": 4}, {"kind": "seq", "T": 4, "BD": 64, "num_warps": 1, "store_a": False}),
-    ("seq T4 BD64 w1 storeA", {"T": 4}, {"kind": "seq", "T": 4, "BD": 64, "num_warps": 1, "store_a": True}),
+    ("seq T4 SUBS1", _seq(4), _bseq(4, 1)),
+    ("seq T4 SUBS1 maxnreg168", _seq(4), {**_bseq(4, 1), "maxnreg": 168}),
+    ("seq T4 SUBS2 maxnreg168", _seq(4), {**_bseq(4, 2), "maxnreg": 168}),
+    ("seq T8 SUBS2 maxnreg168", _seq(8), {**_bseq(8, 2), "maxnreg": 168}),
+    ("seq T4 SUBS1 maxnreg128", _seq(4), {**_bseq(4, 1), "maxnreg": 128}),
+    ("seq T4 SUBS1, fwd maxnreg128", {**_seq(4), "maxnreg": 128}, _bseq(4, 1)),
+    ("seq T8 SUBS2", _seq(8), _bseq(8, 2)),
 ]
-# small-grid (long L) variants at (16, 384, 6085), with the best large-grid T
+# small-grid (long L) variants at (16, 384, 6085)
 SMALL_VARIANTS = [
-    ("chunk BD32 w4", {"kind": "chunk", "BD": 32, "num_warps": 4}),
-    ("seq BD16 w1", {"kind": "seq", "BD": 16, "num_warps": 1}),
-    ("seq BD32 w1", {"kind": "seq", "BD": 32, "num_warps": 1}),
-    ("chunk BD16 w2", {"kind": "chunk", "BD": 16, "num_warps": 2}),
+    ("small seq/seq T8 SUBS2", _seq(8), _bseq(8, 2)),
+    (
+        "small chunk/chunk",
+        {"kind": "chunk", "T": 8, "BD": 16, "num_warps": 2},
+        {"kind": "chunk", "T": 8, "BD": 32, "num_warps": 4},
+    ),
+    ("small seq/chunk", _seq(8), {"kind": "chunk", "T": 8, "BD": 32, "num_warps": 4}),
+    ("small chunk/seq", {"kind": "chunk", "T": 8, "BD": 16, "num_warps": 2}, _bseq(8, 2)),
 ]
 
 
@@ -207,60 +179,51 @@ def grad_err(dtype=torch.bfloat16, L=197):
     return max(errs) if ok else float("nan")
 
 
-def variants(log):
-    """Time each backward variant (checked first against the reference); keep the fastest checked ones."""
+def variants(log, which="all"):
+    """Time each kernel variant (its gradients checked first against the reference) at (128, 768, 197) and at
+    (16, 384, 6085); keep the fastest checked one of each as CONFIG / the small-grid settings."""
     from vim_kernels import triton_scan as ts
 
-    base = {k: dict(v) for k, v in ts.CONFIG.items()}
-    rows, best = [], None
-    inputs = scan_inputs(128, 768, 197)
-    for name, f_over, b_over in VARIANTS:
-        ts.CONFIG["fwd"] = {**base["fwd"], **f_over}
-        ts.CONFIG["bwd"] = {**base["bwd"], **b_over}
-        row = {"name": name, "fwd": dict(ts.CONFIG["fwd"]), "bwd": dict(ts.CONFIG["bwd"])}
+    rows = []
+
+    def trial(name, fwd, bwd, inputs, iters):
+        ts.CONFIG["fwd"], ts.CONFIG["bwd"] = dict(fwd), dict(bwd)
+        row = {"name": name, "fwd": dict(fwd), "bwd": dict(bwd)}
         try:
             row["grad_err_bf16"] = max(grad_err(torch.bfloat16, 197), grad_err(torch.bfloat16, 13))
             row["grad_err_fp32"] = grad_err(torch.float32, 63)
-            f, fb = time_fwd_bwd(triton_scan, inputs, iters=10)
+            f, fb = time_fwd_bwd(triton_scan, inputs, iters=iters)
             row.update(fwd_ms=f, fwd_bwd_ms=fb, bwd_ms=fb - f)
-            ok = row["grad_err_bf16"] < 2e-2 and row["grad_err_fp32"] < 1e-3
-            if ok and (best is None or fb < best["fwd_bwd_ms"]):
-                best = row
+            row["ok"] = row["grad_err_bf16"] < 2e-2 and row["grad_err_fp32"] < 1e-3
         except Exception as e:  # noqa: BLE001 - a variant that fails to compile is reported, not fatal
             row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
         rows.append(row)
         log(f"variant {row}")
-    if best is not None:
-        ts.CONFIG["fwd"], ts.CONFIG["bwd"] = dict(best["fwd"]), dict(best["bwd"])
-    small_inputs = scan_inputs(16, 384, 6085)
-    best_s = None
-    for name, over in SMALL_VARIANTS:
-        saved = dict(ts.CONFIG["bwd"])
-        ts.CONFIG["bwd"] = {**saved, **over}
-        row = {"name": "small " + name, "bwd": dict(ts.CONFIG["bwd"])}
-        try:
-            row["grad_err_bf16"] = grad_err(torch.bfloat16, 197)
-            f, fb = time_fwd_bwd(triton_scan, small_inputs, iters=5)
-            row.update(fwd_ms=f, fwd_bwd_ms=fb, bwd_ms=fb - f)
-            if row["grad_err_bf16"] < 2e-2 and (best_s is None or fb < best_s["fwd_bwd_ms"]):
-                best_s = row
-        except Exception as e:  # noqa: BLE001
-            row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
-        ts.CONFIG["bwd"] = saved
-        rows.append(row)
-        log(f"variant {row}")
-    if best_s is not None:
-        ts._BWD_SMALL_GRID = {k: best_s["bwd"][k] for k in ("kind", "BD", "num_warps")}
-        ts.CONFIG["bwd"]["kind"] = "auto"
-    log(f"chosen config {ts.CONFIG} small-grid bwd {ts._BWD_SMALL_GRID}")
+        return row
+
+    def best(rs):
+        ok = [r for r in rs if r.get("ok")]
+        return min(ok, key=lambda r: r["fwd_bwd_ms"]) if ok else None
+
+    big = [trial(n, f, b, scan_inputs(128, 768, 197), 20) for n, f, b in VARIANTS] if which != "small" else []
+    small = [trial(n, f, b, scan_inputs(16, 384, 6085), 5) for n, f, b in SMALL_VARIANTS] if which != "big" else []
+    bb, bs = best(big), best(small)
+    if bb is not None:
+        ts.CONFIG["fwd"], ts.CONFIG["bwd"] = dict(bb["fwd"]), dict(bb["bwd"])
+    if bs is not None:
+        ts._FWD_SMALL_GRID = {k: bs["fwd"][k] for k in ("kind", "BD", "num_warps")}
+        ts._BWD_SMALL_GRID = {k: v for k, v in bs["bwd"].items() if k != "T"}
+        ts.CONFIG["fwd"]["kind"] = ts.CONFIG["bwd"]["kind"] = "auto"
+    log(f"chosen config {ts.CONFIG} small grid fwd {ts._FWD_SMALL_GRID} bwd {ts._BWD_SMALL_GRID}")
     return rows
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--check", action="store_true", help="run the GPU kernel tests first")
-    ap.add_argument("--sweep", action="store_true", help="try launch configs and use the fastest")
-    ap.add_argument("--variants", action="store_true", help="try the backward variants and use the fastest")
+    ap.add_argument(
+        "--variants", nargs="?", const="all", choices=("all", "big", "small"), help="time the kernel variants first"
+    )
     ap.add_argument("--no-torch", action="store_true", help="skip the torch backend timings")
     ap.add_argument("--out", default=None, help="results folder (default benchmarks/results)")
     args = ap.parse_args()
@@ -295,11 +258,9 @@ def main() -> None:
     except ImportError as e:
         selective_scan_fn = None
         result["mamba_ssm"] = f"not importable here ({e}); not installable offline"
-    if args.sweep:
-        result["sweep"] = sweep(log)
     if args.variants:
-        result["variants"] = variants(log)
-        result["small_grid_bwd"] = dict(ts._BWD_SMALL_GRID)
+        result["variants"] = variants(log, args.variants)
+        result["small_grid"] = {"fwd": dict(ts._FWD_SMALL_GRID), "bwd": dict(ts._BWD_SMALL_GRID)}
     result["config"] = {k: dict(v) for k, v in ts.CONFIG.items()}
 
     rows = []

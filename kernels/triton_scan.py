@@ -1,4 +1,4 @@
-"""Triton selective scan: chunked forward/backward kernels, single- and multi-route, behind autograd Functions."""
+"""Triton selective scan: one-step (seq) and chunked forward/backward kernels, single- and multi-route, behind autograd Functions."""
 
 from __future__ import annotations
 
@@ -10,44 +10,61 @@ import triton.language as tl
 
 LOG2E = 1.4426950408889634
 
-# Launch shape. T: time steps per chunk (one associative scan per chunk; chunk-start states are saved for the
-# backward every T steps); BD: channels per program; the state tile of a chunk is (T, BD, N) fp32 in registers.
-# fwd kind "chunk": one associative scan per chunk; "seq": one step per iteration (state tile (N, BD)).
-# Under the interpreter every element of a scan is one Python call, so tiles are kept tiny there.
+# Launch shape. T: time steps per saved chunk (the forward saves the state every T steps for the backward, which
+# recomputes the rest); BD: channels per program. The kernels take channel-last activations (batch, L, dim), so
+# a time step of a channel block is one contiguous load; A as (R, NP, dim) pre-scaled by log2(e); B and C packed
+# as fp32 (R, batch, L, NP); the saved states as (R, batch, L/T, NP, dim).
+# fwd kind "seq": _scan_fwd_seq_kernel, one time step per iteration with the next step's inputs loaded while the
+# current one computes; "chunk": _scan_fwd_kernel, one associative scan over T steps at a time (more
+# parallelism per program: used where the grid is too small to hide the one-step kernel's latency).
+# bwd kind "seq": _scan_bwd_seq_kernel (see its comment), SUBS sub-chunks per saved chunk; "chunk":
+# _scan_bwd_kernel (two associative scans per chunk). "auto": seq where the grid has >= _SEQ_MIN_PROGRAMS
+# programs, else the *_SMALL_GRID settings.
+# Under the interpreter every program costs seconds, so grids are kept tiny there; BD 32 with one warp is the
+# layout the seq backward's lane reduce-scatter is written for, and the tests run it as the GPU does.
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 CONFIG = {
     "fwd": {"kind": "chunk", "T": 4, "BD": 4, "num_warps": 1}
     if _INTERPRET
-    else {"kind": "auto", "T": 8, "BD": 64, "num_warps": 1},
-    "bwd": {"kind": "seq", "T": 4, "BD": 4, "num_warps": 1, "store_a": False}
+    else {"kind": "auto", "T": 4, "BD": 32, "num_warps": 1},
+    "bwd": {"kind": "seq", "T": 4, "SUBS": 2, "BD": 32, "num_warps": 1}
     if _INTERPRET
-    else {"kind": "auto", "T": 8, "BD": 32, "num_warps": 1, "store_a": False},
+    else {"kind": "auto", "T": 4, "SUBS": 1, "BD": 32, "num_warps": 1},
 }
-# bwd kind "seq": _scan_bwd_seq_kernel (one step at a time, chunk states in registers); "chunk": _scan_bwd_kernel
-# (two associative scans per chunk); "auto": seq, unless the grid is small (then _BWD_SMALL_GRID's settings).
-# H200, (128, 768, 197): seq T 8, BD 32, 1 warp 3.08 ms backward vs chunk 3.29 ms (benchmarks/README.md). The seq
-# kernel is not yet timed at long L / small grids, so those keep the measured chunk settings.
-_BWD_SMALL_GRID = {"kind": "chunk", "BD": 32, "num_warps": 4}
+# "auto": the seq kernels where the grid has >= _SEQ_MIN_PROGRAMS one-warp programs of 32 channels, else these
+# (each with its own T: the forward and the backward of one call always take the same branch).
+# H100, bf16 (benchmarks/README.md): at (128, 768, 197) seq T 4 runs fwd+bwd in ~2.6 ms vs 4.0 for the chunked
+# kernels; at (16, 384, 6085) (384 programs) the chunked kernels with T 8 take 11.1 ms vs 22.0 for seq.
+_SEQ_MIN_PROGRAMS = 1024
+_FWD_SMALL_GRID = {"kind": "chunk", "T": 8, "BD": 16, "num_warps": 2}
+_BWD_SMALL_GRID = {"kind": "chunk", "T": 8, "BD": 32, "num_warps": 4}
 # VIM_SCAN_CONFIG='{"fwd": {...}, "bwd": {...}}' overrides entries (benchmarks try variants this way)
 if os.environ.get("VIM_SCAN_CONFIG"):
     import json as _json
 
     for _k, _v in _json.loads(os.environ["VIM_SCAN_CONFIG"]).items():
         CONFIG[_k].update(_v)
-# fwd kind "auto": the one-step kernel (fastest at Vim's batch sizes, 0.62 vs 0.84 ms at (128, 768, 197) on an
-# H200) needs many programs to hide its per-step latency; with few programs (long L, small batch) the chunked
-# kernel with small channel blocks is 4x faster (2.7 vs 10.4 ms at (16, 384, 6085)).
-_SEQ_MIN_PROGRAMS = 1024
-_CHUNK_SMALL_GRID = {"kind": "chunk", "BD": 16, "num_warps": 2}
+
+
+def _small_grid(batch: int, dim: int, R: int) -> bool:
+    return batch * R * triton.cdiv(dim, 32) < _SEQ_MIN_PROGRAMS
 
 
 def _fwd_config(batch: int, dim: int, R: int) -> dict:
     cfg = dict(CONFIG["fwd"])
     if cfg.get("kind") == "auto":
-        if batch * R * triton.cdiv(dim, cfg["BD"]) >= _SEQ_MIN_PROGRAMS:
-            cfg["kind"] = "seq"
-        else:
-            cfg.update(_CHUNK_SMALL_GRID)
+        cfg["kind"] = "seq"
+        if _small_grid(batch, dim, R):
+            cfg.update(_FWD_SMALL_GRID)
+    return cfg
+
+
+def _bwd_config(batch: int, dim: int, R: int) -> dict:
+    cfg = dict(CONFIG["bwd"])
+    if cfg.get("kind") == "auto":
+        cfg["kind"] = "seq"
+        if _small_grid(batch, dim, R):
+            cfg.update(_BWD_SMALL_GRID)
     return cfg
 
 
@@ -93,7 +110,7 @@ def _scan_fwd_kernel(
     s_z_b, s_z_l, s_z_d,
     s_o_r, s_o_b, s_o_l, s_o_d,
     HAS_D: tl.constexpr, HAS_DB: tl.constexpr, HAS_Z: tl.constexpr, SOFTPLUS: tl.constexpr,
-    ROUTED: tl.constexpr, ACCUM: tl.constexpr, SAVE_LAST: tl.constexpr,
+    ROUTED: tl.constexpr, ACCUM: tl.constexpr, SAVE_LAST: tl.constexpr, SAVE_STATES: tl.constexpr,
     T: tl.constexpr, BD: tl.constexpr, NP: tl.constexpr,
 ):  # fmt: skip
     pid_d = tl.program_id(0)
@@ -104,10 +121,8 @@ def _scan_fwd_kernel(
     rk = tl.arange(0, T)
     dmask = rd < DIM
     nmask = rn < N
-    dn_mask = dmask[:, None] & nmask[None, :]
     # padded channels/states get A = 0 (decay 1) and zero inputs, so they stay exactly zero
-    A = tl.load(A_ptr + pid_r * DIM * N + rd[:, None] * N + rn[None, :], mask=dn_mask, other=0.0)
-    A2 = A * 1.4426950408889634  # exp(dt*A) = exp2(dt*A*log2(e))
+    A2 = tl.load(A_ptr + pid_r * NP * DIM + rn[None, :] * DIM + rd[:, None], mask=dmask[:, None], other=0.0)
     if HAS_D:
         Dv = tl.load(D_ptr + pid_r * DIM + rd, mask=dmask, other=0.0)
     if HAS_DB:
@@ -141,7 +156,8 @@ def _scan_fwd_kernel(
         Bt = tl.load(B_base + tok[:, None] * s_B_l + rn[None, :] * s_B_n, mask=mn, other=0.0).to(tl.float32)
         Ct = tl.load(C_base + tok[:, None] * s_C_l + rn[None, :] * s_C_n, mask=mn, other=0.0).to(tl.float32)
         # chunk-start state, for the backward's recomputation
-        tl.store(hs_base + c * DIM * NP + rd[:, None] * NP + rn[None, :], h, mask=dmask[:, None])
+        if SAVE_STATES:
+            tl.store(hs_base + c * NP * DIM + rn[None, :] * DIM + rd[:, None], h, mask=dmask[:, None])
         a = tl.exp2(dt[:, :, None] * A2[None, :, :])
         x = (dt * u)[:, :, None] * Bt[:, None, :]
         x = x + tl.where(first, a * h[None, :, :], 0.0)
@@ -153,7 +169,7 @@ def _scan_fwd_kernel(
         o_ptrs = o_base + tok[:, None] * s_o_l + rd[None, :] * s_o_d
         if ACCUM:
             # multi-route merge: every route adds its y into one fp32 (batch, L, dim) buffer
-            tl.atomic_add(o_ptrs, y, mask=m2)
+            tl.atomic_add(o_ptrs, y, mask=m2, sem="relaxed")
         else:
             if HAS_Z:
                 zv = tl.load(z_ptr + pid_b * s_z_b + tok[:, None] * s_z_l + rd[None, :] * s_z_d, mask=m2, other=0.0)
@@ -161,81 +177,356 @@ def _scan_fwd_kernel(
                 y = y * zv * tl.sigmoid(zv)
             tl.store(o_ptrs, y.to(out_ptr.dtype.element_ty), mask=m2)
     if SAVE_LAST:
-        tl.store(last_ptr + (pid_r * BATCH + pid_b) * DIM * N + rd[:, None] * N + rn[None, :], h, mask=dn_mask)
+        tl.store(
+            last_ptr + (pid_r * BATCH + pid_b) * NP * DIM + rn[None, :] * DIM + rd[:, None], h, mask=dmask[:, None]
+        )
+
+
+@triton.jit
+def _log2_fast(x, FAST: tl.constexpr):
+    # MUFU.LG2 (ptx lg2.approx, ~2^-22 relative error) on the GPU; the accurate log (a ~25-instruction polynomial) when
+    # interpreted, where inline PTX cannot run
+    if FAST:
+        return tl.inline_asm_elementwise("lg2.approx.f32 $0, $1;", "=r,r", [x], dtype=tl.float32, is_pure=True, pack=1)
+    else:
+        return tl.log2(x)
+
+
+@triton.jit
+def _softplus_fast(x, FAST: tl.constexpr):
+    # softplus with torch's threshold of 20, and its derivative sigmoid(x); 1 + 2^(x log2 e) is formed once for both
+    e = tl.exp2(tl.minimum(x, 20.0) * 1.4426950408889634)
+    s = 1.0 + e
+    sp = tl.where(x <= 20.0, _log2_fast(s, FAST) * 0.6931471805599453, x)
+    return sp, tl.where(x <= 20.0, e / s, 1.0)
+
+
+@triton.jit
+def _fwd_load(u_base, dt_base, z_base, BC_base, route_ptr, t, L, s_u_l, s_dt_l, s_z_l, dmask,
+              ROUTED: tl.constexpr, HAS_Z: tl.constexpr, NP: tl.constexpr):  # fmt: skip
+    # inputs of time step t (clamped into [0, L): a step past the end loads step L-1's and is made inert by its caller)
+    tc = tl.minimum(t, L - 1)
+    if ROUTED:
+        tok = tl.load(route_ptr + tc)
+    else:
+        tok = tc.to(tl.int64)
+    u = tl.load(u_base + tok * s_u_l, mask=dmask, other=0.0)
+    dt = tl.load(dt_base + tok * s_dt_l, mask=dmask, other=0.0)
+    Bt = tl.load(BC_base + tok * (2 * NP) + tl.arange(0, NP))
+    Ct = tl.load(BC_base + tok * (2 * NP) + NP + tl.arange(0, NP))
+    if HAS_Z:
+        zv = tl.load(z_base + tok * s_z_l, mask=dmask, other=0.0)
+    else:
+        zv = u
+    return tok, u, dt, Bt, Ct, zv
+
+
+@triton.jit
+def _fwd_step(h, A2, Dv, dbv, tok, u, dt, Bt, Ct, zv, live, o_base, s_o_l, dmask,
+              HAS_D: tl.constexpr, HAS_DB: tl.constexpr, HAS_Z: tl.constexpr, SOFTPLUS: tl.constexpr,
+              ACCUM: tl.constexpr, FAST: tl.constexpr, out_dtype: tl.constexpr):  # fmt: skip
+    u = u.to(tl.float32)
+    dt = dt.to(tl.float32)
+    if HAS_DB:
+        dt = dt + dbv
+    if SOFTPLUS:
+        dt, _ = _softplus_fast(dt, FAST)
+    dt = tl.where(live, dt, 0.0)  # a step past the end: decay 1, no input, h passes through unchanged
+    a = tl.exp2(dt[None, :] * A2)
+    h = a * h + Bt[:, None] * (dt * u)[None, :]
+    y = tl.sum(h * Ct[:, None], axis=0)
+    if HAS_D:
+        y = y + u * Dv
+    o_ptrs = o_base + tok * s_o_l
+    if ACCUM:
+        # multi-route merge: every route adds its y into one fp32 (batch, L, dim) buffer (relaxed: no fences)
+        tl.atomic_add(o_ptrs, y, mask=dmask & live, sem="relaxed")
+    else:
+        if HAS_Z:
+            zf = zv.to(tl.float32)
+            y = y * zf * tl.sigmoid(zf)
+        tl.store(o_ptrs, y.to(out_dtype), mask=dmask & live)
+    return h
 
 
 @triton.jit
 def _scan_fwd_seq_kernel(
-    u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, db_ptr, z_ptr, out_ptr, hs_ptr, last_ptr, route_ptr,
-    L, DIM, N, NCHUNK, BATCH,
+    u_ptr, dt_ptr, A_ptr, BC_ptr, D_ptr, db_ptr, z_ptr, out_ptr, hs_ptr, last_ptr, route_ptr,
+    L, DIM, NCHUNK, BATCH,
     s_u_r, s_u_b, s_u_l, s_u_d,
     s_dt_r, s_dt_b, s_dt_l, s_dt_d,
-    s_B_r, s_B_b, s_B_l, s_B_n,
-    s_C_r, s_C_b, s_C_l, s_C_n,
     s_z_b, s_z_l, s_z_d,
     s_o_r, s_o_b, s_o_l, s_o_d,
     HAS_D: tl.constexpr, HAS_DB: tl.constexpr, HAS_Z: tl.constexpr, SOFTPLUS: tl.constexpr,
-    ROUTED: tl.constexpr, ACCUM: tl.constexpr, SAVE_LAST: tl.constexpr,
-    T: tl.constexpr, BD: tl.constexpr, NP: tl.constexpr,
+    ROUTED: tl.constexpr, ACCUM: tl.constexpr, SAVE_LAST: tl.constexpr, SAVE_STATES: tl.constexpr,
+    T: tl.constexpr, BD: tl.constexpr, NP: tl.constexpr, FAST: tl.constexpr,
 ):  # fmt: skip
-    # Same contract as _scan_fwd_kernel, one time step per iteration: the state tile is (NP, BD) with the
-    # channels across threads and the N states of a channel inside one thread, so <C_t, h_t> needs no shuffles
-    # and the only loop-carried dependency is one FMA per state.
+    # One time step per iteration. The state tile is (NP, BD): channels across lanes, a channel's NP states inside
+    # one thread, so <C_t, h_t> needs no shuffles and the only loop-carried dependency is one FMA per state.
+    # Every load (A, the state, u/dt/z rows, B/C rows) is contiguous along the layout's fast axis, so no layout
+    # conversion (shared memory, barrier) happens inside the loop. Two steps per iteration, ping-pong: step t+1's
+    # inputs are in flight while step t computes, and step t+2's while t+1 does.
     pid_d = tl.program_id(0)
     pid_b = tl.program_id(1).to(tl.int64)
     pid_r = tl.program_id(2).to(tl.int64)
     rd = pid_d * BD + tl.arange(0, BD)
     rn = tl.arange(0, NP)
     dmask = rd < DIM
-    nmask = rn < N
-    nd_mask = nmask[:, None] & dmask[None, :]
-    A = tl.load(A_ptr + pid_r * DIM * N + rd[None, :] * N + rn[:, None], mask=nd_mask, other=0.0)
-    A2 = A * 1.4426950408889634
+    A2 = tl.load(A_ptr + pid_r * NP * DIM + rn[:, None] * DIM + rd[None, :], mask=dmask[None, :], other=0.0)
+    Dv = tl.zeros((BD,), dtype=tl.float32)
+    dbv = tl.zeros((BD,), dtype=tl.float32)
     if HAS_D:
         Dv = tl.load(D_ptr + pid_r * DIM + rd, mask=dmask, other=0.0)
     if HAS_DB:
         dbv = tl.load(db_ptr + pid_r * DIM + rd, mask=dmask, other=0.0)
-    u_base = u_ptr + pid_r * s_u_r + pid_b * s_u_b
-    dt_base = dt_ptr + pid_r * s_dt_r + pid_b * s_dt_b
-    B_base = B_ptr + pid_r * s_B_r + pid_b * s_B_b
-    C_base = C_ptr + pid_r * s_C_r + pid_b * s_C_b
-    o_base = out_ptr + pid_r * s_o_r + pid_b * s_o_b
-    hs_base = hs_ptr + (pid_r * BATCH + pid_b) * NCHUNK * DIM * NP
+    u_base = u_ptr + pid_r * s_u_r + pid_b * s_u_b + rd * s_u_d
+    dt_base = dt_ptr + pid_r * s_dt_r + pid_b * s_dt_b + rd * s_dt_d
+    z_base = z_ptr + pid_b * s_z_b + rd * s_z_d
+    o_base = out_ptr + pid_r * s_o_r + pid_b * s_o_b + rd * s_o_d
+    BC_base = BC_ptr + (pid_r * BATCH + pid_b) * L * (2 * NP)  # scalar; + rn at each load
+    r_base = route_ptr + pid_r * L
+    hs_base = hs_ptr + (pid_r * BATCH + pid_b) * NCHUNK * NP * DIM  # scalar: see the backward
+    out_dtype: tl.constexpr = out_ptr.dtype.element_ty
     h = tl.zeros((NP, BD), dtype=tl.float32)
-    for c in range(NCHUNK):
-        tl.store(hs_base + c * DIM * NP + rd[None, :] * NP + rn[:, None], h, mask=dmask[None, :])
-        for k in range(T):
-            t = c * T + k
-            live = t < L
-            if ROUTED:
-                tok = tl.load(route_ptr + pid_r * L + t, mask=live, other=0)
-            else:
-                tok = t.to(tl.int64)
-            m1 = dmask & live
-            u = tl.load(u_base + tok * s_u_l + rd * s_u_d, mask=m1, other=0.0).to(tl.float32)
-            dt = tl.load(dt_base + tok * s_dt_l + rd * s_dt_d, mask=m1, other=0.0).to(tl.float32)
-            if HAS_DB:
-                dt = dt + dbv
-            if SOFTPLUS:
-                dt = _softplus(dt)
-            dt = tl.where(m1, dt, 0.0)
-            Bt = tl.load(B_base + tok * s_B_l + rn * s_B_n, mask=nmask & live, other=0.0).to(tl.float32)
-            Ct = tl.load(C_base + tok * s_C_l + rn * s_C_n, mask=nmask & live, other=0.0).to(tl.float32)
-            a = tl.exp2(dt[None, :] * A2)
-            h = a * h + Bt[:, None] * (dt * u)[None, :]
-            y = tl.sum(h * Ct[:, None], axis=0)
-            if HAS_D:
-                y = y + u * Dv
-            o_ptrs = o_base + tok * s_o_l + rd * s_o_d
-            if ACCUM:
-                tl.atomic_add(o_ptrs, y, mask=m1)
-            else:
-                if HAS_Z:
-                    zv = tl.load(z_ptr + pid_b * s_z_b + tok * s_z_l + rd * s_z_d, mask=m1, other=0.0).to(tl.float32)
-                    y = y * zv * tl.sigmoid(zv)
-                tl.store(o_ptrs, y.to(out_ptr.dtype.element_ty), mask=m1)
+    tok0, u0, dt0, B0, C0, z0 = _fwd_load(
+        u_base, dt_base, z_base, BC_base, r_base, 0, L, s_u_l, s_dt_l, s_z_l, dmask, ROUTED, HAS_Z, NP
+    )
+    for t in range(0, L, 2):
+        tok1, u1, dt1, B1, C1, z1 = _fwd_load(
+            u_base, dt_base, z_base, BC_base, r_base, t + 1, L, s_u_l, s_dt_l, s_z_l, dmask, ROUTED, HAS_Z, NP
+        )
+        if SAVE_STATES:
+            if t % T == 0:  # T is even, so a saved step is always the first of a pair
+                tl.store(hs_base + (t // T) * NP * DIM + rn[:, None] * DIM + rd[None, :], h, mask=dmask[None, :])
+        h = _fwd_step(h, A2, Dv, dbv, tok0, u0, dt0, B0, C0, z0, t < L, o_base, s_o_l, dmask,
+                      HAS_D, HAS_DB, HAS_Z, SOFTPLUS, ACCUM, FAST, out_dtype)  # fmt: skip
+        tok0, u0, dt0, B0, C0, z0 = _fwd_load(
+            u_base, dt_base, z_base, BC_base, r_base, t + 2, L, s_u_l, s_dt_l, s_z_l, dmask, ROUTED, HAS_Z, NP
+        )
+        h = _fwd_step(h, A2, Dv, dbv, tok1, u1, dt1, B1, C1, z1, t + 1 < L, o_base, s_o_l, dmask,
+                      HAS_D, HAS_DB, HAS_Z, SOFTPLUS, ACCUM, FAST, out_dtype)  # fmt: skip
     if SAVE_LAST:
-        tl.store(last_ptr + (pid_r * BATCH + pid_b) * DIM * N + rd[None, :] * N + rn[:, None], h, mask=nd_mask)
+        tl.store(
+            last_ptr + (pid_r * BATCH + pid_b) * NP * DIM + rn[:, None] * DIM + rd[None, :], h, mask=dmask[None, :]
+        )
+
+
+@triton.jit
+def _xor_lanes(x, lane, m: tl.constexpr):
+    # x[:, j] <- x[:, j ^ m] along the channel axis: with one channel per lane, a butterfly shuffle on the GPU
+    return tl.gather(x, tl.broadcast_to((lane ^ m)[None, :], x.shape), 1)
+
+
+@triton.jit
+def _halves(x, H: tl.constexpr, BD: tl.constexpr):
+    # (2H, BD) -> rows [0, H), rows [H, 2H); in-thread rows, so no data moves
+    return tl.split(tl.permute(tl.reshape(x, (2, H, BD)), (1, 2, 0)))
+
+
+@triton.jit
+def _lane_sum(x, lane, NP: tl.constexpr, LOG2NP: tl.constexpr, BD: tl.constexpr):
+    """Sum an (NP, BD = 32) tile over its 32 channels, one channel per lane, as a reduce-scatter: lane j ends
+    with the sum of row (j >> (5 - LOG2NP)) & (NP - 1). Each round halves the rows a lane keeps and swaps the
+    other half with the lane m apart (m = 16, 8, ...); for NP 16 that is 8 + 4 + 2 + 1 exchanges and one more to
+    pair lanes up: 16 shuffles for 16 sums, where a butterfly per row costs 16 x 5."""
+    for r in tl.static_range(LOG2NP):
+        lo, hi = _halves(x, NP >> (r + 1), BD)
+        b = ((lane >> (4 - r)) & 1)[None, :] == 1
+        x = tl.where(b, hi, lo) + _xor_lanes(tl.where(b, lo, hi), lane, 16 >> r)
+    for r in tl.static_range(LOG2NP, 5):
+        x = x + _xor_lanes(x, lane, 16 >> r)
+    return tl.reshape(x, (BD,))
+
+
+@triton.jit
+def _add_over_channels(ptr, x, lane, rn, live, PARTIAL: tl.constexpr, LANE_SUM: tl.constexpr, NP: tl.constexpr, LOG2NP: tl.constexpr,
+                       BD: tl.constexpr):  # fmt: skip
+    # ptr[n] += sum over this program's channels of x[n, :] (x: (NP, BD)); relaxed atomics (no fences)
+    if LANE_SUM:
+        v = _lane_sum(x, lane, NP, LOG2NP, BD)
+        shift: tl.constexpr = 5 - LOG2NP
+        writer = (lane & ((1 << shift) - 1)) == 0
+        if PARTIAL:
+            tl.store(ptr + ((lane >> shift) & (NP - 1)), v, mask=writer & live)
+        else:
+            tl.atomic_add(ptr + ((lane >> shift) & (NP - 1)), v, mask=writer & live, sem="relaxed")
+    else:
+        if PARTIAL:
+            tl.store(ptr + rn, tl.sum(x, axis=1), mask=live)
+        else:
+            tl.atomic_add(ptr + rn, tl.sum(x, axis=1), mask=live, sem="relaxed")
+
+
+@triton.jit
+def _scan_bwd_seq_kernel(
+    u_ptr, dt_ptr, A_ptr, BC_ptr, D_ptr, db_ptr, z_ptr, dout_ptr, hs_ptr, route_ptr,
+    du_ptr, ddt_ptr, dz_ptr, dA_ptr, dBC_ptr, dD_ptr, ddb_ptr,
+    L, DIM, NCHUNK, BATCH,
+    s_u_r, s_u_b, s_u_l, s_u_d,
+    s_dt_r, s_dt_b, s_dt_l, s_dt_d,
+    s_z_b, s_z_l, s_z_d,
+    s_do_r, s_do_b, s_do_l, s_do_d,
+    s_du_r, s_du_b, s_du_l, s_du_d,
+    s_ddt_r, s_ddt_b, s_ddt_l, s_ddt_d,
+    s_dz_b, s_dz_l, s_dz_d,
+    HAS_D: tl.constexpr, HAS_DB: tl.constexpr, HAS_Z: tl.constexpr, SOFTPLUS: tl.constexpr,
+    ROUTED: tl.constexpr, T: tl.constexpr, SUBS: tl.constexpr, BD: tl.constexpr, NP: tl.constexpr,
+    LANE_SUM: tl.constexpr, LOG2NP: tl.constexpr, FAST: tl.constexpr, PARTIAL: tl.constexpr,
+):  # fmt: skip
+    # Same layout as the one-step forward: tiles (NP, BD), a channel's states in one thread. The saved chunks of T
+    # steps are walked last to first, each in SUBS sub-chunks of S = T / SUBS steps (last first): the sub-chunk's
+    # start state is recomputed from the chunk's saved one (a plain walk, no history kept), then
+    # phase 1 walks the S steps forward keeping their states in an (S, NP, BD) register tile (unrolled, the S axis
+    # in-thread, so the selects on it fold away) and forms y, dz, dy and dC (which need only h_t);
+    # phase 2 walks them backward with one FMA of loop-carried dependency, g_t = C_t dy_t + a_{t+1} g_{t+1}, and
+    # forms du, ddelta, dA, dB; a_t h_{t-1} = h_t - B_t dt_t u_t, so no previous state is kept.
+    # Sub-chunks trade a little recomputation for fewer registers (no spills) while the saved states, the largest
+    # traffic after the activations, stay one per T steps. dB, dC (sums over channels) are reduced across lanes
+    # by _lane_sum16 and added with relaxed atomics.
+    S: tl.constexpr = T // SUBS
+    pid_d = tl.program_id(0)
+    pid_b = tl.program_id(1).to(tl.int64)
+    pid_r = tl.program_id(2).to(tl.int64)
+    rd = pid_d * BD + tl.arange(0, BD)
+    rn = tl.arange(0, NP)
+    lane = tl.arange(0, BD) % 32
+    rk3 = tl.arange(0, S)[:, None, None]
+    rk2 = tl.arange(0, S)[:, None]
+    dmask = rd < DIM
+    A2 = tl.load(A_ptr + pid_r * NP * DIM + rn[:, None] * DIM + rd[None, :], mask=dmask[None, :], other=0.0)
+    Dv = tl.zeros((BD,), dtype=tl.float32)
+    dbv = tl.zeros((BD,), dtype=tl.float32)
+    if HAS_D:
+        Dv = tl.load(D_ptr + pid_r * DIM + rd, mask=dmask, other=0.0)
+    if HAS_DB:
+        dbv = tl.load(db_ptr + pid_r * DIM + rd, mask=dmask, other=0.0)
+    u_base = u_ptr + pid_r * s_u_r + pid_b * s_u_b + rd * s_u_d
+    dt_base = dt_ptr + pid_r * s_dt_r + pid_b * s_dt_b + rd * s_dt_d
+    do_base = dout_ptr + pid_r * s_do_r + pid_b * s_do_b + rd * s_do_d
+    z_base = z_ptr + pid_b * s_z_b + rd * s_z_d
+    du_base = du_ptr + pid_r * s_du_r + pid_b * s_du_b + rd * s_du_d
+    ddt_base = ddt_ptr + pid_r * s_ddt_r + pid_b * s_ddt_b + rd * s_ddt_d
+    dz_base = dz_ptr + pid_b * s_dz_b + rd * s_dz_d
+    BC_base = BC_ptr + (pid_r * BATCH + pid_b) * L * (2 * NP)  # scalar; + rn at each load
+    # dB, dC: with PARTIAL each channel block writes its own (R, batch, L, 2 NP) slice, summed afterwards (no
+    # atomics: the blocks of one batch element reach the same step at about the same time and would contend)
+    dBC_base = dBC_ptr + (pid_r * BATCH + pid_b) * L * (2 * NP)
+    if PARTIAL:
+        dBC_base += pid_d.to(tl.int64) * (tl.num_programs(2) * BATCH * L * (2 * NP))
+    r_base = route_ptr + pid_r * L
+    # a scalar base: an (NP, BD) tile of pointers kept across the loop would hold 2 registers per element
+    hs_base = hs_ptr + (pid_r * BATCH + pid_b) * NCHUNK * NP * DIM
+    gnext = tl.zeros((NP, BD), dtype=tl.float32)  # a_{t+1} g_{t+1}, handed from the later step/chunk
+    dA_acc = tl.zeros((NP, BD), dtype=tl.float32)
+    dD_acc = tl.zeros((BD,), dtype=tl.float32)
+    ddb_acc = tl.zeros((BD,), dtype=tl.float32)
+    for ci in range(NCHUNK):
+        c = NCHUNK - 1 - ci
+        for j in tl.static_range(SUBS - 1, -1, -1):
+            h = tl.load(hs_base + c * NP * DIM + rn[:, None] * DIM + rd[None, :], mask=dmask[None, :], other=0.0)
+            # ---- recompute the sub-chunk's start state
+            for k in tl.static_range(j * S):
+                t = c * T + k
+                tc = tl.minimum(t, L - 1)
+                tok = tl.load(r_base + tc) if ROUTED else tc.to(tl.int64)
+                u = tl.load(u_base + tok * s_u_l, mask=dmask, other=0.0).to(tl.float32)
+                dt = tl.load(dt_base + tok * s_dt_l, mask=dmask, other=0.0).to(tl.float32)
+                Bt = tl.load(BC_base + tok * (2 * NP) + tl.arange(0, NP))
+                if HAS_DB:
+                    dt = dt + dbv
+                if SOFTPLUS:
+                    dt, _ = _softplus_fast(dt, FAST)
+                dt = tl.where(t < L, dt, 0.0)
+                h = tl.exp2(dt[None, :] * A2) * h + Bt[:, None] * (dt * u)[None, :]
+            Hs = tl.zeros((S, NP, BD), dtype=tl.float32)
+            Us = tl.zeros((S, BD), dtype=tl.float32)
+            DTs = tl.zeros((S, BD), dtype=tl.float32)
+            DYs = tl.zeros((S, BD), dtype=tl.float32)
+            SPs = tl.zeros((S, BD), dtype=tl.float32)
+            # ---- phase 1: forward through the sub-chunk
+            for k in tl.static_range(S):
+                t = c * T + j * S + k
+                live = t < L
+                tc = tl.minimum(t, L - 1)
+                tok = tl.load(r_base + tc) if ROUTED else tc.to(tl.int64)
+                m1 = dmask & live
+                u = tl.load(u_base + tok * s_u_l, mask=dmask, other=0.0).to(tl.float32)
+                dt_raw = tl.load(dt_base + tok * s_dt_l, mask=dmask, other=0.0).to(tl.float32)
+                dout = tl.load(do_base + tok * s_do_l, mask=dmask, other=0.0).to(tl.float32)
+                Bt = tl.load(BC_base + tok * (2 * NP) + tl.arange(0, NP))
+                Ct = tl.load(BC_base + tok * (2 * NP) + NP + tl.arange(0, NP))
+                if HAS_DB:
+                    dt_raw = dt_raw + dbv
+                if SOFTPLUS:
+                    dt, sp = _softplus_fast(dt_raw, FAST)
+                    SPs = tl.where(rk2 == k, sp[None, :], SPs)
+                else:
+                    dt = dt_raw
+                dt = tl.where(live, dt, 0.0)
+                dout = tl.where(live, dout, 0.0)
+                h = tl.exp2(dt[None, :] * A2) * h + Bt[:, None] * (dt * u)[None, :]
+                Hs = tl.where(rk3 == k, h[None, :, :], Hs)
+                if HAS_Z:
+                    y = tl.sum(h * Ct[:, None], axis=0)
+                    if HAS_D:
+                        y = y + u * Dv
+                    zv = tl.load(z_base + tok * s_z_l, mask=dmask, other=0.0).to(tl.float32)
+                    sz = tl.sigmoid(zv)
+                    dy = dout * zv * sz
+                    dz = dout * y * sz * (1.0 + zv * (1.0 - sz))
+                    tl.store(dz_base + tok * s_dz_l, dz.to(dz_ptr.dtype.element_ty), mask=m1)
+                else:
+                    dy = dout
+                if HAS_D:
+                    dD_acc += dy * u
+                _add_over_channels(
+                    dBC_base + tok * (2 * NP) + NP, h * dy[None, :], lane, rn, live, PARTIAL, LANE_SUM, NP, LOG2NP, BD
+                )
+                Us = tl.where(rk2 == k, u[None, :], Us)
+                DTs = tl.where(rk2 == k, dt[None, :], DTs)
+                DYs = tl.where(rk2 == k, dy[None, :], DYs)
+            # ---- phase 2: backward through the sub-chunk
+            for k in tl.static_range(S - 1, -1, -1):
+                t = c * T + j * S + k
+                live = t < L
+                tc = tl.minimum(t, L - 1)
+                tok = tl.load(r_base + tc) if ROUTED else tc.to(tl.int64)
+                m1 = dmask & live
+                Bt = tl.load(BC_base + tok * (2 * NP) + tl.arange(0, NP))
+                Ct = tl.load(BC_base + tok * (2 * NP) + NP + tl.arange(0, NP))
+                u = tl.sum(tl.where(rk2 == k, Us, 0.0), axis=0)
+                dt = tl.sum(tl.where(rk2 == k, DTs, 0.0), axis=0)
+                dy = tl.sum(tl.where(rk2 == k, DYs, 0.0), axis=0)
+                hk = tl.sum(tl.where(rk3 == k, Hs, 0.0), axis=0)
+                a = tl.exp2(dt[None, :] * A2)
+                dtu = dt * u
+                ah = hk - Bt[:, None] * dtu[None, :]  # a_t h_{t-1}
+                g = Ct[:, None] * dy[None, :] + gnext
+                gnext = a * g
+                gB = tl.sum(g * Bt[:, None], axis=0)
+                gah = g * ah
+                du = dt * gB
+                if HAS_D:
+                    du = du + dy * Dv
+                ddt = u * gB + tl.sum(gah * A2, axis=0) * 0.6931471805599453  # A = A2 ln 2
+                if SOFTPLUS:
+                    ddt = ddt * tl.sum(tl.where(rk2 == k, SPs, 0.0), axis=0)
+                ddt = tl.where(live, ddt, 0.0)
+                if HAS_DB:
+                    ddb_acc += ddt
+                dA_acc += gah * dt[None, :]
+                _add_over_channels(
+                    dBC_base + tok * (2 * NP), g * dtu[None, :], lane, rn, live, PARTIAL, LANE_SUM, NP, LOG2NP, BD
+                )
+                tl.store(du_base + tok * s_du_l, du.to(du_ptr.dtype.element_ty), mask=m1)
+                tl.store(ddt_base + tok * s_ddt_l, ddt.to(ddt_ptr.dtype.element_ty), mask=m1)
+    tl.atomic_add(
+        dA_ptr + pid_r * NP * DIM + rn[:, None] * DIM + rd[None, :], dA_acc, mask=dmask[None, :], sem="relaxed"
+    )
+    if HAS_D:
+        tl.atomic_add(dD_ptr + pid_r * DIM + rd, dD_acc, mask=dmask, sem="relaxed")
+    if HAS_DB:
+        tl.atomic_add(ddb_ptr + pid_r * DIM + rd, ddb_acc, mask=dmask, sem="relaxed")
 
 
 @triton.jit
@@ -263,9 +554,7 @@ def _scan_bwd_kernel(
     rk = tl.arange(0, T)
     dmask = rd < DIM
     nmask = rn < N
-    dn_mask = dmask[:, None] & nmask[None, :]
-    A = tl.load(A_ptr + pid_r * DIM * N + rd[:, None] * N + rn[None, :], mask=dn_mask, other=0.0)
-    A2 = A * 1.4426950408889634
+    A2 = tl.load(A_ptr + pid_r * NP * DIM + rn[None, :] * DIM + rd[:, None], mask=dmask[:, None], other=0.0)
     if HAS_D:
         Dv = tl.load(D_ptr + pid_r * DIM + rd, mask=dmask, other=0.0)
     if HAS_DB:
@@ -277,8 +566,8 @@ def _scan_bwd_kernel(
     do_base = dout_ptr + pid_r * s_do_r + pid_b * s_do_b
     du_base = du_ptr + pid_r * s_du_r + pid_b * s_du_b
     ddt_base = ddt_ptr + pid_r * s_ddt_r + pid_b * s_ddt_b
-    # dB, dC: fp32 (R, batch, L, N) contiguous, summed over channel blocks with atomics
-    dBC_off = (pid_r * BATCH + pid_b) * L * N
+    # dB, dC: fp32 (R, batch, L, 2 NP) (dB then dC), summed over channel blocks with atomics; dC_ptr = dB_ptr + NP
+    dBC_off = (pid_r * BATCH + pid_b) * L * (2 * NP)
     hs_base = hs_ptr + (pid_r * BATCH + pid_b) * NCHUNK * DIM * NP
     first = (rk == 0)[:, None, None]
     last = (rk == T - 1)[:, None, None]
@@ -309,7 +598,7 @@ def _scan_bwd_kernel(
         Bt = tl.load(B_base + tok[:, None] * s_B_l + rn[None, :] * s_B_n, mask=mn, other=0.0).to(tl.float32)
         Ct = tl.load(C_base + tok[:, None] * s_C_l + rn[None, :] * s_C_n, mask=mn, other=0.0).to(tl.float32)
         dout = tl.load(do_base + tok[:, None] * s_do_l + rd[None, :] * s_do_d, mask=m2, other=0.0).to(tl.float32)
-        h0 = tl.load(hs_base + c * DIM * NP + rd[:, None] * NP + rn[None, :], mask=dmask[:, None], other=0.0)
+        h0 = tl.load(hs_base + c * NP * DIM + rn[None, :] * DIM + rd[:, None], mask=dmask[:, None], other=0.0)
         # recompute the chunk's states from its saved start state
         a = tl.exp2(dt[:, :, None] * A2[None, :, :])
         xo = (dt * u)[:, :, None] * Bt[:, None, :]
@@ -342,7 +631,7 @@ def _scan_bwd_kernel(
         if HAS_D:
             du = du + dy * Dv[None, :]
             dD_acc += tl.sum(dy * u, axis=0)
-        ddt = u * gB + tl.sum(gah * A[None, :, :], axis=2)
+        ddt = u * gB + tl.sum(gah * A2[None, :, :], axis=2) * 0.6931471805599453  # A = A2 ln 2
         if SOFTPLUS:
             ddt = tl.where(dt_raw <= 20.0, ddt * tl.sigmoid(dt_raw), ddt)
         ddt = tl.where(m2, ddt, 0.0)
@@ -351,173 +640,18 @@ def _scan_bwd_kernel(
         dA_acc += tl.sum(gah * dt[:, :, None], axis=0)
         dB = tl.sum(g * (dt * u)[:, :, None], axis=1)
         dC = tl.sum(hh * dy[:, :, None], axis=1)
-        bc_ptrs = dBC_off + tok[:, None] * N + rn[None, :]
-        tl.atomic_add(dB_ptr + bc_ptrs, dB, mask=mn)
-        tl.atomic_add(dC_ptr + bc_ptrs, dC, mask=mn)
+        bc_ptrs = dBC_off + tok[:, None] * (2 * NP) + rn[None, :]
+        tl.atomic_add(dB_ptr + bc_ptrs, dB, mask=mn, sem="relaxed")
+        tl.atomic_add(dC_ptr + bc_ptrs, dC, mask=mn, sem="relaxed")
         tl.store(du_base + tok[:, None] * s_du_l + rd[None, :] * s_du_d, du.to(du_ptr.dtype.element_ty), mask=m2)
         tl.store(ddt_base + tok[:, None] * s_ddt_l + rd[None, :] * s_ddt_d, ddt.to(ddt_ptr.dtype.element_ty), mask=m2)
-    tl.atomic_add(dA_ptr + pid_r * DIM * N + rd[:, None] * N + rn[None, :], dA_acc, mask=dn_mask)
+    tl.atomic_add(
+        dA_ptr + pid_r * NP * DIM + rn[None, :] * DIM + rd[:, None], dA_acc, mask=dmask[:, None], sem="relaxed"
+    )
     if HAS_D:
-        tl.atomic_add(dD_ptr + pid_r * DIM + rd, dD_acc, mask=dmask)
+        tl.atomic_add(dD_ptr + pid_r * DIM + rd, dD_acc, mask=dmask, sem="relaxed")
     if HAS_DB:
-        tl.atomic_add(ddb_ptr + pid_r * DIM + rd, ddb_acc, mask=dmask)
-
-
-@triton.jit
-def _scan_bwd_seq_kernel(
-    u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, db_ptr, z_ptr, dout_ptr, hs_ptr, route_ptr,
-    du_ptr, ddt_ptr, dz_ptr, dA_ptr, dB_ptr, dC_ptr, dD_ptr, ddb_ptr,
-    L, DIM, N, NCHUNK, BATCH,
-    s_u_r, s_u_b, s_u_l, s_u_d,
-    s_dt_r, s_dt_b, s_dt_l, s_dt_d,
-    s_B_r, s_B_b, s_B_l, s_B_n,
-    s_C_r, s_C_b, s_C_l, s_C_n,
-    s_z_b, s_z_l, s_z_d,
-    s_do_r, s_do_b, s_do_l, s_do_d,
-    s_du_r, s_du_b, s_du_l, s_du_d,
-    s_ddt_r, s_ddt_b, s_ddt_l, s_ddt_d,
-    s_dz_b, s_dz_l, s_dz_d,
-    HAS_D: tl.constexpr, HAS_DB: tl.constexpr, HAS_Z: tl.constexpr, SOFTPLUS: tl.constexpr,
-    ROUTED: tl.constexpr, T: tl.constexpr, BD: tl.constexpr, NP: tl.constexpr, STORE_A: tl.constexpr,
-):  # fmt: skip
-    # Same contract as _scan_bwd_kernel, one time step at a time, in the layout of the one-step forward: tiles
-    # (NP, BD), a channel's N states inside one thread (sums over N need no shuffles). Per chunk (last first):
-    # phase 1 walks the chunk forward from its saved start state, keeping the T states in a (T, NP, BD) register
-    # tile (the where/sum over its T axis fold away: the loops are unrolled and T lies inside each thread), and
-    # forms y, dz, dC, which need only h_t; phase 2 walks the chunk backward with one FMA of loop-carried
-    # dependency (g_t = C_t dy_t + a_{t+1} g_{t+1}) and forms du, ddt, dA, dB.
-    # a_t h_{t-1} = h_t - B_t dt_t u_t, so the previous state is never needed.
-    pid_d = tl.program_id(0)
-    pid_b = tl.program_id(1).to(tl.int64)
-    pid_r = tl.program_id(2).to(tl.int64)
-    rd = pid_d * BD + tl.arange(0, BD)
-    rn = tl.arange(0, NP)
-    rk3 = tl.arange(0, T)[:, None, None]
-    rk2 = tl.arange(0, T)[:, None]
-    dmask = rd < DIM
-    nmask = rn < N
-    nd_mask = nmask[:, None] & dmask[None, :]
-    A2 = tl.load(A_ptr + pid_r * DIM * N + rd[None, :] * N + rn[:, None], mask=nd_mask, other=0.0)
-    A2 = A2 * 1.4426950408889634
-    if HAS_D:
-        Dv = tl.load(D_ptr + pid_r * DIM + rd, mask=dmask, other=0.0)
-    if HAS_DB:
-        dbv = tl.load(db_ptr + pid_r * DIM + rd, mask=dmask, other=0.0)
-    u_base = u_ptr + pid_r * s_u_r + pid_b * s_u_b
-    dt_base = dt_ptr + pid_r * s_dt_r + pid_b * s_dt_b
-    B_base = B_ptr + pid_r * s_B_r + pid_b * s_B_b
-    C_base = C_ptr + pid_r * s_C_r + pid_b * s_C_b
-    do_base = dout_ptr + pid_r * s_do_r + pid_b * s_do_b
-    du_base = du_ptr + pid_r * s_du_r + pid_b * s_du_b
-    ddt_base = ddt_ptr + pid_r * s_ddt_r + pid_b * s_ddt_b
-    dBC_off = (pid_r * BATCH + pid_b) * L * N
-    hs_base = hs_ptr + (pid_r * BATCH + pid_b) * NCHUNK * DIM * NP
-    gnext = tl.zeros((NP, BD), dtype=tl.float32)  # a_{t+1} g_{t+1}, handed from the later step/chunk
-    dA_acc = tl.zeros((NP, BD), dtype=tl.float32)
-    dD_acc = tl.zeros((BD,), dtype=tl.float32)
-    ddb_acc = tl.zeros((BD,), dtype=tl.float32)
-    for ci in range(NCHUNK):
-        c = NCHUNK - 1 - ci
-        h = tl.load(hs_base + c * DIM * NP + rd[None, :] * NP + rn[:, None], mask=dmask[None, :], other=0.0)
-        Hs = tl.zeros((T, NP, BD), dtype=tl.float32)
-        if STORE_A:
-            As = tl.zeros((T, NP, BD), dtype=tl.float32)
-        Us = tl.zeros((T, BD), dtype=tl.float32)
-        DTs = tl.zeros((T, BD), dtype=tl.float32)
-        DYs = tl.zeros((T, BD), dtype=tl.float32)
-        SPs = tl.zeros((T, BD), dtype=tl.float32)
-        # ---- phase 1: forward through the chunk
-        for k in tl.static_range(T):
-            t = c * T + k
-            live = t < L
-            if ROUTED:
-                tok = tl.load(route_ptr + pid_r * L + t, mask=live, other=0)
-            else:
-                tok = t.to(tl.int64)
-            m1 = dmask & live
-            mn = nmask & live
-            u = tl.load(u_base + tok * s_u_l + rd * s_u_d, mask=m1, other=0.0).to(tl.float32)
-            dt_raw = tl.load(dt_base + tok * s_dt_l + rd * s_dt_d, mask=m1, other=0.0).to(tl.float32)
-            dout = tl.load(do_base + tok * s_do_l + rd * s_do_d, mask=m1, other=0.0).to(tl.float32)
-            Bt = tl.load(B_base + tok * s_B_l + rn * s_B_n, mask=mn, other=0.0).to(tl.float32)
-            Ct = tl.load(C_base + tok * s_C_l + rn * s_C_n, mask=mn, other=0.0).to(tl.float32)
-            if HAS_DB:
-                dt_raw = dt_raw + dbv
-            if SOFTPLUS:
-                dt = _softplus(dt_raw)
-                SPs = tl.where(rk2 == k, tl.where(dt_raw <= 20.0, tl.sigmoid(dt_raw), 1.0)[None, :], SPs)
-            else:
-                dt = dt_raw
-            dt = tl.where(m1, dt, 0.0)
-            a = tl.exp2(dt[None, :] * A2)
-            h = a * h + Bt[:, None] * (dt * u)[None, :]
-            Hs = tl.where(rk3 == k, h[None, :, :], Hs)
-            if STORE_A:
-                As = tl.where(rk3 == k, a[None, :, :], As)
-            if HAS_Z:
-                y = tl.sum(h * Ct[:, None], axis=0)
-                if HAS_D:
-                    y = y + u * Dv
-                zv = tl.load(z_ptr + pid_b * s_z_b + tok * s_z_l + rd * s_z_d, mask=m1, other=0.0).to(tl.float32)
-                sz = tl.sigmoid(zv)
-                dy = dout * zv * sz
-                dz = dout * y * sz * (1.0 + zv * (1.0 - sz))
-                tl.store(dz_ptr + pid_b * s_dz_b + tok * s_dz_l + rd * s_dz_d, dz.to(dz_ptr.dtype.element_ty), mask=m1)
-            else:
-                dy = dout
-            if HAS_D:
-                dD_acc += dy * u
-            dC = tl.sum(h * dy[None, :], axis=1)
-            tl.atomic_add(dC_ptr + dBC_off + tok * N + rn, dC, mask=mn)
-            Us = tl.where(rk2 == k, u[None, :], Us)
-            DTs = tl.where(rk2 == k, dt[None, :], DTs)
-            DYs = tl.where(rk2 == k, dy[None, :], DYs)
-        # ---- phase 2: backward through the chunk
-        for kk in tl.static_range(T):
-            k = T - 1 - kk
-            t = c * T + k
-            live = t < L
-            if ROUTED:
-                tok = tl.load(route_ptr + pid_r * L + t, mask=live, other=0)
-            else:
-                tok = t.to(tl.int64)
-            m1 = dmask & live
-            mn = nmask & live
-            Bt = tl.load(B_base + tok * s_B_l + rn * s_B_n, mask=mn, other=0.0).to(tl.float32)
-            Ct = tl.load(C_base + tok * s_C_l + rn * s_C_n, mask=mn, other=0.0).to(tl.float32)
-            u = tl.sum(tl.where(rk2 == k, Us, 0.0), axis=0)
-            dt = tl.sum(tl.where(rk2 == k, DTs, 0.0), axis=0)
-            dy = tl.sum(tl.where(rk2 == k, DYs, 0.0), axis=0)
-            hk = tl.sum(tl.where(rk3 == k, Hs, 0.0), axis=0)
-            if STORE_A:
-                a = tl.sum(tl.where(rk3 == k, As, 0.0), axis=0)
-            else:
-                a = tl.exp2(dt[None, :] * A2)
-            dtu = dt * u
-            ah = hk - Bt[:, None] * dtu[None, :]  # a_t h_{t-1}
-            g = Ct[:, None] * dy[None, :] + gnext
-            gnext = a * g
-            gB = tl.sum(g * Bt[:, None], axis=0)
-            gah = g * ah
-            du = dt * gB
-            if HAS_D:
-                du = du + dy * Dv
-            ddt = u * gB + tl.sum(gah * A2, axis=0) * 0.6931471805599453  # A = A2 * ln 2
-            if SOFTPLUS:
-                ddt = ddt * tl.sum(tl.where(rk2 == k, SPs, 0.0), axis=0)
-            ddt = tl.where(m1, ddt, 0.0)
-            if HAS_DB:
-                ddb_acc += ddt
-            dA_acc += gah * dt[None, :]
-            dB = tl.sum(g * dtu[None, :], axis=1)
-            tl.atomic_add(dB_ptr + dBC_off + tok * N + rn, dB, mask=mn)
-            tl.store(du_base + tok * s_du_l + rd * s_du_d, du.to(du_ptr.dtype.element_ty), mask=m1)
-            tl.store(ddt_base + tok * s_ddt_l + rd * s_ddt_d, ddt.to(ddt_ptr.dtype.element_ty), mask=m1)
-    tl.atomic_add(dA_ptr + pid_r * DIM * N + rd[None, :] * N + rn[:, None], dA_acc, mask=nd_mask)
-    if HAS_D:
-        tl.atomic_add(dD_ptr + pid_r * DIM + rd, dD_acc, mask=dmask)
-    if HAS_DB:
-        tl.atomic_add(ddb_ptr + pid_r * DIM + rd, ddb_acc, mask=dmask)
+        tl.atomic_add(ddb_ptr + pid_r * DIM + rd, ddb_acc, mask=dmask, sem="relaxed")
 
 
 @triton.jit
@@ -558,75 +692,129 @@ def _opt(t, dtype=torch.float32):
     return t.contiguous().to(dtype) if t is not None else None
 
 
-def _launch_fwd(u4, dt4, A, B4, C4, D, db, z3, out4, routes, softplus, accum, save_last, batch, L, dim, N, R):
+def _pack(A3, B4, C4):
+    """Kernel layouts of the small operands: A (R, dim, N) -> (R, NP, dim) float32 times log2(e) (exp(dt A) is then
+    one exp2), zero-padded states; B, C (R, batch, L, N), any strides and dtype -> one float32 (R, batch, L, 2 NP)
+    tensor [B | C]: a step's B and C rows are then two aligned 16-state vectors that every lane loads at once."""
+    R, dim, N = A3.shape
+    NP = _np(N)
+    A2 = torch.zeros((R, NP, dim), device=A3.device, dtype=torch.float32)
+    A2[:, :N] = A3.transpose(1, 2) * LOG2E
+    _, batch, L, _ = B4.shape
+    alloc = torch.zeros if N < NP else torch.empty
+    BC = alloc((R, batch, L, 2 * NP), device=B4.device, dtype=torch.float32)
+    BC[..., :N] = B4
+    BC[..., NP : NP + N] = C4
+    return A2, BC
+
+
+def _launch_opts(cfg: dict) -> dict:
+    # maxnreg caps registers per thread (more warps resident, some spills): a per-kernel trade-off, measured
+    opts = {"num_warps": cfg["num_warps"]}
+    if cfg.get("maxnreg") and not _INTERPRET:
+        opts["maxnreg"] = cfg["maxnreg"]
+    return opts
+
+
+def _check_T(T: int) -> None:
+    if T < 2 or T % 2:
+        raise ValueError(f"vim_kernels: the chunk length T must be even and >= 2; got {T}")
+
+
+def _launch_fwd(u4, dt4, A2, BC, D, db, z3, out4, routes, softplus, accum, save_last, save_states, batch, L, dim, R):
     cfg = _fwd_config(batch, dim, R)
     T, BD = cfg["T"], cfg["BD"]
-    NP = _np(N)
+    _check_T(T)
+    NP = A2.shape[1]
     nchunk = triton.cdiv(L, T)
-    hs = _empty((R, batch, nchunk, dim, NP), device=u4.device, dtype=torch.float32)
-    last = _empty((R * batch, dim, N), device=u4.device, dtype=torch.float32) if save_last else hs
-    dummy = A
-    zz = z3 if z3 is not None else u4[0]
-    kernel = _scan_fwd_seq_kernel if cfg.get("kind") == "seq" else _scan_fwd_kernel
-    kernel[(triton.cdiv(dim, BD), batch, R)](
-        u4, dt4, A, B4, C4,
-        D if D is not None else dummy, db if db is not None else dummy, zz, out4, hs, last,
-        routes if routes is not None else dummy,
-        L, dim, N, nchunk, batch,
-        *u4.stride(), *dt4.stride(), *B4.stride(), *C4.stride(), *zz.stride(), *out4.stride(),
-        HAS_D=D is not None, HAS_DB=db is not None, HAS_Z=z3 is not None, SOFTPLUS=softplus,
-        ROUTED=routes is not None, ACCUM=accum, SAVE_LAST=save_last, T=T, BD=BD, NP=NP,
-        num_warps=cfg["num_warps"],
-    )  # fmt: skip
-    return hs, (last if save_last else None)
-
-
-def _bwd_config(batch: int, dim: int, R: int) -> dict:
-    cfg = dict(CONFIG["bwd"])
-    cfg.setdefault("kind", "chunk")
-    if cfg["kind"] == "auto":
-        cfg["kind"] = "seq"
-        if batch * R * triton.cdiv(dim, cfg["BD"]) < _SEQ_MIN_PROGRAMS:
-            cfg.update(_BWD_SMALL_GRID)
-    return cfg
-
-
-def _launch_bwd(u4, dt4, A, B4, C4, D, db, z3, dout4, hs, routes, du4, ddt4, dz3, softplus, batch, L, dim, N, R):
-    cfg = _bwd_config(batch, dim, R)
-    T, BD = cfg["T"], cfg["BD"]
-    NP = _np(N)
-    nchunk = triton.cdiv(L, T)
-    if hs.shape[2] != nchunk or hs.shape[3] != dim:  # forward ran with another chunk length
-        raise RuntimeError("vim_kernels: CONFIG['fwd']['T'] and CONFIG['bwd']['T'] must be equal")
     dev = u4.device
-    dA = torch.zeros((R, dim, N), device=dev, dtype=torch.float32)
-    dB = torch.zeros((R, batch, L, N), device=dev, dtype=torch.float32)
-    dC = torch.zeros((R, batch, L, N), device=dev, dtype=torch.float32)
+    hs = _empty((R, batch, nchunk, NP, dim), device=dev, dtype=torch.float32) if save_states else A2
+    last = _empty((R * batch, NP, dim), device=dev, dtype=torch.float32) if save_last else A2
+    zz = z3 if z3 is not None else u4[0]
+    common = dict(
+        HAS_D=D is not None, HAS_DB=db is not None, HAS_Z=z3 is not None, SOFTPLUS=softplus,
+        ROUTED=routes is not None, ACCUM=accum, SAVE_LAST=save_last, SAVE_STATES=save_states, T=T, BD=BD, NP=NP,
+        **_launch_opts(cfg),
+    )  # fmt: skip
+    opt = (D if D is not None else A2, db if db is not None else A2)
+    r = routes if routes is not None else A2
+    grid = (triton.cdiv(dim, BD), batch, R)
+    if cfg["kind"] == "seq":
+        _scan_fwd_seq_kernel[grid](
+            u4, dt4, A2, BC, *opt, zz, out4, hs, last, r, L, dim, nchunk, batch,
+            *u4.stride(), *dt4.stride(), *zz.stride(), *out4.stride(), FAST=not _INTERPRET, **common,
+        )  # fmt: skip
+    else:
+        Bv, Cv = BC[..., :NP], BC[..., NP:]
+        _scan_fwd_kernel[grid](
+            u4, dt4, A2, Bv, Cv, *opt, zz, out4, hs, last, r, L, dim, NP, nchunk, batch,
+            *u4.stride(), *dt4.stride(), *Bv.stride(), *Cv.stride(), *zz.stride(), *out4.stride(), **common,
+        )  # fmt: skip
+    return (hs if save_states else None), (last if save_last else None), T
+
+
+def _launch_bwd(u4, dt4, A2, BC, D, db, z3, dout4, hs, T, routes, du4, ddt4, dz3, softplus, batch, L, dim, R):
+    # T: the chunk length the forward saved its states with (it wins over the backward config's)
+    cfg = _bwd_config(batch, dim, R)
+    BD = cfg["BD"]
+    if cfg["T"] != T:
+        cfg["T"] = T
+        if T % cfg.get("SUBS", 1):
+            cfg["SUBS"] = 1
+    NP = A2.shape[1]
+    nchunk = triton.cdiv(L, T)
+    assert hs.shape[2] == nchunk
+    dev = u4.device
+    dA = torch.zeros((R, NP, dim), device=dev, dtype=torch.float32)
+    partial = cfg["kind"] == "seq" and cfg.get("partial", False)
+    nblk = triton.cdiv(dim, BD)
+    if partial:  # every element is written by exactly one program: no zero fill needed
+        dBC = torch.empty((nblk, R, batch, L, 2 * NP), device=dev, dtype=torch.float32)
+    else:
+        dBC = torch.zeros((R, batch, L, 2 * NP), device=dev, dtype=torch.float32)
     dD = torch.zeros((R, dim), device=dev, dtype=torch.float32) if D is not None else None
     ddb = torch.zeros((R, dim), device=dev, dtype=torch.float32) if db is not None else None
     zz = z3 if z3 is not None else u4[0]
     dzz = dz3 if dz3 is not None else u4[0]
-    if cfg["kind"] == "seq":
-        kernel, extra = _scan_bwd_seq_kernel, {"STORE_A": bool(cfg.get("store_a", False))}
-    else:
-        kernel, extra = _scan_bwd_kernel, {}
-    kernel[(triton.cdiv(dim, BD), batch, R)](
-        u4, dt4, A, B4, C4,
-        D if D is not None else A, db if db is not None else A, zz, dout4, hs,
-        routes if routes is not None else A,
-        du4, ddt4, dzz, dA, dB, dC, dD if dD is not None else dA, ddb if ddb is not None else dA,
-        L, dim, N, nchunk, batch,
-        *u4.stride(), *dt4.stride(), *B4.stride(), *C4.stride(), *zz.stride(), *dout4.stride(),
-        *du4.stride(), *ddt4.stride(), *dzz.stride(),
+    opt = (D if D is not None else A2, db if db is not None else A2)
+    r = routes if routes is not None else A2
+    grads = (du4, ddt4, dzz, dA)
+    dopt = (dD if dD is not None else dA, ddb if ddb is not None else dA)
+    strides = (*zz.stride(), *dout4.stride(), *du4.stride(), *ddt4.stride(), *dzz.stride())
+    common = dict(
         HAS_D=D is not None, HAS_DB=db is not None, HAS_Z=z3 is not None, SOFTPLUS=softplus,
-        ROUTED=routes is not None, T=T, BD=BD, NP=NP, num_warps=cfg["num_warps"], **extra,
+        ROUTED=routes is not None, T=T, BD=BD, NP=NP, **_launch_opts(cfg),
     )  # fmt: skip
-    return dA, dB, dC, dD, ddb
+    grid = (triton.cdiv(dim, BD), batch, R)
+    if cfg["kind"] == "seq":
+        subs = cfg.get("SUBS", 1)
+        if T % subs:
+            raise ValueError(f"vim_kernels: SUBS={subs} must divide T={T}")
+        _scan_bwd_seq_kernel[grid](
+            u4, dt4, A2, BC, *opt, zz, dout4, hs, r, *grads, dBC, *dopt, L, dim, nchunk, batch,
+            *u4.stride(), *dt4.stride(), *strides, SUBS=subs,
+            # the lane reduce-scatter is written for one warp of 32 channels, one per lane
+            LANE_SUM=BD == 32 and cfg["num_warps"] == 1 and NP <= 32, LOG2NP=NP.bit_length() - 1,
+            FAST=not _INTERPRET, PARTIAL=partial, **common,
+        )  # fmt: skip
+        if partial:
+            dBC = dBC.sum(0)
+    else:
+        Bv, Cv = BC[..., :NP], BC[..., NP:]
+        _scan_bwd_kernel[grid](
+            u4, dt4, A2, Bv, Cv, *opt, zz, dout4, hs, r, *grads, dBC, dBC[..., NP:], *dopt,
+            L, dim, NP, nchunk, batch, *u4.stride(), *dt4.stride(), *Bv.stride(), *Cv.stride(), *strides, **common,
+        )  # fmt: skip
+    return dA, dBC[..., :NP], dBC[..., NP:], dD, ddb  # callers slice the padded states off
 
 
 def _as4(x):
     """(batch, dim, L) -> a (1, batch, L, dim) view (no copy): the kernels index (route, batch, time, channel)."""
     return x.transpose(1, 2).unsqueeze(0)
+
+
+def _needs_grad(ctx, n: int) -> bool:
+    return any(ctx.needs_input_grad[:n])
 
 
 class SelectiveScanFn(torch.autograd.Function):
@@ -636,40 +824,48 @@ class SelectiveScanFn(torch.autograd.Function):
     def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state):
         batch, dim, L = u.shape
         N = A.shape[1]
-        Af, Df, dbf = _opt(A), _opt(D), _opt(delta_bias)
+        Df, dbf = _opt(D), _opt(delta_bias)
+        A2, BC = _pack(A.float().unsqueeze(0), _as4(B), _as4(C))
         out = _empty(like=u)  # keeps u's memory layout (channel-last in, channel-last out)
-        hs, last = _launch_fwd(
-            _as4(u), _as4(delta), Af, _as4(B), _as4(C), Df, dbf,
-            z.transpose(1, 2) if z is not None else None, _as4(out), None,
-            delta_softplus, False, return_last_state, batch, L, dim, N, 1,
+        train = _needs_grad(ctx, 8)
+        hs, last, ctx.T = _launch_fwd(
+            _as4(u), _as4(delta), A2, BC, Df, dbf, z.transpose(1, 2) if z is not None else None, _as4(out), None,
+            delta_softplus, False, return_last_state, train, batch, L, dim, 1,
         )  # fmt: skip
-        ctx.save_for_backward(u, delta, Af, B, C, Df, z, dbf, hs)
+        if train:
+            ctx.save_for_backward(u, delta, A2, BC, Df, z, dbf, hs)
         ctx.softplus = delta_softplus
-        ctx.dtypes = (A.dtype, None if D is None else D.dtype, None if delta_bias is None else delta_bias.dtype)
+        ctx.meta = (
+            N,
+            A.dtype,
+            B.dtype,
+            C.dtype,
+            None if D is None else D.dtype,
+            None if delta_bias is None else delta_bias.dtype,
+        )
         if last is not None:
+            last = last[:, :N].transpose(1, 2).contiguous()
             ctx.mark_non_differentiable(last)
         return (out, last) if return_last_state else out
 
     @staticmethod
     def backward(ctx, dout, *_):
-        u, delta, Af, B, C, Df, z, dbf, hs = ctx.saved_tensors
+        u, delta, A2, BC, Df, z, dbf, hs = ctx.saved_tensors
         batch, dim, L = u.shape
-        N = Af.shape[1]
+        N, a_dt, b_dt, c_dt, d_dt, db_dt = ctx.meta
         du, ddelta = _empty(like=u), _empty(like=delta)
         dz = _empty(like=z) if z is not None else None
         dA, dB, dC, dD, ddb = _launch_bwd(
-            _as4(u), _as4(delta), Af, _as4(B), _as4(C), Df, dbf,
-            z.transpose(1, 2) if z is not None else None, _as4(dout), hs, None,
-            _as4(du), _as4(ddelta), dz.transpose(1, 2) if dz is not None else None,
-            ctx.softplus, batch, L, dim, N, 1,
+            _as4(u), _as4(delta), A2, BC, Df, dbf, z.transpose(1, 2) if z is not None else None, _as4(dout), hs,
+            ctx.T, None, _as4(du), _as4(ddelta), dz.transpose(1, 2) if dz is not None else None,
+            ctx.softplus, batch, L, dim, 1,
         )  # fmt: skip
-        a_dt, d_dt, db_dt = ctx.dtypes
         return (
             du,
             ddelta,
-            dA[0].to(a_dt),
-            dB[0].transpose(1, 2).to(B.dtype),
-            dC[0].transpose(1, 2).to(C.dtype),
+            dA[0, :N].t().to(a_dt),
+            dB[0, ..., :N].transpose(1, 2).to(b_dt),
+            dC[0, ..., :N].transpose(1, 2).to(c_dt),
             dD[0].to(d_dt) if dD is not None else None,
             dz,
             ddb[0].to(db_dt) if ddb is not None else None,
@@ -688,12 +884,14 @@ class MultiRouteScanFn(torch.autograd.Function):
     def forward(ctx, u, delta, A, B, C, D, z, delta_bias, routes, delta_softplus):
         R, batch, L, dim = u.shape
         N = A.shape[2]
-        Af, Df, dbf = _opt(A), _opt(D), _opt(delta_bias)
+        Df, dbf = _opt(D), _opt(delta_bias)
+        A2, BC = _pack(A.float(), B, C)
         routes = routes.contiguous()
         acc = torch.zeros((batch, L, dim), device=u.device, dtype=torch.float32)
-        hs, _ = _launch_fwd(
-            u, delta, Af, B, C, Df, dbf, None, acc.unsqueeze(0).expand(R, batch, L, dim), routes,
-            delta_softplus, True, False, batch, L, dim, N, R,
+        train = _needs_grad(ctx, 8)
+        hs, _, ctx.T = _launch_fwd(
+            u, delta, A2, BC, Df, dbf, None, acc.unsqueeze(0).expand(R, batch, L, dim), routes,
+            delta_softplus, True, False, train, batch, L, dim, R,
         )  # fmt: skip
         zc = z.contiguous() if z is not None else None
         out = _empty((batch, L, dim), device=u.device, dtype=u.dtype)
@@ -701,16 +899,24 @@ class MultiRouteScanFn(torch.autograd.Function):
         _merge_fwd_kernel[(triton.cdiv(n, _MERGE_BLOCK),)](
             acc, zc if zc is not None else acc, out, n, 1.0 / R, HAS_Z=zc is not None, BLOCK=_MERGE_BLOCK
         )
-        ctx.save_for_backward(u, delta, Af, B, C, Df, zc, dbf, routes, hs, acc)
+        if train:
+            ctx.save_for_backward(u, delta, A2, BC, Df, zc, dbf, routes, hs, acc)
         ctx.softplus = delta_softplus
-        ctx.dtypes = (A.dtype, None if D is None else D.dtype, None if delta_bias is None else delta_bias.dtype)
+        ctx.meta = (
+            N,
+            A.dtype,
+            B.dtype,
+            C.dtype,
+            None if D is None else D.dtype,
+            None if delta_bias is None else delta_bias.dtype,
+        )
         return out
 
     @staticmethod
     def backward(ctx, dout):
-        u, delta, Af, B, C, Df, zc, dbf, routes, hs, acc = ctx.saved_tensors
+        u, delta, A2, BC, Df, zc, dbf, routes, hs, acc = ctx.saved_tensors
         R, batch, L, dim = u.shape
-        N = Af.shape[2]
+        N, a_dt, b_dt, c_dt, d_dt, db_dt = ctx.meta
         dout = dout.contiguous()
         dy = _empty((batch, L, dim), device=u.device, dtype=torch.float32)
         dz = _empty(like=zc) if zc is not None else None
@@ -721,16 +927,15 @@ class MultiRouteScanFn(torch.autograd.Function):
         )  # fmt: skip
         du, ddelta = _empty(like=u), _empty(like=delta)
         dA, dB, dC, dD, ddb = _launch_bwd(
-            u, delta, Af, B, C, Df, dbf, None, dy.unsqueeze(0).expand(R, batch, L, dim), hs, routes,
-            du, ddelta, None, ctx.softplus, batch, L, dim, N, R,
+            u, delta, A2, BC, Df, dbf, None, dy.unsqueeze(0).expand(R, batch, L, dim), hs, ctx.T, routes,
+            du, ddelta, None, ctx.softplus, batch, L, dim, R,
         )  # fmt: skip
-        a_dt, d_dt, db_dt = ctx.dtypes
         return (
             du,
             ddelta,
-            dA.to(a_dt),
-            dB.to(B.dtype),
-            dC.to(C.dtype),
+            dA[:, :N].transpose(1, 2).to(a_dt),
+            dB[..., :N].to(b_dt),
+            dC[..., :N].to(c_dt),
             dD.to(d_dt) if dD is not None else None,
             dz,
             ddb.to(db_dt) if ddb is not None else None,

@@ -227,6 +227,34 @@ def seq_forward():
     mod.CONFIG["fwd"] = saved
 
 
+# forward kernel, backward kernel, chunk length T, backward sub-chunks; "auto" picks by grid size, so the tests
+# name each kind explicitly (the GPU tests' small grids would otherwise only ever run the chunked kernels)
+KERNEL_KINDS = {
+    "seq/seq T4": ({"kind": "seq", "T": 4, "BD": 32, "num_warps": 1}, {"kind": "seq", "T": 4, "SUBS": 1}),
+    "seq/seq T8 SUBS2": ({"kind": "seq", "T": 8, "BD": 32, "num_warps": 1}, {"kind": "seq", "T": 8, "SUBS": 2}),
+    "chunk/chunk T8": (
+        {"kind": "chunk", "T": 8, "BD": 16, "num_warps": 2},
+        {"kind": "chunk", "T": 8, "BD": 32, "num_warps": 4},
+    ),
+}
+INTERPRET_KINDS = {  # tiny tiles under the interpreter
+    "seq/seq T4 SUBS2": ({"kind": "seq", "T": 4, "BD": 32, "num_warps": 1}, {"kind": "seq", "T": 4, "SUBS": 2}),
+    "chunk/chunk T4": ({"kind": "chunk", "T": 4, "BD": 4, "num_warps": 1}, {"kind": "chunk", "T": 4, "BD": 4}),
+}
+
+
+@pytest.fixture
+def kernel_kinds(request):
+    """Set CONFIG to one (forward, backward) kernel pair from KERNEL_KINDS / INTERPRET_KINDS for a test."""
+    mod = triton_mod()
+    saved = {k: dict(v) for k, v in mod.CONFIG.items()}
+    fwd, bwd = (KERNEL_KINDS if CUDA else INTERPRET_KINDS)[request.param]
+    mod.CONFIG["fwd"] = {**saved["fwd"], **fwd}
+    mod.CONFIG["bwd"] = {**saved["bwd"], **bwd}
+    yield
+    mod.CONFIG.update(saved)
+
+
 @pytest.mark.parametrize("L,dim", [(1, 4), (9, 6)])
 def test_triton_seq_forward_small(L, dim, seq_forward):
     dev = "cuda" if CUDA else "cpu"
@@ -238,6 +266,15 @@ def test_triton_seq_forward_routes(seq_forward):
     dev = "cuda" if CUDA else "cpu"
     inputs = route_inputs(3, 1, 4, 7, 4, torch.float32, dev, seed=3)
     check_routes(inputs, _random_routes(3, 7, dev), "triton", *TOL[torch.float32])
+
+
+@pytest.mark.parametrize("kernel_kinds", list(INTERPRET_KINDS), indirect=True)
+def test_triton_kernel_kinds_small(kernel_kinds):
+    dev = "cuda" if CUDA else "cpu"
+    inputs = scan_inputs(1, 6, 11, 4, torch.float32, dev, seed=11)
+    check_against_ref(inputs, vk.selective_scan, *TOL[torch.float32], delta_softplus=True, return_last_state=True)
+    inputs = route_inputs(2, 1, 4, 7, 4, torch.float32, dev, seed=5)
+    check_routes(inputs, _random_routes(2, 7, dev), "triton", *TOL[torch.float32])
 
 
 def test_triton_bf16_small():
@@ -270,10 +307,23 @@ def test_triton_gpu_shapes(L, dtype):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
-@pytest.mark.parametrize("L", [1, 197, 785])
-def test_triton_gpu_seq_forward(L, seq_forward):
-    inputs = scan_inputs(2, 200, L, 16, torch.bfloat16, "cuda", seed=L)
-    check_against_ref(inputs, vk.selective_scan, *TOL[torch.bfloat16], delta_softplus=True, return_last_state=True)
+@pytest.mark.parametrize("kernel_kinds", list(KERNEL_KINDS), indirect=True)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("L", [1, 2, 197, 785])
+def test_triton_gpu_kernel_kinds(L, dtype, kernel_kinds):
+    inputs = scan_inputs(2, 200, L, 16, dtype, "cuda", seed=L)
+    check_against_ref(inputs, vk.selective_scan, *TOL[dtype], delta_softplus=True, return_last_state=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("kernel_kinds", list(KERNEL_KINDS), indirect=True)
+@pytest.mark.parametrize("R", [2, 4])
+def test_triton_gpu_multi_route_kinds(R, kernel_kinds):
+    L = 197
+    inputs = route_inputs(R, 2, 192, L, 16, torch.bfloat16, "cuda", seed=R)
+    routes = _bidir_routes(L, "cuda") if R == 2 else _random_routes(R, L, "cuda")
+    check_routes(inputs, routes, "triton", *TOL[torch.bfloat16])
 
 
 @pytest.mark.gpu
