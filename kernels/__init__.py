@@ -1,4 +1,4 @@
-"""vim_kernels: selective-scan (S6) kernels for Vision Mamba -- reference, PyTorch and Triton backends."""
+"""vim_kernels: selective-scan (S6) and route-conv kernels for Vision Mamba -- reference, PyTorch and Triton backends."""
 
 from .interface import (
     BACKENDS,
@@ -9,6 +9,7 @@ from .interface import (
     selective_scan,
 )
 from .reference import multi_route_selective_scan_ref, selective_scan_ref
+from .route_conv import route_conv1d_silu, route_conv1d_silu_ref
 from .torch_scan import multi_route_selective_scan_torch, selective_scan_torch
 
 __all__ = [
@@ -19,6 +20,8 @@ __all__ = [
     "multi_route_selective_scan",
     "multi_route_selective_scan_ref",
     "multi_route_selective_scan_torch",
+    "route_conv1d_silu",
+    "route_conv1d_silu_ref",
     "selective_scan",
     "selective_scan_ref",
     "selective_scan_torch",

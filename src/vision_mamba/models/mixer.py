@@ -294,10 +294,19 @@ class MultiRouteMamba(nn.Module):
 
     def _scan_fused(self, x: torch.Tensor, z: torch.Tensor, routes: ScanRoutes) -> torch.Tensor:
         num_routes = self.pattern.num_routes
-        xt = x.transpose(1, 2)
-        # (R, batch, L, E), channel-last: the stack writes the transposed conv outputs contiguously
-        u = F.silu(torch.stack([self._route_conv(xt, r, routes).transpose(1, 2) for r in range(num_routes)]))
         params = [self.route_params(r) for r in range(num_routes)]
+        # (R, batch, L, E), channel-last. Triton: one kernel gathers every route's conv taps through its index map
+        u = scan.route_conv_silu(
+            x,
+            torch.stack([p[0].weight.squeeze(1) for p in params]),
+            torch.stack([p[0].bias for p in params]),
+            routes.index,
+            routes.inverse,
+            backend=self.scan_backend,
+        )
+        if u is None:  # torch: F.conv1d per route (the stack writes the transposed outputs contiguously)
+            xt = x.transpose(1, 2)
+            u = F.silu(torch.stack([self._route_conv(xt, r, routes).transpose(1, 2) for r in range(num_routes)]))
         w_x = torch.stack([p[1].weight for p in params]).unsqueeze(1)  # (R, 1, dt_rank + 2N, E)
         w_dt = torch.stack([p[2].weight for p in params]).unsqueeze(1)  # (R, 1, E, dt_rank)
         x_dbl = torch.matmul(u, w_x.transpose(-1, -2))  # (R, batch, L, dt_rank + 2N)

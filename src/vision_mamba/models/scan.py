@@ -75,3 +75,15 @@ def single_scan(u, delta, A, B, C, D, z, delta_bias, backend: str = "auto") -> t
         delta_softplus=True,
         backend=resolve_backend(backend, u.device),
     )
+
+
+def route_conv_silu(x, weight, bias, index, inverse, backend: str = "auto") -> torch.Tensor:
+    """silu(depthwise causal conv1d along each route) for all routes, in token order: (R, batch, L, E).
+
+    x: (batch, L, E) channel-last; weight (R, E, K); bias (R, E); index, inverse (R, L). With the triton backend
+    the taps are gathered through the index maps (vim_kernels.route_conv1d_silu); otherwise the returned value
+    is None and the mixer runs its F.conv1d path (identity/reversed routes without a permuted copy).
+    """
+    if resolve_backend(backend, x.device) != "triton":
+        return None
+    return _kernels().route_conv1d_silu(x, weight, bias, index, inverse, backend="triton")

@@ -1,0 +1,144 @@
+"""Triton kernels of vim_kernels.route_conv: the route conv's taps gathered through the index maps (fwd + bwd)."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+# tokens x channels per program; tiny under the interpreter (each program costs ~1 s there)
+BT, BE = (8, 16) if _INTERPRET else (32, 128)
+
+
+@triton.jit
+def _taps(x_ptr, idx_ptr, r_off, b_off, p, re_c, s_x_l, i: tl.constexpr, K: tl.constexpr):
+    # x rows feeding tap i of the outputs at route steps p: x[b, index[r, p - (K - 1) + i], :] (0 before the start).
+    # Unmasked loads at clamped indices, then a select: a 2-D load mask here trips Triton 3.6's layout pass
+    # ("mask type matches ptr type") once E is known to be a multiple of 16. re_c: channels clamped below E.
+    s = p - (K - 1) + i
+    src = tl.load(idx_ptr + r_off + tl.maximum(s, 0))
+    xv = tl.load(x_ptr + b_off + src[:, None] * s_x_l + re_c[None, :]).to(tl.float32)
+    return tl.where((s >= 0)[:, None], xv, 0.0)
+
+
+@triton.jit
+def _route_conv_fwd_kernel(
+    x_ptr, w_ptr, bias_ptr, idx_ptr, inv_ptr, u_ptr, L, E, BATCH, s_x_b, s_x_l,
+    K: tl.constexpr, BT: tl.constexpr, BE: tl.constexpr,
+):  # fmt: skip
+    pid_t, pid_e, pid_rb = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    r, b = pid_rb // BATCH, pid_rb % BATCH
+    rt = pid_t * BT + tl.arange(0, BT)
+    re = pid_e * BE + tl.arange(0, BE)
+    tmask, emask = rt < L, re < E
+    re_c = tl.minimum(re, E - 1)
+    r_off = r.to(tl.int64) * L
+    b_off = b.to(tl.int64) * s_x_b
+    p = tl.load(inv_ptr + r_off + rt, mask=tmask, other=0)
+    c = tl.zeros((BT, BE), tl.float32) + tl.load(bias_ptr + r * E + re, mask=emask, other=0.0)[None, :]
+    for i in tl.static_range(K):
+        xv = _taps(x_ptr, idx_ptr, r_off, b_off, p, re_c, s_x_l, i, K)
+        c += xv * tl.load(w_ptr + (r * E + re) * K + i, mask=emask, other=0.0)[None, :]
+    u = c * tl.sigmoid(c)
+    out = u_ptr + ((r.to(tl.int64) * BATCH + b) * L + rt[:, None]) * E + re[None, :]
+    tl.store(out, u.to(u_ptr.dtype.element_ty), mask=tmask[:, None] & emask[None, :])
+
+
+@triton.jit
+def _route_conv_bwd_dc_kernel(
+    x_ptr, w_ptr, bias_ptr, idx_ptr, inv_ptr, du_ptr, dc_ptr, dw_ptr, dbias_ptr, L, E, BATCH, s_x_b, s_x_l,
+    K: tl.constexpr, BT: tl.constexpr, BE: tl.constexpr,
+):  # fmt: skip
+    # dc = du * silu'(c) in route r's token order (c recomputed from the taps), and this tile's share of
+    # dweight[r, :, i] = sum dc * tap_i and dbias[r] = sum dc, added with relaxed atomics
+    pid_t, pid_e, pid_rb = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    r, b = pid_rb // BATCH, pid_rb % BATCH
+    rt = pid_t * BT + tl.arange(0, BT)
+    re = pid_e * BE + tl.arange(0, BE)
+    tmask, emask = rt < L, re < E
+    re_c = tl.minimum(re, E - 1)
+    m2 = tmask[:, None] & emask[None, :]
+    r_off = r.to(tl.int64) * L
+    b_off = b.to(tl.int64) * s_x_b
+    p = tl.load(inv_ptr + r_off + rt, mask=tmask, other=0)
+    c = tl.zeros((BT, BE), tl.float32) + tl.load(bias_ptr + r * E + re, mask=emask, other=0.0)[None, :]
+    for i in tl.static_range(K):
+        xv = _taps(x_ptr, idx_ptr, r_off, b_off, p, re_c, s_x_l, i, K)
+        c += xv * tl.load(w_ptr + (r * E + re) * K + i, mask=emask, other=0.0)[None, :]
+    offs = ((r.to(tl.int64) * BATCH + b) * L + rt[:, None]) * E + re[None, :]
+    du = tl.load(du_ptr + offs, mask=m2, other=0.0).to(tl.float32)
+    sg = tl.sigmoid(c)
+    dc = tl.where(m2, du * sg * (1.0 + c * (1.0 - sg)), 0.0)
+    tl.store(dc_ptr + offs, dc, mask=m2)
+    tl.atomic_add(dbias_ptr + r * E + re, tl.sum(dc, axis=0), mask=emask, sem="relaxed")
+    for i in tl.static_range(K):
+        xv = _taps(x_ptr, idx_ptr, r_off, b_off, p, re_c, s_x_l, i, K)
+        tl.atomic_add(dw_ptr + (r * E + re) * K + i, tl.sum(dc * xv, axis=0), mask=emask, sem="relaxed")
+
+
+@triton.jit
+def _route_conv_bwd_dx_kernel(
+    dc_ptr, w_ptr, idx_ptr, inv_ptr, dx_ptr, L, E, BATCH, s_dx_b, s_dx_l,
+    R: tl.constexpr, K: tl.constexpr, BT: tl.constexpr, BE: tl.constexpr,
+):  # fmt: skip
+    # token t at step q of route r fed tap i of the output at step q + (K - 1) - i: dx sums those over r and i
+    pid_t, pid_e, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    rt = pid_t * BT + tl.arange(0, BT)
+    re = pid_e * BE + tl.arange(0, BE)
+    tmask, emask = rt < L, re < E
+    re_c = tl.minimum(re, E - 1)
+    dx = tl.zeros((BT, BE), tl.float32)
+    for r in tl.static_range(R):
+        q = tl.load(inv_ptr + r * L + rt, mask=tmask, other=0)
+        for i in tl.static_range(K):
+            s = q + (K - 1) - i
+            tok = tl.load(idx_ptr + r * L + tl.minimum(s, L - 1))  # clamped + select: see _taps
+            offs = ((r * BATCH + b.to(tl.int64)) * L + tok[:, None]) * E + re_c[None, :]
+            dcv = tl.where((tmask & (s < L))[:, None], tl.load(dc_ptr + offs), 0.0)
+            dx += dcv * tl.load(w_ptr + (r * E + re) * K + i, mask=emask, other=0.0)[None, :]
+    out = dx_ptr + b.to(tl.int64) * s_dx_b + rt[:, None] * s_dx_l + re[None, :]
+    tl.store(out, dx.to(dx_ptr.dtype.element_ty), mask=tmask[:, None] & emask[None, :])
+
+
+class RouteConvSiluFn(torch.autograd.Function):
+    """x (batch, L, E) with unit channel stride; weight (R, E, K); bias (R, E); index, inverse (R, L) int64."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, index, inverse):
+        batch, L, E = x.shape
+        R, _, K = weight.shape
+        w, bb = weight.float().contiguous(), bias.float().contiguous()
+        index, inverse = index.contiguous(), inverse.contiguous()
+        u = torch.empty((R, batch, L, E), device=x.device, dtype=x.dtype)
+        grid = (triton.cdiv(L, BT), triton.cdiv(E, BE), R * batch)
+        _route_conv_fwd_kernel[grid](
+            x, w, bb, index, inverse, u, L, E, batch, x.stride(0), x.stride(1), K=K, BT=BT, BE=BE, num_warps=4
+        )
+        ctx.save_for_backward(x, w, bb, index, inverse)
+        ctx.dtypes = (weight.dtype, bias.dtype)
+        return u
+
+    @staticmethod
+    def backward(ctx, du):
+        x, w, bb, index, inverse = ctx.saved_tensors
+        batch, L, E = x.shape
+        R, _, K = w.shape
+        du = du.contiguous()
+        dc = torch.empty((R, batch, L, E), device=x.device, dtype=torch.float32)
+        dw = torch.zeros_like(w)
+        dbias = torch.zeros_like(bb)
+        grid = (triton.cdiv(L, BT), triton.cdiv(E, BE), R * batch)
+        _route_conv_bwd_dc_kernel[grid](
+            x, w, bb, index, inverse, du, dc, dw, dbias, L, E, batch, x.stride(0), x.stride(1),
+            K=K, BT=BT, BE=BE, num_warps=4,
+        )  # fmt: skip
+        dx = torch.empty((batch, L, E), device=x.device, dtype=x.dtype)
+        _route_conv_bwd_dx_kernel[(triton.cdiv(L, BT), triton.cdiv(E, BE), batch)](
+            dc, w, index, inverse, dx, L, E, batch, dx.stride(0), dx.stride(1), R=R, K=K, BT=BT, BE=BE, num_warps=4
+        )
+        w_dt, b_dt = ctx.dtypes
+        return dx, dw.to(w_dt), dbias.to(b_dt), None, None
