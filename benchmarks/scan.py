@@ -211,8 +211,8 @@ def variants(log, which="all"):
     if bb is not None:
         ts.CONFIG["fwd"], ts.CONFIG["bwd"] = dict(bb["fwd"]), dict(bb["bwd"])
     if bs is not None:
-        ts._FWD_SMALL_GRID = {k: bs["fwd"][k] for k in ("kind", "BD", "num_warps")}
-        ts._BWD_SMALL_GRID = {k: v for k, v in bs["bwd"].items() if k != "T"}
+        ts._FWD_SMALL_GRID = {k: bs["fwd"][k] for k in ("kind", "T", "BD", "num_warps")}
+        ts._BWD_SMALL_GRID = {k: v for k, v in bs["bwd"].items() if k != "T"}  # the backward takes the forward's T
         ts.CONFIG["fwd"]["kind"] = ts.CONFIG["bwd"]["kind"] = "auto"
     log(f"chosen config {ts.CONFIG} small grid fwd {ts._FWD_SMALL_GRID} bwd {ts._BWD_SMALL_GRID}")
     return rows

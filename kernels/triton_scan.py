@@ -13,7 +13,8 @@ LOG2E = 1.4426950408889634
 # Launch shape. T: time steps per saved chunk (the forward saves the state every T steps for the backward, which
 # recomputes the rest); BD: channels per program. The kernels take channel-last activations (batch, L, dim), so
 # a time step of a channel block is one contiguous load; A as (R, NP, dim) pre-scaled by log2(e); B and C packed
-# as fp32 (R, batch, L, NP); the saved states as (R, batch, L/T, NP, dim).
+# into one fp32 (R, batch, L, 2 NP) tensor [B | C]; the saved states as (R, batch, L/T, NP, dim). The backward
+# always uses the forward's T (passed along with the saved states), so the backward configs carry no T.
 # fwd kind "seq": _scan_fwd_seq_kernel, one time step per iteration with the next step's inputs loaded while the
 # current one computes; "chunk": _scan_fwd_kernel, one associative scan over T steps at a time (more
 # parallelism per program: used where the grid is too small to hide the one-step kernel's latency).
@@ -27,9 +28,9 @@ CONFIG = {
     "fwd": {"kind": "chunk", "T": 4, "BD": 4, "num_warps": 1}
     if _INTERPRET
     else {"kind": "auto", "T": "auto", "BD": 32, "num_warps": 1},
-    "bwd": {"kind": "seq", "T": 4, "SUBS": 2, "BD": 32, "num_warps": 1}
+    "bwd": {"kind": "seq", "SUBS": 2, "BD": 32, "num_warps": 1}
     if _INTERPRET
-    else {"kind": "auto", "T": 8, "SUBS": "auto", "BD": 32, "num_warps": 1},
+    else {"kind": "auto", "SUBS": "auto", "BD": 32, "num_warps": 1},
 }
 # T "auto" (seq kernels): 4 when the saved chunk states, (R, batch, L/T, 16, dim) fp32, fit in _STATE_BUDGET, else 8;
 # SUBS "auto": sub-chunks of 4 steps in the backward. T 4 is ~15% faster per scan, T 8 halves the saved states:
@@ -37,12 +38,12 @@ CONFIG = {
 # T 8 (benchmarks/README.md). VIM_SCAN_CONFIG='{"fwd": {"T": 4}}' forces one.
 _STATE_BUDGET = 320 * 2**20
 # "auto": the seq kernels where the grid has >= _SEQ_MIN_PROGRAMS one-warp programs of 32 channels, else these
-# (each with its own T: the forward and the backward of one call always take the same branch).
+# (the forward and the backward of one call always take the same branch).
 # H100, bf16 (benchmarks/README.md): at (128, 768, 197) the seq kernels run fwd+bwd in ~2.1-2.5 ms vs 4.0 for the
 # chunked ones; at (16, 384, 6085) (384 programs) the chunked kernels take 11.1 ms vs 22.0 for seq.
 _SEQ_MIN_PROGRAMS = 1024
 _FWD_SMALL_GRID = {"kind": "chunk", "T": 8, "BD": 16, "num_warps": 2}
-_BWD_SMALL_GRID = {"kind": "chunk", "T": 8, "BD": 32, "num_warps": 4}
+_BWD_SMALL_GRID = {"kind": "chunk", "BD": 32, "num_warps": 4}
 # VIM_SCAN_CONFIG='{"fwd": {...}, "bwd": {...}}' overrides entries (benchmarks try variants this way)
 if os.environ.get("VIM_SCAN_CONFIG"):
     import json as _json
@@ -346,22 +347,17 @@ def _lane_sum(x, lane, NP: tl.constexpr, LOG2NP: tl.constexpr, BD: tl.constexpr)
 
 
 @triton.jit
-def _add_over_channels(ptr, x, lane, rn, live, PARTIAL: tl.constexpr, LANE_SUM: tl.constexpr, NP: tl.constexpr, LOG2NP: tl.constexpr,
+def _add_over_channels(ptr, x, lane, rn, live, LANE_SUM: tl.constexpr, NP: tl.constexpr, LOG2NP: tl.constexpr,
                        BD: tl.constexpr):  # fmt: skip
-    # ptr[n] += sum over this program's channels of x[n, :] (x: (NP, BD)); relaxed atomics (no fences)
+    # ptr[n] += sum over this program's channels of x[n, :] (x: (NP, BD)); relaxed atomics (no fences). (Per-block
+    # partial sums written without atomics and summed afterwards measured the same on an H100: no contention.)
     if LANE_SUM:
         v = _lane_sum(x, lane, NP, LOG2NP, BD)
         shift: tl.constexpr = 5 - LOG2NP
         writer = (lane & ((1 << shift) - 1)) == 0
-        if PARTIAL:
-            tl.store(ptr + ((lane >> shift) & (NP - 1)), v, mask=writer & live)
-        else:
-            tl.atomic_add(ptr + ((lane >> shift) & (NP - 1)), v, mask=writer & live, sem="relaxed")
+        tl.atomic_add(ptr + ((lane >> shift) & (NP - 1)), v, mask=writer & live, sem="relaxed")
     else:
-        if PARTIAL:
-            tl.store(ptr + rn, tl.sum(x, axis=1), mask=live)
-        else:
-            tl.atomic_add(ptr + rn, tl.sum(x, axis=1), mask=live, sem="relaxed")
+        tl.atomic_add(ptr + rn, tl.sum(x, axis=1), mask=live, sem="relaxed")
 
 
 @triton.jit
@@ -378,7 +374,7 @@ def _scan_bwd_seq_kernel(
     s_dz_b, s_dz_l, s_dz_d,
     HAS_D: tl.constexpr, HAS_DB: tl.constexpr, HAS_Z: tl.constexpr, SOFTPLUS: tl.constexpr,
     ROUTED: tl.constexpr, T: tl.constexpr, SUBS: tl.constexpr, BD: tl.constexpr, NP: tl.constexpr,
-    LANE_SUM: tl.constexpr, LOG2NP: tl.constexpr, FAST: tl.constexpr, PARTIAL: tl.constexpr,
+    LANE_SUM: tl.constexpr, LOG2NP: tl.constexpr, FAST: tl.constexpr,
 ):  # fmt: skip
     # Same layout as the one-step forward: tiles (NP, BD), a channel's states in one thread. The saved chunks of T
     # steps are walked last to first, each in SUBS sub-chunks of S = T / SUBS steps (last first): the sub-chunk's
@@ -415,11 +411,7 @@ def _scan_bwd_seq_kernel(
     ddt_base = ddt_ptr + pid_r * s_ddt_r + pid_b * s_ddt_b + rd * s_ddt_d
     dz_base = dz_ptr + pid_b * s_dz_b + rd * s_dz_d
     BC_base = BC_ptr + (pid_r * BATCH + pid_b) * L * (2 * NP)  # scalar; + rn at each load
-    # dB, dC: with PARTIAL each channel block writes its own (R, batch, L, 2 NP) slice, summed afterwards (no
-    # atomics: the blocks of one batch element reach the same step at about the same time and would contend)
     dBC_base = dBC_ptr + (pid_r * BATCH + pid_b) * L * (2 * NP)
-    if PARTIAL:
-        dBC_base += pid_d.to(tl.int64) * (tl.num_programs(2) * BATCH * L * (2 * NP))
     r_base = route_ptr + pid_r * L
     # a scalar base: an (NP, BD) tile of pointers kept across the loop would hold 2 registers per element
     hs_base = hs_ptr + (pid_r * BATCH + pid_b) * NCHUNK * NP * DIM
@@ -487,7 +479,7 @@ def _scan_bwd_seq_kernel(
                 if HAS_D:
                     dD_acc += dy * u
                 _add_over_channels(
-                    dBC_base + tok * (2 * NP) + NP, h * dy[None, :], lane, rn, live, PARTIAL, LANE_SUM, NP, LOG2NP, BD
+                    dBC_base + tok * (2 * NP) + NP, h * dy[None, :], lane, rn, live, LANE_SUM, NP, LOG2NP, BD
                 )
                 Us = tl.where(rk2 == k, u[None, :], Us)
                 DTs = tl.where(rk2 == k, dt[None, :], DTs)
@@ -523,7 +515,7 @@ def _scan_bwd_seq_kernel(
                     ddb_acc += ddt
                 dA_acc += gah * dt[None, :]
                 _add_over_channels(
-                    dBC_base + tok * (2 * NP), g * dtu[None, :], lane, rn, live, PARTIAL, LANE_SUM, NP, LOG2NP, BD
+                    dBC_base + tok * (2 * NP), g * dtu[None, :], lane, rn, live, LANE_SUM, NP, LOG2NP, BD
                 )
                 tl.store(du_base + tok * s_du_l, du.to(du_ptr.dtype.element_ty), mask=m1)
                 tl.store(ddt_base + tok * s_ddt_l, ddt.to(ddt_ptr.dtype.element_ty), mask=m1)
@@ -774,12 +766,7 @@ def _launch_bwd(u4, dt4, A2, BC, D, db, z3, dout4, hs, T, routes, du4, ddt4, dz3
     assert hs.shape[2] == nchunk
     dev = u4.device
     dA = torch.zeros((R, NP, dim), device=dev, dtype=torch.float32)
-    partial = cfg["kind"] == "seq" and cfg.get("partial", False)
-    nblk = triton.cdiv(dim, BD)
-    if partial:  # every element is written by exactly one program: no zero fill needed
-        dBC = torch.empty((nblk, R, batch, L, 2 * NP), device=dev, dtype=torch.float32)
-    else:
-        dBC = torch.zeros((R, batch, L, 2 * NP), device=dev, dtype=torch.float32)
+    dBC = torch.zeros((R, batch, L, 2 * NP), device=dev, dtype=torch.float32)
     dD = torch.zeros((R, dim), device=dev, dtype=torch.float32) if D is not None else None
     ddb = torch.zeros((R, dim), device=dev, dtype=torch.float32) if db is not None else None
     zz = z3 if z3 is not None else u4[0]
@@ -803,10 +790,8 @@ def _launch_bwd(u4, dt4, A2, BC, D, db, z3, dout4, hs, T, routes, du4, ddt4, dz3
             *u4.stride(), *dt4.stride(), *strides, SUBS=subs,
             # the lane reduce-scatter is written for one warp of 32 channels, one per lane
             LANE_SUM=BD == 32 and cfg["num_warps"] == 1 and NP <= 32, LOG2NP=NP.bit_length() - 1,
-            FAST=not _INTERPRET, PARTIAL=partial, **common,
+            FAST=not _INTERPRET, **common,
         )  # fmt: skip
-        if partial:
-            dBC = dBC.sum(0)
     else:
         Bv, Cv = BC[..., :NP], BC[..., NP:]
         _scan_bwd_kernel[grid](
