@@ -383,9 +383,9 @@ def _scan_bwd_seq_kernel(
     # in-thread, so the selects on it fold away) and forms y, dz, dy and dC (which need only h_t);
     # phase 2 walks them backward with one FMA of loop-carried dependency, g_t = C_t dy_t + a_{t+1} g_{t+1}, and
     # forms du, ddelta, dA, dB; a_t h_{t-1} = h_t - B_t dt_t u_t, so no previous state is kept.
-    # Sub-chunks trade a little recomputation for fewer registers (no spills) while the saved states, the largest
-    # traffic after the activations, stay one per T steps. dB, dC (sums over channels) are reduced across lanes
-    # by _lane_sum16 and added with relaxed atomics.
+    # Sub-chunks trade a little recomputation for fewer registers (sm_90 ptxas: S 4 ~250 registers, small or no
+    # spills; S 8 spills hundreds of bytes) while the saved states stay one per T steps. dB, dC (sums over
+    # channels) are reduced across lanes by _lane_sum and added with relaxed atomics.
     S: tl.constexpr = T // SUBS
     pid_d = tl.program_id(0)
     pid_b = tl.program_id(1).to(tl.int64)
