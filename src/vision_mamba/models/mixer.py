@@ -183,8 +183,9 @@ class MultiRouteMamba(nn.Module):
     (E -> dt_rank + 2N, no bias), dt_proj (dt_rank -> E; its bias is the scan's delta_bias, softplus inside the scan),
     A = -exp(A_log), D. out = out_proj(mean_r(y_r) * silu(z)).
 
-    path="fused" builds token-order inputs for all routes and calls the multi-route scan once; path="reference"
-    permutes into each route's order, scans it alone and un-permutes (the oracle for the fused path).
+    path="fused" builds token-order inputs for all routes and calls the multi-route scan once (with the triton
+    backend the route convs are one gather kernel too: vim_kernels.route_conv1d_silu); path="reference" permutes
+    into each route's order, scans it alone and un-permutes (the oracle for the fused path).
     """
 
     def __init__(
