@@ -26,14 +26,10 @@ def _taps(x_ptr, idx_ptr, r_off, b_off, p, re_c, s_x_l, i: tl.constexpr, K: tl.c
 
 
 @triton.jit
-def _route_conv_fwd_kernel(
-    x_ptr, w_ptr, bias_ptr, idx_ptr, inv_ptr, u_ptr, L, E, BATCH, s_x_b, s_x_l,
-    K: tl.constexpr, BT: tl.constexpr, BE: tl.constexpr,
-):  # fmt: skip
-    pid_t, pid_e, pid_rb = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    r, b = pid_rb // BATCH, pid_rb % BATCH
-    rt = pid_t * BT + tl.arange(0, BT)
-    re = pid_e * BE + tl.arange(0, BE)
+def _preact(x_ptr, w_ptr, bias_ptr, idx_ptr, inv_ptr, r, b, rt, re, L, E, s_x_b, s_x_l, K: tl.constexpr,
+            BT: tl.constexpr, BE: tl.constexpr):  # fmt: skip
+    # c = bias + sum_i w_i * tap_i for the (tokens rt, channels re) tile of route r, batch b; also the route steps p
+    # of the tokens and the offsets _taps needs again
     tmask, emask = rt < L, re < E
     re_c = tl.minimum(re, E - 1)
     r_off = r.to(tl.int64) * L
@@ -43,6 +39,20 @@ def _route_conv_fwd_kernel(
     for i in tl.static_range(K):
         xv = _taps(x_ptr, idx_ptr, r_off, b_off, p, re_c, s_x_l, i, K)
         c += xv * tl.load(w_ptr + (r * E + re) * K + i, mask=emask, other=0.0)[None, :]
+    return c, p, re_c, r_off, b_off
+
+
+@triton.jit
+def _route_conv_fwd_kernel(
+    x_ptr, w_ptr, bias_ptr, idx_ptr, inv_ptr, u_ptr, L, E, BATCH, s_x_b, s_x_l,
+    K: tl.constexpr, BT: tl.constexpr, BE: tl.constexpr,
+):  # fmt: skip
+    pid_t, pid_e, pid_rb = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    r, b = pid_rb // BATCH, pid_rb % BATCH
+    rt = pid_t * BT + tl.arange(0, BT)
+    re = pid_e * BE + tl.arange(0, BE)
+    tmask, emask = rt < L, re < E
+    c, _, _, _, _ = _preact(x_ptr, w_ptr, bias_ptr, idx_ptr, inv_ptr, r, b, rt, re, L, E, s_x_b, s_x_l, K, BT, BE)
     u = c * tl.sigmoid(c)
     out = u_ptr + ((r.to(tl.int64) * BATCH + b) * L + rt[:, None]) * E + re[None, :]
     tl.store(out, u.to(u_ptr.dtype.element_ty), mask=tmask[:, None] & emask[None, :])
@@ -60,15 +70,10 @@ def _route_conv_bwd_dc_kernel(
     rt = pid_t * BT + tl.arange(0, BT)
     re = pid_e * BE + tl.arange(0, BE)
     tmask, emask = rt < L, re < E
-    re_c = tl.minimum(re, E - 1)
     m2 = tmask[:, None] & emask[None, :]
-    r_off = r.to(tl.int64) * L
-    b_off = b.to(tl.int64) * s_x_b
-    p = tl.load(inv_ptr + r_off + rt, mask=tmask, other=0)
-    c = tl.zeros((BT, BE), tl.float32) + tl.load(bias_ptr + r * E + re, mask=emask, other=0.0)[None, :]
-    for i in tl.static_range(K):
-        xv = _taps(x_ptr, idx_ptr, r_off, b_off, p, re_c, s_x_l, i, K)
-        c += xv * tl.load(w_ptr + (r * E + re) * K + i, mask=emask, other=0.0)[None, :]
+    c, p, re_c, r_off, b_off = _preact(
+        x_ptr, w_ptr, bias_ptr, idx_ptr, inv_ptr, r, b, rt, re, L, E, s_x_b, s_x_l, K, BT, BE
+    )
     offs = ((r.to(tl.int64) * BATCH + b) * L + rt[:, None]) * E + re[None, :]
     du = tl.load(du_ptr + offs, mask=m2, other=0.0).to(tl.float32)
     sg = tl.sigmoid(c)

@@ -258,6 +258,23 @@ def _fwd_step(h, A2, Dv, dbv, tok, u, dt, Bt, Ct, zv, live, o_base, s_o_l, dmask
 
 
 @triton.jit
+def _channel_block(A_ptr, D_ptr, db_ptr, pid_d, pid_r, DIM, HAS_D: tl.constexpr, HAS_DB: tl.constexpr,
+                   BD: tl.constexpr, NP: tl.constexpr):  # fmt: skip
+    # a seq program's channels rd and states rn, and its per-channel constants: A2 (NP, BD), D and delta_bias (BD,)
+    rd = pid_d * BD + tl.arange(0, BD)
+    rn = tl.arange(0, NP)
+    dmask = rd < DIM
+    A2 = tl.load(A_ptr + pid_r * NP * DIM + rn[:, None] * DIM + rd[None, :], mask=dmask[None, :], other=0.0)
+    Dv = tl.zeros((BD,), dtype=tl.float32)
+    dbv = tl.zeros((BD,), dtype=tl.float32)
+    if HAS_D:
+        Dv = tl.load(D_ptr + pid_r * DIM + rd, mask=dmask, other=0.0)
+    if HAS_DB:
+        dbv = tl.load(db_ptr + pid_r * DIM + rd, mask=dmask, other=0.0)
+    return rd, rn, dmask, A2, Dv, dbv
+
+
+@triton.jit
 def _scan_fwd_seq_kernel(
     u_ptr, dt_ptr, A_ptr, BC_ptr, D_ptr, db_ptr, z_ptr, out_ptr, hs_ptr, last_ptr, route_ptr,
     L, DIM, NCHUNK, BATCH,
@@ -277,16 +294,7 @@ def _scan_fwd_seq_kernel(
     pid_d = tl.program_id(0)
     pid_b = tl.program_id(1).to(tl.int64)
     pid_r = tl.program_id(2).to(tl.int64)
-    rd = pid_d * BD + tl.arange(0, BD)
-    rn = tl.arange(0, NP)
-    dmask = rd < DIM
-    A2 = tl.load(A_ptr + pid_r * NP * DIM + rn[:, None] * DIM + rd[None, :], mask=dmask[None, :], other=0.0)
-    Dv = tl.zeros((BD,), dtype=tl.float32)
-    dbv = tl.zeros((BD,), dtype=tl.float32)
-    if HAS_D:
-        Dv = tl.load(D_ptr + pid_r * DIM + rd, mask=dmask, other=0.0)
-    if HAS_DB:
-        dbv = tl.load(db_ptr + pid_r * DIM + rd, mask=dmask, other=0.0)
+    rd, rn, dmask, A2, Dv, dbv = _channel_block(A_ptr, D_ptr, db_ptr, pid_d, pid_r, DIM, HAS_D, HAS_DB, BD, NP)
     u_base = u_ptr + pid_r * s_u_r + pid_b * s_u_b + rd * s_u_d
     dt_base = dt_ptr + pid_r * s_dt_r + pid_b * s_dt_b + rd * s_dt_d
     z_base = z_ptr + pid_b * s_z_b + rd * s_z_d
@@ -390,19 +398,10 @@ def _scan_bwd_seq_kernel(
     pid_d = tl.program_id(0)
     pid_b = tl.program_id(1).to(tl.int64)
     pid_r = tl.program_id(2).to(tl.int64)
-    rd = pid_d * BD + tl.arange(0, BD)
-    rn = tl.arange(0, NP)
+    rd, rn, dmask, A2, Dv, dbv = _channel_block(A_ptr, D_ptr, db_ptr, pid_d, pid_r, DIM, HAS_D, HAS_DB, BD, NP)
     lane = tl.arange(0, BD) % 32
     rk3 = tl.arange(0, S)[:, None, None]
     rk2 = tl.arange(0, S)[:, None]
-    dmask = rd < DIM
-    A2 = tl.load(A_ptr + pid_r * NP * DIM + rn[:, None] * DIM + rd[None, :], mask=dmask[None, :], other=0.0)
-    Dv = tl.zeros((BD,), dtype=tl.float32)
-    dbv = tl.zeros((BD,), dtype=tl.float32)
-    if HAS_D:
-        Dv = tl.load(D_ptr + pid_r * DIM + rd, mask=dmask, other=0.0)
-    if HAS_DB:
-        dbv = tl.load(db_ptr + pid_r * DIM + rd, mask=dmask, other=0.0)
     u_base = u_ptr + pid_r * s_u_r + pid_b * s_u_b + rd * s_u_d
     dt_base = dt_ptr + pid_r * s_dt_r + pid_b * s_dt_b + rd * s_dt_d
     do_base = dout_ptr + pid_r * s_do_r + pid_b * s_do_b + rd * s_do_d
