@@ -17,7 +17,7 @@ from lightning import LightningDataModule
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, default_collate
 
-from vision_mamba.data.common import dataset_root, per_device_batch_size
+from vision_mamba.data.common import dataset_root, make_loader, per_device_batch_size
 from vision_mamba.data.errors import DatasetError
 
 IGNORE_INDEX = 255
@@ -293,17 +293,7 @@ class ADE20KDataModule(LightningDataModule):
             self.data_train = self._dataset(self.hparams.train_split, training=True)
 
     def _loader(self, dataset: Dataset, batch_size: int, shuffle: bool, drop_last: bool, collate=None) -> DataLoader:
-        workers = self.hparams.num_workers
-        return DataLoader(
-            dataset,
-            batch_size=batch_size,
-            shuffle=shuffle,
-            num_workers=workers,
-            pin_memory=self.hparams.pin_memory and torch.cuda.is_available(),
-            persistent_workers=self.hparams.persistent_workers and workers > 0,
-            drop_last=drop_last,
-            collate_fn=collate,
-        )
+        return make_loader(dataset, self.hparams, batch_size, shuffle=shuffle, drop_last=drop_last, collate_fn=collate)
 
     def train_dataloader(self) -> DataLoader:
         # drop_last: BatchNorm in the heads needs more than one sample per device

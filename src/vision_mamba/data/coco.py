@@ -20,7 +20,7 @@ from PIL import Image
 from pycocotools.coco import COCO
 from torch.utils.data import DataLoader, Dataset
 
-from vision_mamba.data.common import dataset_root, per_device_batch_size
+from vision_mamba.data.common import dataset_root, make_loader, per_device_batch_size
 from vision_mamba.data.errors import DatasetError
 
 log = logging.getLogger(__name__)
@@ -349,16 +349,8 @@ class CocoDataModule(LightningDataModule):
             self.data_test = self.data_val if test_split == hp.val_split and self.data_val else self._split(test_split, False)
 
     def _loader(self, dataset: Dataset, shuffle: bool, batch_size: int) -> DataLoader:
-        workers = self.hparams.num_workers
-        return DataLoader(
-            dataset,
-            batch_size=batch_size,
-            shuffle=shuffle,
-            num_workers=workers,
-            collate_fn=collate_detection,
-            pin_memory=self.hparams.pin_memory and torch.cuda.is_available(),
-            persistent_workers=self.hparams.persistent_workers and workers > 0,
-            drop_last=shuffle,
+        return make_loader(
+            dataset, self.hparams, batch_size, shuffle=shuffle, drop_last=shuffle, collate_fn=collate_detection
         )
 
     def _eval_batch(self) -> int:

@@ -1,4 +1,5 @@
-"""Pieces every datamodule shares: the per-device batch size, and writing an embedded dataset once, atomically."""
+"""Pieces every datamodule shares: the per-device batch size, the loader worker rules, and writing an embedded
+dataset once, atomically."""
 
 from __future__ import annotations
 
@@ -7,6 +8,9 @@ import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader
 
 from vision_mamba.data.errors import DatasetError
 
@@ -29,6 +33,22 @@ def per_device_batch_size(batch_size: int, trainer) -> int:
             f"number of processes ({world}); pick a multiple of {world}"
         )
     return batch_size // world
+
+
+def make_loader(dataset, hparams, batch_size: int, *, shuffle: bool, drop_last: bool, loader_cls=DataLoader, **kw):
+    """A loader with the datamodules' worker rules: ``hparams.num_workers`` workers, pinned memory only where CUDA
+    is, persistent workers only when there are workers. ``kw`` (sampler, collate_fn, ...) goes to ``loader_cls``."""
+    workers = hparams.num_workers
+    return loader_cls(
+        dataset,
+        batch_size=batch_size,
+        shuffle=shuffle,
+        num_workers=workers,
+        pin_memory=hparams.pin_memory and torch.cuda.is_available(),
+        persistent_workers=hparams.persistent_workers and workers > 0,
+        drop_last=drop_last,
+        **kw,
+    )
 
 
 def write_dataset_once(root: str | Path, write: Callable[[Path], str]) -> Path:

@@ -7,7 +7,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
 from lightning import LightningDataModule
 from timm.data import create_transform
 from timm.data.distributed_sampler import RepeatAugSampler
@@ -15,7 +14,7 @@ from torch.utils.data import DataLoader
 from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
-from vision_mamba.data.common import dataset_root, per_device_batch_size
+from vision_mamba.data.common import dataset_root, make_loader, per_device_batch_size
 from vision_mamba.data.errors import DatasetError
 from vision_mamba.data.resumable import ResumableDataLoader
 
@@ -115,20 +114,17 @@ class ImageFolderDataModule(LightningDataModule):
             )
 
     def _loader(self, dataset, shuffle: bool, drop_last: bool, sampler=None) -> DataLoader:
-        workers = self.hparams.num_workers
         # [issue #8] the training loader resumes mid-epoch exactly; its shuffle seed is the one Lightning's
         # DistributedSampler uses, so 1- and N-process runs see the same global batches
         extra = {"seed": int(os.environ.get("PL_GLOBAL_SEED", 0))} if shuffle and sampler is None else {}
-        loader_cls = ResumableDataLoader if extra else DataLoader
-        return loader_cls(
+        return make_loader(
             dataset,
-            batch_size=self.batch_size_per_device,
+            self.hparams,
+            self.batch_size_per_device,
             shuffle=shuffle if sampler is None else False,
-            sampler=sampler,
-            num_workers=workers,
-            pin_memory=self.hparams.pin_memory and torch.cuda.is_available(),
-            persistent_workers=self.hparams.persistent_workers and workers > 0,
             drop_last=drop_last,
+            loader_cls=ResumableDataLoader if extra else DataLoader,
+            sampler=sampler,
             **extra,
         )
 
