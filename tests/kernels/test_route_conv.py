@@ -47,12 +47,22 @@ def test_route_conv_matches_reference_small(R, L, kind):
     _check(R, L, 20, 2, kind, torch.float32, "cuda" if CUDA else "cpu", 1e-5)
 
 
+@pytest.mark.skipif(not (CUDA or INTERPRET), reason="Triton needs CUDA or TRITON_INTERPRET=1")
+def test_route_conv_channels_a_multiple_of_the_block():
+    # E a multiple of the channel block: the kernels' unclamped, unmasked channel path (EVEN_E)
+    from vim_kernels.route_conv import _triton_module
+
+    mod = _triton_module()
+    _check(2, 9, 2 * mod.BE, 1, "bidirectional", torch.float32, "cuda" if CUDA else "cpu", 1e-5)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
 @pytest.mark.parametrize("R,L,kind", [(2, 197, "bidirectional"), (4, 197, "random"), (4, 1025, "random")])
 def test_route_conv_gpu(R, L, kind, dtype, tol):
     _check(R, L, 768, 4, kind, dtype, "cuda", tol)
+    _check(R, L, 200, 2, kind, dtype, "cuda", tol)  # not a multiple of the channel block
 
 
 def test_route_conv_rejects_unknown_backend():
