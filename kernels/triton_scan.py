@@ -20,14 +20,17 @@ LOG2E = 1.4426950408889634
 # parallelism per program: used where the grid is too small to hide the one-step kernel's latency).
 # bwd kind "seq": _scan_bwd_seq_kernel (see its comment), SUBS sub-chunks per saved chunk; "chunk":
 # _scan_bwd_kernel (two associative scans per chunk). "auto": seq where the grid has >= _SEQ_MIN_PROGRAMS
-# programs, else the *_SMALL_GRID settings.
+# programs, else the *_SMALL_GRID settings. BD below 32 with one warp: 32 / BD lanes share a channel, each holding
+# 16 BD / 32 of its states (Triton's default layout of the (NP, BD) tile; y is then summed by shuffles).
+# Forward "seq" only: DEPTH (2 or 4) steps per loop iteration, DEPTH - 1 of them loading while one computes;
+# PREFETCH (steps ahead, 0 = off): an L2 prefetch of that step's rows. Chunked kernels: PREFETCH (bool) prefetches the next (fwd) / previous (bwd) chunk.
 # Under the interpreter every program costs seconds, so grids are kept tiny there; BD 32 with one warp is the
 # layout the seq backward's lane reduce-scatter is written for, and the tests run it as the GPU does.
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 CONFIG = {
     "fwd": {"kind": "chunk", "T": 4, "BD": 4, "num_warps": 1}
     if _INTERPRET
-    else {"kind": "auto", "T": "auto", "BD": 32, "num_warps": 1},
+    else {"kind": "auto", "T": "auto", "BD": 32, "num_warps": 1, "DEPTH": 4},
     "bwd": {"kind": "seq", "SUBS": 2, "BD": 32, "num_warps": 1}
     if _INTERPRET
     else {"kind": "auto", "SUBS": "auto", "BD": 32, "num_warps": 1},
@@ -42,8 +45,14 @@ _STATE_BUDGET = 320 * 2**20
 # H100, bf16 (benchmarks/README.md): at (128, 768, 197) the seq kernels run fwd+bwd in ~2.1-2.5 ms vs 4.0 for the
 # chunked ones; at (16, 384, 6085) (384 programs) the chunked kernels take 11.1 ms vs 22.0 for seq.
 _SEQ_MIN_PROGRAMS = 1024
-_FWD_SMALL_GRID = {"kind": "chunk", "T": 8, "BD": 16, "num_warps": 2}
-_BWD_SMALL_GRID = {"kind": "chunk", "BD": 32, "num_warps": 4}
+# Small grids (long L): the one-step forward with four steps' loads in flight and an L2 prefetch 16 steps ahead
+# (its time per step is the memory latency it waits on, not its arithmetic), BD "fill": 32 channels per program
+# while that gives >= _FILL_PROGRAMS programs, else 16 or 8 (2 or 4 lanes per channel). The chunked backward with
+# the previous chunk prefetched into L2. H200, bf16 (benchmarks/README.md): forward at (16, 384, 6085) 1.77 ms vs
+# 2.69 for the chunked kernel; backward 7.27 vs 7.90 ms; vim_tiny at 1248, batch 16: 201 img/s vs 174.
+_FWD_SMALL_GRID = {"kind": "seq", "T": 8, "BD": "fill", "num_warps": 1, "DEPTH": 4, "PREFETCH": 16}
+_BWD_SMALL_GRID = {"kind": "chunk", "BD": 32, "num_warps": 4, "PREFETCH": 1}
+_FILL_PROGRAMS = 384
 # VIM_SCAN_CONFIG='{"fwd": {...}, "bwd": {...}}' overrides entries (benchmarks try variants this way)
 if os.environ.get("VIM_SCAN_CONFIG"):
     import json as _json
@@ -64,6 +73,12 @@ def _fwd_config(batch: int, dim: int, R: int, L: int, NP: int) -> dict:
             cfg.update(_FWD_SMALL_GRID)
     if cfg["T"] == "auto":
         cfg["T"] = 4 if R * batch * triton.cdiv(L, 4) * NP * dim * 4 <= _STATE_BUDGET else 8
+    if cfg["BD"] == "fill":
+        cfg["BD"] = next((bd for bd in (32, 16) if batch * R * triton.cdiv(dim, bd) >= _FILL_PROGRAMS), 8)
+    if cfg.get("DEPTH", 2) not in (2, 4):
+        raise ValueError(f"vim_kernels: the forward's DEPTH must be 2 or 4; got {cfg['DEPTH']}")
+    if cfg["kind"] == "seq" and cfg["T"] % cfg.get("DEPTH", 2):
+        cfg["DEPTH"] = 2  # the forward saves states at the first step of an iteration: DEPTH must divide T
     return cfg
 
 
@@ -119,7 +134,7 @@ def _scan_fwd_kernel(
     s_o_r, s_o_b, s_o_l, s_o_d,
     HAS_D: tl.constexpr, HAS_DB: tl.constexpr, HAS_Z: tl.constexpr, SOFTPLUS: tl.constexpr,
     ROUTED: tl.constexpr, ACCUM: tl.constexpr, SAVE_LAST: tl.constexpr, SAVE_STATES: tl.constexpr,
-    T: tl.constexpr, BD: tl.constexpr, NP: tl.constexpr,
+    T: tl.constexpr, BD: tl.constexpr, NP: tl.constexpr, PREFETCH: tl.constexpr,
 ):  # fmt: skip
     pid_d = tl.program_id(0)
     pid_b = tl.program_id(1).to(tl.int64)
@@ -154,6 +169,14 @@ def _scan_fwd_kernel(
             tok = t.to(tl.int64)
         m2 = tmask[:, None] & dmask[None, :]
         mn = tmask[:, None] & nmask[None, :]
+        if PREFETCH:  # the next chunk's rows into L2 while this one computes
+            tp = (c + 1) * T + rk
+            tokp = tl.load(route_ptr + pid_r * L + tp, mask=tp < L, other=0) if ROUTED else tp.to(tl.int64)
+            mp = (tp < L)[:, None] & dmask[None, :]
+            _l2_prefetch(u_base + tokp[:, None] * s_u_l + rd[None, :] * s_u_d, mp)
+            _l2_prefetch(dt_base + tokp[:, None] * s_dt_l + rd[None, :] * s_dt_d, mp)
+            if HAS_Z and not ACCUM:
+                _l2_prefetch(z_ptr + pid_b * s_z_b + tokp[:, None] * s_z_l + rd[None, :] * s_z_d, mp)
         u = tl.load(u_base + tok[:, None] * s_u_l + rd[None, :] * s_u_d, mask=m2, other=0.0).to(tl.float32)
         dt = tl.load(dt_base + tok[:, None] * s_dt_l + rd[None, :] * s_dt_d, mask=m2, other=0.0).to(tl.float32)
         if HAS_DB:
@@ -230,6 +253,33 @@ def _fwd_load(u_base, dt_base, z_base, BC_base, route_ptr, t, L, s_u_l, s_dt_l, 
 
 
 @triton.jit
+def _l2_prefetch(ptrs, mask):
+    # prefetch.global.L2 where mask: start moving a future step's rows from HBM into L2 (no register written,
+    # nothing waits on it), so the step's real load later meets L2 latency instead of HBM latency
+    tl.inline_asm_elementwise(
+        "{ .reg .pred p; setp.ne.b32 p, $2, 0; @p prefetch.global.L2 [$1]; mov.u32 $0, 0; }",
+        "=r,l,r", [ptrs, mask.to(tl.int32)], dtype=tl.int32, is_pure=False, pack=1,
+    )  # fmt: skip
+
+
+@triton.jit
+def _fwd_prefetch(u_base, dt_base, z_base, BC_base, route_ptr, t, L, s_u_l, s_dt_l, s_z_l, dmask,
+                  ROUTED: tl.constexpr, HAS_Z: tl.constexpr, NP: tl.constexpr):  # fmt: skip
+    # L2 prefetch of step t's rows (the one-step forward's loads run only a step or three ahead)
+    tc = tl.minimum(t, L - 1)
+    if ROUTED:
+        tok = tl.load(route_ptr + tc)
+    else:
+        tok = tc.to(tl.int64)
+    _l2_prefetch(u_base + tok * s_u_l, dmask)
+    _l2_prefetch(dt_base + tok * s_dt_l, dmask)
+    if HAS_Z:
+        _l2_prefetch(z_base + tok * s_z_l, dmask)
+    rbc = tl.arange(0, 2 * NP)
+    _l2_prefetch(BC_base + tok * (2 * NP) + rbc, rbc >= 0)
+
+
+@triton.jit
 def _fwd_step(h, A2, Dv, dbv, tok, u, dt, Bt, Ct, zv, live, o_base, s_o_l, dmask,
               HAS_D: tl.constexpr, HAS_DB: tl.constexpr, HAS_Z: tl.constexpr, SOFTPLUS: tl.constexpr,
               ACCUM: tl.constexpr, FAST: tl.constexpr, out_dtype: tl.constexpr):  # fmt: skip
@@ -284,13 +334,17 @@ def _scan_fwd_seq_kernel(
     s_o_r, s_o_b, s_o_l, s_o_d,
     HAS_D: tl.constexpr, HAS_DB: tl.constexpr, HAS_Z: tl.constexpr, SOFTPLUS: tl.constexpr,
     ROUTED: tl.constexpr, ACCUM: tl.constexpr, SAVE_LAST: tl.constexpr, SAVE_STATES: tl.constexpr,
-    T: tl.constexpr, BD: tl.constexpr, NP: tl.constexpr, FAST: tl.constexpr,
+    T: tl.constexpr, BD: tl.constexpr, NP: tl.constexpr, FAST: tl.constexpr, DEPTH: tl.constexpr,
+    PREFETCH: tl.constexpr,
 ):  # fmt: skip
-    # One time step per iteration. The state tile is (NP, BD): channels across lanes, a channel's NP states inside
-    # one thread, so <C_t, h_t> needs no shuffles and the only loop-carried dependency is one FMA per state.
+    # One time step at a time. The state tile is (NP, BD): channels across lanes, a channel's NP states inside one
+    # thread (BD 32; with BD < 32, 32 / BD lanes split them and <C_t, h_t> costs log2(32 / BD) shuffles), so
+    # <C_t, h_t> needs no shuffles and the only loop-carried dependency is one FMA per state.
     # Every load (A, the state, u/dt/z rows, B/C rows) is contiguous along the layout's fast axis, so no layout
-    # conversion (shared memory, barrier) happens inside the loop. Two steps per iteration, ping-pong: step t+1's
-    # inputs are in flight while step t computes, and step t+2's while t+1 does.
+    # conversion (shared memory, barrier) happens inside the loop. DEPTH steps per iteration, a rotation of DEPTH
+    # input buffers: while step t computes, steps t+1 .. t+DEPTH-1 are loading. Each step waits on nothing but its
+    # own loads, so at long L (few programs, nothing else to switch to) the step time is the load latency divided
+    # by how many steps are in flight: hence DEPTH 4 and the L2 prefetch PREFETCH steps ahead.
     pid_d = tl.program_id(0)
     pid_b = tl.program_id(1).to(tl.int64)
     pid_r = tl.program_id(2).to(tl.int64)
@@ -304,23 +358,46 @@ def _scan_fwd_seq_kernel(
     hs_base = hs_ptr + (pid_r * BATCH + pid_b) * NCHUNK * NP * DIM  # scalar: see the backward
     out_dtype: tl.constexpr = out_ptr.dtype.element_ty
     h = tl.zeros((NP, BD), dtype=tl.float32)
-    tok0, u0, dt0, B0, C0, z0 = _fwd_load(
-        u_base, dt_base, z_base, BC_base, r_base, 0, L, s_u_l, s_dt_l, s_z_l, dmask, ROUTED, HAS_Z, NP
-    )
-    for t in range(0, L, 2):
-        tok1, u1, dt1, B1, C1, z1 = _fwd_load(
-            u_base, dt_base, z_base, BC_base, r_base, t + 1, L, s_u_l, s_dt_l, s_z_l, dmask, ROUTED, HAS_Z, NP
-        )
-        if SAVE_STATES:
-            if t % T == 0:  # T is even, so a saved step is always the first of a pair
-                tl.store(hs_base + (t // T) * NP * DIM + rn[:, None] * DIM + rd[None, :], h, mask=dmask[None, :])
-        h = _fwd_step(h, A2, Dv, dbv, tok0, u0, dt0, B0, C0, z0, t < L, o_base, s_o_l, dmask,
-                      HAS_D, HAS_DB, HAS_Z, SOFTPLUS, ACCUM, FAST, out_dtype)  # fmt: skip
-        tok0, u0, dt0, B0, C0, z0 = _fwd_load(
-            u_base, dt_base, z_base, BC_base, r_base, t + 2, L, s_u_l, s_dt_l, s_z_l, dmask, ROUTED, HAS_Z, NP
-        )
-        h = _fwd_step(h, A2, Dv, dbv, tok1, u1, dt1, B1, C1, z1, t + 1 < L, o_base, s_o_l, dmask,
-                      HAS_D, HAS_DB, HAS_Z, SOFTPLUS, ACCUM, FAST, out_dtype)  # fmt: skip
+    ld = (u_base, dt_base, z_base, BC_base, r_base)
+    st = (s_u_l, s_dt_l, s_z_l)
+    if DEPTH == 2:
+        b0 = _fwd_load(*ld, 0, L, *st, dmask, ROUTED, HAS_Z, NP)
+        for t in range(0, L, 2):
+            b1 = _fwd_load(*ld, t + 1, L, *st, dmask, ROUTED, HAS_Z, NP)
+            if PREFETCH > 0:
+                _fwd_prefetch(*ld, t + PREFETCH, L, *st, dmask, ROUTED, HAS_Z, NP)
+                _fwd_prefetch(*ld, t + PREFETCH + 1, L, *st, dmask, ROUTED, HAS_Z, NP)
+            if SAVE_STATES:
+                if t % T == 0:  # T is a multiple of DEPTH, so a saved step is always the first of an iteration
+                    tl.store(hs_base + (t // T) * NP * DIM + rn[:, None] * DIM + rd[None, :], h, mask=dmask[None, :])
+            h = _fwd_step(h, A2, Dv, dbv, *b0, t < L, o_base, s_o_l, dmask,
+                          HAS_D, HAS_DB, HAS_Z, SOFTPLUS, ACCUM, FAST, out_dtype)  # fmt: skip
+            b0 = _fwd_load(*ld, t + 2, L, *st, dmask, ROUTED, HAS_Z, NP)
+            h = _fwd_step(h, A2, Dv, dbv, *b1, t + 1 < L, o_base, s_o_l, dmask,
+                          HAS_D, HAS_DB, HAS_Z, SOFTPLUS, ACCUM, FAST, out_dtype)  # fmt: skip
+    else:  # DEPTH 4: three steps' inputs in flight while one computes
+        b0 = _fwd_load(*ld, 0, L, *st, dmask, ROUTED, HAS_Z, NP)
+        b1 = _fwd_load(*ld, 1, L, *st, dmask, ROUTED, HAS_Z, NP)
+        b2 = _fwd_load(*ld, 2, L, *st, dmask, ROUTED, HAS_Z, NP)
+        for t in range(0, L, 4):
+            b3 = _fwd_load(*ld, t + 3, L, *st, dmask, ROUTED, HAS_Z, NP)
+            if PREFETCH > 0:
+                for k in tl.static_range(4):
+                    _fwd_prefetch(*ld, t + PREFETCH + k, L, *st, dmask, ROUTED, HAS_Z, NP)
+            if SAVE_STATES:
+                if t % T == 0:
+                    tl.store(hs_base + (t // T) * NP * DIM + rn[:, None] * DIM + rd[None, :], h, mask=dmask[None, :])
+            h = _fwd_step(h, A2, Dv, dbv, *b0, t < L, o_base, s_o_l, dmask,
+                          HAS_D, HAS_DB, HAS_Z, SOFTPLUS, ACCUM, FAST, out_dtype)  # fmt: skip
+            b0 = _fwd_load(*ld, t + 4, L, *st, dmask, ROUTED, HAS_Z, NP)
+            h = _fwd_step(h, A2, Dv, dbv, *b1, t + 1 < L, o_base, s_o_l, dmask,
+                          HAS_D, HAS_DB, HAS_Z, SOFTPLUS, ACCUM, FAST, out_dtype)  # fmt: skip
+            b1 = _fwd_load(*ld, t + 5, L, *st, dmask, ROUTED, HAS_Z, NP)
+            h = _fwd_step(h, A2, Dv, dbv, *b2, t + 2 < L, o_base, s_o_l, dmask,
+                          HAS_D, HAS_DB, HAS_Z, SOFTPLUS, ACCUM, FAST, out_dtype)  # fmt: skip
+            b2 = _fwd_load(*ld, t + 6, L, *st, dmask, ROUTED, HAS_Z, NP)
+            h = _fwd_step(h, A2, Dv, dbv, *b3, t + 3 < L, o_base, s_o_l, dmask,
+                          HAS_D, HAS_DB, HAS_Z, SOFTPLUS, ACCUM, FAST, out_dtype)  # fmt: skip
     if SAVE_LAST:
         tl.store(
             last_ptr + (pid_r * BATCH + pid_b) * NP * DIM + rn[:, None] * DIM + rd[None, :], h, mask=dmask[None, :]
@@ -542,7 +619,7 @@ def _scan_bwd_kernel(
     s_ddt_r, s_ddt_b, s_ddt_l, s_ddt_d,
     s_dz_b, s_dz_l, s_dz_d,
     HAS_D: tl.constexpr, HAS_DB: tl.constexpr, HAS_Z: tl.constexpr, SOFTPLUS: tl.constexpr,
-    ROUTED: tl.constexpr, T: tl.constexpr, BD: tl.constexpr, NP: tl.constexpr,
+    ROUTED: tl.constexpr, T: tl.constexpr, BD: tl.constexpr, NP: tl.constexpr, PREFETCH: tl.constexpr,
 ):  # fmt: skip
     pid_d = tl.program_id(0)
     pid_b = tl.program_id(1).to(tl.int64)
@@ -584,6 +661,15 @@ def _scan_bwd_kernel(
             tok = t.to(tl.int64)
         m2 = tmask[:, None] & dmask[None, :]
         mn = tmask[:, None] & nmask[None, :]
+        if PREFETCH:  # the previous chunk's rows into L2 while this one computes
+            tp = tl.maximum(c - 1, 0) * T + rk
+            tokp = tl.load(route_ptr + pid_r * L + tp, mask=tp < L, other=0) if ROUTED else tp.to(tl.int64)
+            mp = (tp < L)[:, None] & dmask[None, :]
+            _l2_prefetch(u_base + tokp[:, None] * s_u_l + rd[None, :] * s_u_d, mp)
+            _l2_prefetch(dt_base + tokp[:, None] * s_dt_l + rd[None, :] * s_dt_d, mp)
+            _l2_prefetch(do_base + tokp[:, None] * s_do_l + rd[None, :] * s_do_d, mp)
+            if HAS_Z:
+                _l2_prefetch(z_ptr + pid_b * s_z_b + tokp[:, None] * s_z_l + rd[None, :] * s_z_d, mp)
         u = tl.load(u_base + tok[:, None] * s_u_l + rd[None, :] * s_u_d, mask=m2, other=0.0).to(tl.float32)
         dt_raw = tl.load(dt_base + tok[:, None] * s_dt_l + rd[None, :] * s_dt_d, mask=m2, other=0.0).to(tl.float32)
         if HAS_DB:
@@ -740,13 +826,15 @@ def _launch_fwd(u4, dt4, A2, BC, D, db, z3, out4, routes, softplus, accum, save_
     if cfg["kind"] == "seq":
         _scan_fwd_seq_kernel[grid](
             u4, dt4, A2, BC, *opt, zz, out4, hs, last, r, L, dim, nchunk, batch,
-            *u4.stride(), *dt4.stride(), *zz.stride(), *out4.stride(), FAST=not _INTERPRET, **common,
+            *u4.stride(), *dt4.stride(), *zz.stride(), *out4.stride(), FAST=not _INTERPRET,
+            DEPTH=cfg.get("DEPTH", 2), PREFETCH=0 if _INTERPRET else cfg.get("PREFETCH", 0), **common,
         )  # fmt: skip
     else:
         Bv, Cv = BC[..., :NP], BC[..., NP:]
         _scan_fwd_kernel[grid](
             u4, dt4, A2, Bv, Cv, *opt, zz, out4, hs, last, r, L, dim, NP, nchunk, batch,
-            *u4.stride(), *dt4.stride(), *Bv.stride(), *Cv.stride(), *zz.stride(), *out4.stride(), **common,
+            *u4.stride(), *dt4.stride(), *Bv.stride(), *Cv.stride(), *zz.stride(), *out4.stride(),
+            PREFETCH=bool(cfg.get("PREFETCH", 0)) and not _INTERPRET, **common,
         )  # fmt: skip
     return (hs if save_states else None), (last if save_last else None), T
 
@@ -795,7 +883,8 @@ def _launch_bwd(u4, dt4, A2, BC, D, db, z3, dout4, hs, T, routes, du4, ddt4, dz3
         Bv, Cv = BC[..., :NP], BC[..., NP:]
         _scan_bwd_kernel[grid](
             u4, dt4, A2, Bv, Cv, *opt, zz, dout4, hs, r, *grads, dBC, dBC[..., NP:], *dopt,
-            L, dim, NP, nchunk, batch, *u4.stride(), *dt4.stride(), *Bv.stride(), *Cv.stride(), *strides, **common,
+            L, dim, NP, nchunk, batch, *u4.stride(), *dt4.stride(), *Bv.stride(), *Cv.stride(), *strides,
+            PREFETCH=bool(cfg.get("PREFETCH", 0)) and not _INTERPRET, **common,
         )  # fmt: skip
     return dA, dBC[..., :NP], dBC[..., NP:], dD, ddb  # callers slice the padded states off
 

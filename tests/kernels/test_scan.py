@@ -236,9 +236,25 @@ KERNEL_KINDS = {
         {"kind": "chunk", "T": 8, "BD": 16, "num_warps": 2},
         {"kind": "chunk", "T": 8, "BD": 32, "num_warps": 4},
     ),
+    # fewer channels than lanes: 32 / BD lanes share a channel (its states split between them)
+    "seq BD4/chunk T8": (
+        {"kind": "seq", "T": 8, "BD": 4, "num_warps": 1},
+        {"kind": "chunk", "T": 8, "BD": 32, "num_warps": 4},
+    ),
+    "seq/seq BD8 T8 SUBS2": ({"kind": "seq", "T": 8, "BD": 8, "num_warps": 1}, {"kind": "seq", "SUBS": 2, "BD": 8}),
+    # four steps in flight, L2 prefetch 16 steps ahead; the chunked kernels with their prefetch
+    "seq D4 P16/seq T8": (
+        {"kind": "seq", "T": 8, "BD": 8, "num_warps": 1, "DEPTH": 4, "PREFETCH": 16},
+        {"kind": "seq", "SUBS": 2},
+    ),
+    "chunk/chunk T8 prefetch": (
+        {"kind": "chunk", "T": 8, "BD": 16, "num_warps": 2, "PREFETCH": 1},
+        {"kind": "chunk", "T": 8, "BD": 32, "num_warps": 4, "PREFETCH": 1},
+    ),
 }
 INTERPRET_KINDS = {  # tiny tiles under the interpreter
     "seq/seq T4 SUBS2": ({"kind": "seq", "T": 4, "BD": 32, "num_warps": 1}, {"kind": "seq", "T": 4, "SUBS": 2}),
+    "seq D4/seq T4": ({"kind": "seq", "T": 4, "BD": 32, "num_warps": 1, "DEPTH": 4}, {"kind": "seq", "SUBS": 1}),
     "chunk/chunk T4": ({"kind": "chunk", "T": 4, "BD": 4, "num_warps": 1}, {"kind": "chunk", "T": 4, "BD": 4}),
 }
 
@@ -361,7 +377,11 @@ def test_auto_chunk_length_follows_the_saved_state_budget():
         mod.CONFIG["fwd"] = {"kind": "auto", "T": "auto", "BD": 32, "num_warps": 1}
         assert mod._fwd_config(128, 768, 1, 197, 16)["T"] == 4  # 315 MB
         assert mod._fwd_config(128, 768, 2, 197, 16)["T"] == 8  # Vim-S: both directions, 629 MB at T 4
-        small = mod._fwd_config(16, 384, 1, 6085, 16)  # 192 one-warp programs: the chunked kernel, its own T
-        assert small["kind"] == "chunk" and small["T"] == mod._FWD_SMALL_GRID["T"]
+        small = mod._fwd_config(16, 384, 1, 6085, 16)  # 192 programs of 32 channels: the small-grid settings
+        assert small["kind"] == mod._FWD_SMALL_GRID["kind"] and small["T"] == mod._FWD_SMALL_GRID["T"]
+        assert small["BD"] == 16  # BD "fill": 384 programs of 16 channels
+        assert mod._fwd_config(16, 384, 2, 6085, 16)["BD"] == 32  # Vim's two routes: 384 programs of 32
+        mod.CONFIG["fwd"] = {"kind": "seq", "T": 6, "BD": 32, "num_warps": 1, "DEPTH": 4}
+        assert mod._fwd_config(1, 64, 1, 50, 16)["DEPTH"] == 2  # DEPTH must divide T
     finally:
         mod.CONFIG["fwd"] = saved

@@ -49,3 +49,18 @@ def test_bf16_autocast_step_on_cuda():
     assert torch.isfinite(loss) and all(torch.isfinite(p.grad).all() for p in model.parameters())
     opt.step()
     assert all(p.dtype == torch.float32 for p in model.parameters())
+
+
+def test_long_sequence_inference_matches_torch_backend():
+    # 16 images at 768 (2305 tokens, two routes): the long-sequence forward settings (32 channels per program,
+    # loads four steps ahead, L2 prefetch), under bf16 autocast as the inference benchmark runs it
+    if not scan.triton_available():
+        pytest.skip("the Triton backend is not available")
+    torch.manual_seed(0)
+    model = timm.create_model("vim_tiny_patch16_224", depth=2, img_size=768, scan_backend="torch").cuda().eval()
+    x = torch.randn(16, 3, 768, 768, device="cuda")
+    with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16):
+        ref = model(x).float()
+        model.set_scan_backend("triton")
+        out = model(x).float()
+    torch.testing.assert_close(out, ref, rtol=3e-2, atol=3e-2)
