@@ -11,6 +11,7 @@ Vim code gets at 738, whose strided conv drops the last two pixels).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import sys
 from pathlib import Path
@@ -42,6 +43,18 @@ TRAIN_MODELS = {
 }
 
 
+# a Vim row measured with mamba_ssm's CUDA scan in place of ours (--mamba-build; benchmarks/mamba_ssm_cuda.py)
+MAMBA = "+mamba_ssm_scan"
+
+
+def scan_swap(key: str):
+    if not key.endswith(MAMBA):
+        return contextlib.nullcontext()
+    import mamba_ssm_cuda
+
+    return mamba_ssm_cuda.in_place_of_ours()
+
+
 def build(name: str, img_size: int, device: torch.device, extra: dict, scan_backend: str) -> torch.nn.Module:
     kwargs = dict(img_size=img_size, num_classes=1000)
     if name.startswith("vim"):
@@ -66,7 +79,7 @@ def free() -> None:
 
 
 def bench_inference(key: str, img_size: int, device, args) -> dict:
-    name, extra = INFER_MODELS[key]
+    name, extra = INFER_MODELS[key.removesuffix(MAMBA)]
     row = {"model": key, "timm_name": name, "img_size": img_size, "mode": "inference"}
     try:
         model = build(name, img_size, device, extra, args.scan_backend).eval()
@@ -81,14 +94,15 @@ def bench_inference(key: str, img_size: int, device, args) -> dict:
             ):
                 return model(inp)
 
-        ms = time_ms(lambda: run(x), warmup=args.warmup, iters=args.iters)
-        row.update(
-            batch=batch,
-            ms_per_batch=ms,
-            images_per_s=batch * 1e3 / ms,
-            latency_ms_batch1=time_ms(lambda: run(x1), warmup=args.warmup, iters=args.iters, latency=True),
-            peak_mem_gib=peak_memory_gib(lambda: run(x)),
-        )
+        with scan_swap(key):
+            ms = time_ms(lambda: run(x), warmup=args.warmup, iters=args.iters)
+            row.update(
+                batch=batch,
+                ms_per_batch=ms,
+                images_per_s=batch * 1e3 / ms,
+                latency_ms_batch1=time_ms(lambda: run(x1), warmup=args.warmup, iters=args.iters, latency=True),
+                peak_mem_gib=peak_memory_gib(lambda: run(x)),
+            )
     except torch.OutOfMemoryError:
         row.update(error="out of memory")
     finally:
@@ -98,7 +112,7 @@ def bench_inference(key: str, img_size: int, device, args) -> dict:
 
 
 def bench_training(key: str, device, args) -> dict:
-    name = TRAIN_MODELS[key]
+    name = TRAIN_MODELS[key.removesuffix(MAMBA)]
     batch = 4 if args.quick else args.train_batch
     img = 32 if args.quick else 224
     row = {"model": key, "timm_name": name, "img_size": img, "batch": batch, "mode": "train"}
@@ -115,8 +129,9 @@ def bench_training(key: str, device, args) -> dict:
             opt.step()
             opt.zero_grad(set_to_none=True)
 
-        ms = time_ms(step, warmup=args.warmup, iters=args.iters)
-        row.update(ms_per_step=ms, images_per_s=batch * 1e3 / ms, peak_mem_gib=peak_memory_gib(step))
+        with scan_swap(key):
+            ms = time_ms(step, warmup=args.warmup, iters=args.iters)
+            row.update(ms_per_step=ms, images_per_s=batch * 1e3 / ms, peak_mem_gib=peak_memory_gib(step))
     except torch.OutOfMemoryError:
         row.update(error="out of memory")
     finally:
@@ -149,6 +164,9 @@ def summary(rows: list[dict]) -> dict:
         None,
     )
     out["crossover_vim_tiny_beats_fused_deit_tiny_at"] = crossover
+    train = {r["model"]: r for r in rows if r["mode"] == "train" and "images_per_s" in r}
+    for key in [k for k in train if k + MAMBA in train]:
+        out[f"train_speedup_{key}_vs_mamba_ssm_scan"] = train[key]["images_per_s"] / train[key + MAMBA]["images_per_s"]
     return out
 
 
@@ -161,12 +179,21 @@ def main() -> None:
     p.add_argument("--train-models", nargs="*", default=list(TRAIN_MODELS))
     p.add_argument("--train-batch", type=int, default=128)
     p.add_argument("--scan-backend", default="auto")
+    p.add_argument("--mamba-build", default=None, help="also time the Vim models on mamba_ssm's CUDA scan (built here)")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--out", default=None, help="folder for the JSON (default benchmarks/results)")
+    p.add_argument("--result-name", default="backbones", help="the JSON is <name>_<card>.json")
     args = p.parse_args()
     device = torch.device(args.device)
     resolutions = args.resolutions or ((32, 64) if args.quick else RESOLUTIONS)
+    if args.mamba_build:
+        import mamba_ssm_cuda
+
+        if mamba_ssm_cuda.load(args.mamba_build) is None:
+            raise SystemExit(f"no selective_scan_cuda build in {args.mamba_build}: run benchmarks/mamba_ssm_cuda.py first")
+        args.models += [k + MAMBA for k in args.models if k == "vim_tiny"]
+        args.train_models += [k + MAMBA for k in args.train_models if k.startswith("vim")]
 
     rows = []
     for img_size in resolutions:
@@ -177,7 +204,7 @@ def main() -> None:
         rows.append(bench_training(key, device, args))
         print(rows[-1], flush=True)
     result = {"rows": rows, "summary": summary(rows), "quick": args.quick}
-    path = write_result("backbones" + ("_quick" if args.quick else ""), result, args.out)
+    path = write_result(args.result_name + ("_quick" if args.quick else ""), result, args.out)
 
     print(f"\nwritten {path}\n{'model':<18}{'mode':<10}{'size':>6}{'batch':>6}{'img/s':>10}{'lat1 ms':>9}{'GiB':>8}")
     for r in rows:

@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # Everything that must run on a GPU, checked and timed in one call of the device tool (see benchmarks/README.md):
-#   bash benchmarks/gpu_suite.sh [tests] [scan] [cross] [train] [backbones] [ddp]     (no argument: all)
-#   extra steps: kernel_tests (tests/kernels only), scan_variants (scan.py --variants: times the kernel variants)
+#   bash benchmarks/gpu_suite.sh [tests] [scan] [cross] [train] [backbones] [ddp]     (no argument: these)
+#   extra steps: kernel_tests / model_tests (one folder of the GPU tests), scan_variants (scan.py --variants: times the kernel variants),
+#   profile (kernel table of vim_tiny inference at 1248), mamba (builds mamba_ssm's selective_scan_cuda from the
+#   sdist carried in .whl/, in the background: the scan and mamba_side steps wait for it and time it beside ours).
+#   The final figures of benchmarks/README.md: bash benchmarks/gpu_suite.sh mamba model_tests backbones mamba_side scan
 # Needs the offline wheels (`../shared/offline-wheels.sh .whl`, carried as .whl). Results land in $OUT.
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu_suite}
@@ -24,17 +27,33 @@ run() {  # name, command...
 }
 common_train=(data=digits data.img_size=224 data.num_workers=8 model=vim_small model.scan_backend=triton
   task.base_lr=1e-3 task.schedule.warmup_epochs=1 logger=csv callbacks=default_with_throughput extras.print_config=false test=false)
+mamba_pid=""; mamba_args=()
+mamba_ready() {  # wait for a background mamba_ssm build; its folder goes to the benchmarks when it succeeded
+  if [ -n "$mamba_pid" ]; then
+    wait "$mamba_pid"; status[mamba]="rc=$? (built in the background)"; mamba_pid=""
+    tail -n 3 "$OUT/mamba.log"
+    ls /tmp/mamba_build/selective_scan_cuda*.so >/dev/null 2>&1 && mamba_args=(--mamba-build /tmp/mamba_build)
+  fi
+}
 for step in $steps; do
   case $step in
+    mamba) mkdir -p /tmp/mamba_src && tar xzf .whl/mamba_ssm-*.tar.gz -C /tmp/mamba_src || exit 1
+           MAX_JOBS=12 python3 benchmarks/mamba_ssm_cuda.py --src /tmp/mamba_src/mamba_ssm-* --build /tmp/mamba_build \
+             > "$OUT/mamba.log" 2>&1 & mamba_pid=$! ;;
+    profile) run profile python3 benchmarks/profile_backbone.py --out "$OUT" ;;
     tests) run tests python3 -m pytest -q -m gpu tests/kernels tests/models -p no:cacheprovider ;;
     kernel_tests) run kernel_tests python3 -m pytest -q -m gpu tests/kernels -p no:cacheprovider ;;
-    scan) run scan python3 benchmarks/scan.py --out "$OUT" ;;
+    scan) mamba_ready; run scan python3 benchmarks/scan.py "${mamba_args[@]}" --out "$OUT" ;;
     scan_variants) run scan_variants python3 benchmarks/scan.py --variants --no-torch --out "$OUT" ;;
     cross) run cross python3 benchmarks/cross_scan.py --out "$OUT" ;;
     train) run train python3 src/train.py "${common_train[@]}" trainer=gpu data.batch_size=128 trainer.max_steps=300 \
              trainer.max_epochs=1000 hydra.run.dir="$OUT/train_run" paths.data_dir=/tmp/data
            run train_check python3 benchmarks/gpu_model_check.py "$OUT/train_run" --out "$OUT" ;;
-    backbones) run backbones python3 benchmarks/backbones.py --out "$OUT" ;;
+    model_tests) run model_tests python3 -m pytest -q -m gpu tests/models -p no:cacheprovider ;;
+    backbones) run backbones python3 benchmarks/backbones.py --iters 10 --out "$OUT" ;;
+    mamba_side) mamba_ready  # Vim with mamba_ssm's scan in place of ours: vim_tiny at 1248, vim_small training
+      run mamba_side python3 benchmarks/backbones.py --models vim_tiny --resolutions 1248 --train-models vim_small \
+        --iters 10 "${mamba_args[@]}" --result-name backbones_mamba_ssm --out "$OUT" ;;
     ddp) if [ "$(python3 -c 'import torch; print(torch.cuda.device_count())')" -ge 2 ]; then
            run ddp1 python3 src/train.py "${common_train[@]}" trainer=gpu data.batch_size=128 trainer.max_steps=120 \
                trainer.max_epochs=1000 trainer.limit_val_batches=0 optimized_metric=null hydra.run.dir="$OUT/ddp1" paths.data_dir=/tmp/data
@@ -44,5 +63,6 @@ for step in $steps; do
          else status[ddp]="skipped: one GPU"; fi ;;
   esac
 done
+mamba_ready
 echo; echo "== GPU suite summary =="
 for k in "${!status[@]}"; do printf '%-14s %s\n' "$k" "${status[$k]}"; done

@@ -134,8 +134,8 @@ def torch_scan(**kw):
 
 
 # kernel variants, tried in one call (--variants): name, full fwd config, full bwd config (T must agree)
-def _seq(T, BD=32, w=1):
-    return {"kind": "seq", "T": T, "BD": BD, "num_warps": w}
+def _seq(T, BD=32, w=1, **kw):
+    return {"kind": "seq", "T": T, "BD": BD, "num_warps": w, **kw}
 
 
 def _bseq(T, subs, BD=32, w=1):
@@ -143,24 +143,23 @@ def _bseq(T, subs, BD=32, w=1):
 
 
 VARIANTS = [
-    ("seq T4 SUBS1", _seq(4), _bseq(4, 1)),
-    ("seq T4 SUBS1 maxnreg168", _seq(4), {**_bseq(4, 1), "maxnreg": 168}),
-    ("seq T4 SUBS2 maxnreg168", _seq(4), {**_bseq(4, 2), "maxnreg": 168}),
-    ("seq T8 SUBS2 maxnreg168", _seq(8), {**_bseq(8, 2), "maxnreg": 168}),
-    ("seq T4 SUBS1 maxnreg128", _seq(4), {**_bseq(4, 1), "maxnreg": 128}),
-    ("seq T4 SUBS1, fwd maxnreg128", {**_seq(4), "maxnreg": 128}, _bseq(4, 1)),
     ("seq T8 SUBS2", _seq(8), _bseq(8, 2)),
+    # forward: four steps' loads in flight (DEPTH 4) / an L2 prefetch PREFETCH steps ahead
+    ("seq T8 fwd DEPTH4", _seq(8, DEPTH=4), _bseq(8, 2)),
+    ("seq T8 fwd PREFETCH16", _seq(8, PREFETCH=16), _bseq(8, 2)),
+    ("seq T8 fwd BD16 DEPTH4 PREFETCH16", _seq(8, 16, DEPTH=4, PREFETCH=16), _bseq(8, 2)),
 ]
-# small-grid (long L) variants at (16, 384, 6085)
+# small-grid (long L) variants at (16, 384, 6085): 192 programs of 32 channels. Fewer channels per program (BD)
+# means 32 / BD lanes share a channel, each holding 16 * BD / 32 of its states.
+_CHUNK_FWD = {"kind": "chunk", "T": 8, "BD": 16, "num_warps": 2}
+_CHUNK_BWD = {"kind": "chunk", "T": 8, "BD": 32, "num_warps": 4}
 SMALL_VARIANTS = [
-    ("small seq/seq T8 SUBS2", _seq(8), _bseq(8, 2)),
-    (
-        "small chunk/chunk",
-        {"kind": "chunk", "T": 8, "BD": 16, "num_warps": 2},
-        {"kind": "chunk", "T": 8, "BD": 32, "num_warps": 4},
-    ),
-    ("small seq/chunk", _seq(8), {"kind": "chunk", "T": 8, "BD": 32, "num_warps": 4}),
-    ("small chunk/seq", {"kind": "chunk", "T": 8, "BD": 16, "num_warps": 2}, _bseq(8, 2)),
+    ("small chunk/chunk", _CHUNK_FWD, _CHUNK_BWD),
+    ("small chunk/chunk PREFETCH", {**_CHUNK_FWD, "PREFETCH": 1}, {**_CHUNK_BWD, "PREFETCH": 1}),
+    ("small seq BD8 DEPTH4/chunk PREFETCH", _seq(8, 8, DEPTH=4), {**_CHUNK_BWD, "PREFETCH": 1}),
+    ("small seq BD8 DEPTH4 PREFETCH16/chunk PREFETCH", _seq(8, 8, DEPTH=4, PREFETCH=16), {**_CHUNK_BWD, "PREFETCH": 1}),
+    ("small seq BD4 DEPTH4 PREFETCH32/chunk PREFETCH", _seq(8, 4, DEPTH=4, PREFETCH=32), {**_CHUNK_BWD, "PREFETCH": 1}),
+    ("small seq BD16 DEPTH4 PREFETCH16/chunk PREFETCH", _seq(8, 16, DEPTH=4, PREFETCH=16), {**_CHUNK_BWD, "PREFETCH": 1}),
 ]
 
 
@@ -211,7 +210,7 @@ def variants(log, which="all"):
     if bb is not None:
         ts.CONFIG["fwd"], ts.CONFIG["bwd"] = dict(bb["fwd"]), dict(bb["bwd"])
     if bs is not None:
-        ts._FWD_SMALL_GRID = {k: bs["fwd"][k] for k in ("kind", "T", "BD", "num_warps")}
+        ts._FWD_SMALL_GRID = dict(bs["fwd"])
         ts._BWD_SMALL_GRID = {k: v for k, v in bs["bwd"].items() if k != "T"}  # the backward takes the forward's T
         ts.CONFIG["fwd"]["kind"] = ts.CONFIG["bwd"]["kind"] = "auto"
     log(f"chosen config {ts.CONFIG} small grid fwd {ts._FWD_SMALL_GRID} bwd {ts._BWD_SMALL_GRID}")
@@ -225,6 +224,7 @@ def main() -> None:
         "--variants", nargs="?", const="all", choices=("all", "big", "small"), help="time the kernel variants first"
     )
     ap.add_argument("--no-torch", action="store_true", help="skip the torch backend timings")
+    ap.add_argument("--mamba-build", default=None, help="folder of a built mamba_ssm selective_scan_cuda")
     ap.add_argument("--out", default=None, help="results folder (default benchmarks/results)")
     args = ap.parse_args()
     lines: list[str] = []
@@ -251,13 +251,14 @@ def main() -> None:
     exp_tps = exp_rate_tps()
     log(f"copy bandwidth {bw:.0f} GB/s (read+write); exp2 rate {exp_tps / 1e12:.2f} T/s")
     result.update(copy_bandwidth_gbs=bw, exp2_per_s=exp_tps, mamba_ssm_reference_h100=MAMBA_REF, n_state=N)
-    try:
-        from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
+    import mamba_ssm_cuda
 
-        result["mamba_ssm"] = "importable"
-    except ImportError as e:
-        selective_scan_fn = None
-        result["mamba_ssm"] = f"not importable here ({e}); not installable offline"
+    selective_scan_fn = mamba_ssm_cuda.selective_scan_fn if mamba_ssm_cuda.load(args.mamba_build) else None
+    result["mamba_ssm"] = (
+        f"selective_scan_cuda built from the mamba_ssm sdist in {args.mamba_build} (benchmarks/mamba_ssm_cuda.py)"
+        if selective_scan_fn
+        else "not built (pass --mamba-build DIR, see benchmarks/mamba_ssm_cuda.py): mamba_ssm publishes sources only"
+    )
     if args.variants:
         result["variants"] = variants(log, args.variants)
         result["small_grid"] = {"fwd": dict(ts._FWD_SMALL_GRID), "bwd": dict(ts._BWD_SMALL_GRID)}
@@ -286,8 +287,11 @@ def main() -> None:
                 row["torch"] = "out of memory"
             torch.cuda.empty_cache()
         if selective_scan_fn is not None:
-            mf, mfb = time_fwd_bwd(lambda **kw: selective_scan_fn(**kw, delta_softplus=True), inputs)
-            row.update(mamba_fwd_ms=mf, mamba_fwd_bwd_ms=mfb)
+            # its own layout, made outside the timing: (batch, dim, L) with L contiguous
+            m_in = {k: v.contiguous() for k, v in inputs.items()}
+            mf, mfb = time_fwd_bwd(lambda **kw: selective_scan_fn(**kw, delta_softplus=True), m_in)
+            row.update(mamba_fwd_ms=mf, mamba_fwd_bwd_ms=mfb, fwd_vs_mamba=f / mf, fwd_bwd_vs_mamba=fb / mfb)
+            del m_in
         rows.append(row)
         log(f"scan {row}")
         del inputs
@@ -315,12 +319,15 @@ def main() -> None:
     path = write_result("scan", result, Path(args.out) if args.out else None)
     # the short table, last
     print(f"\nresults: {path}")
-    print(f"{'shape (b,d,L)':>18} {'fwd ms':>8} {'f+b ms':>8} {'budget':>7} {'floor f+b':>9} {'torch f+b':>9}")
+    print(f"{'shape (b,d,L)':>18} {'fwd ms':>8} {'f+b ms':>8} {'budget':>7} {'floor f+b':>9} {'torch f+b':>9}"
+          f" {'mamba f':>8} {'mamba f+b':>9}")  # fmt: skip
     for r in rows:
         floor_fb = max(r["fwd_bwd_bytes_ms"], r["fwd_bwd_exp_ms"])
         tfb = f"{r['torch_fwd_bwd_ms']:.2f}" if "torch_fwd_bwd_ms" in r else "-"
+        mf = f"{r['mamba_fwd_ms']:.3f}" if "mamba_fwd_ms" in r else "-"
+        mfb = f"{r['mamba_fwd_bwd_ms']:.3f}" if "mamba_fwd_bwd_ms" in r else "-"
         print(f"{str(tuple(r['shape'])):>18} {r['triton_fwd_ms']:8.3f} {r['triton_fwd_bwd_ms']:8.3f} "
-              f"{r['budget_ms']:7.2f} {floor_fb:9.3f} {tfb:>9}")  # fmt: skip
+              f"{r['budget_ms']:7.2f} {floor_fb:9.3f} {tfb:>9} {mf:>8} {mfb:>9}")  # fmt: skip
     for r in route_rows:
         print(f"R={r['R']} {str(tuple(r['shape'])):>14} {r['triton_fwd_ms']:8.3f} {r['triton_fwd_bwd_ms']:8.3f}")
 
