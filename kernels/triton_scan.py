@@ -233,14 +233,20 @@ def _softplus_fast(x, FAST: tl.constexpr):
 
 
 @triton.jit
-def _fwd_load(u_base, dt_base, z_base, BC_base, route_ptr, t, L, s_u_l, s_dt_l, s_z_l, dmask,
-              ROUTED: tl.constexpr, HAS_Z: tl.constexpr, NP: tl.constexpr):  # fmt: skip
-    # inputs of time step t (clamped into [0, L): a step past the end loads step L-1's and is made inert by its caller)
+def _step_token(route_ptr, t, L, ROUTED: tl.constexpr):
+    # the token a route visits at step t, t clamped into [0, L) (a step past the end reads step L-1's inputs and
+    # is made inert by the caller)
     tc = tl.minimum(t, L - 1)
     if ROUTED:
-        tok = tl.load(route_ptr + tc)
-    else:
-        tok = tc.to(tl.int64)
+        return tl.load(route_ptr + tc)
+    return tc.to(tl.int64)
+
+
+@triton.jit
+def _fwd_load(u_base, dt_base, z_base, BC_base, route_ptr, t, L, s_u_l, s_dt_l, s_z_l, dmask,
+              ROUTED: tl.constexpr, HAS_Z: tl.constexpr, NP: tl.constexpr):  # fmt: skip
+    # inputs of time step t
+    tok = _step_token(route_ptr, t, L, ROUTED)
     u = tl.load(u_base + tok * s_u_l, mask=dmask, other=0.0)
     dt = tl.load(dt_base + tok * s_dt_l, mask=dmask, other=0.0)
     Bt = tl.load(BC_base + tok * (2 * NP) + tl.arange(0, NP))
@@ -266,11 +272,7 @@ def _l2_prefetch(ptrs, mask):
 def _fwd_prefetch(u_base, dt_base, z_base, BC_base, route_ptr, t, L, s_u_l, s_dt_l, s_z_l, dmask,
                   ROUTED: tl.constexpr, HAS_Z: tl.constexpr, NP: tl.constexpr):  # fmt: skip
     # L2 prefetch of step t's rows (the one-step forward's loads run only a step or three ahead)
-    tc = tl.minimum(t, L - 1)
-    if ROUTED:
-        tok = tl.load(route_ptr + tc)
-    else:
-        tok = tc.to(tl.int64)
+    tok = _step_token(route_ptr, t, L, ROUTED)
     _l2_prefetch(u_base + tok * s_u_l, dmask)
     _l2_prefetch(dt_base + tok * s_dt_l, dmask)
     if HAS_Z:
@@ -502,8 +504,7 @@ def _scan_bwd_seq_kernel(
             # ---- recompute the sub-chunk's start state
             for k in tl.static_range(j * S):
                 t = c * T + k
-                tc = tl.minimum(t, L - 1)
-                tok = tl.load(r_base + tc) if ROUTED else tc.to(tl.int64)
+                tok = _step_token(r_base, t, L, ROUTED)
                 u = tl.load(u_base + tok * s_u_l, mask=dmask, other=0.0).to(tl.float32)
                 dt = tl.load(dt_base + tok * s_dt_l, mask=dmask, other=0.0).to(tl.float32)
                 Bt = tl.load(BC_base + tok * (2 * NP) + tl.arange(0, NP))
@@ -522,8 +523,7 @@ def _scan_bwd_seq_kernel(
             for k in tl.static_range(S):
                 t = c * T + j * S + k
                 live = t < L
-                tc = tl.minimum(t, L - 1)
-                tok = tl.load(r_base + tc) if ROUTED else tc.to(tl.int64)
+                tok = _step_token(r_base, t, L, ROUTED)
                 m1 = dmask & live
                 u = tl.load(u_base + tok * s_u_l, mask=dmask, other=0.0).to(tl.float32)
                 dt_raw = tl.load(dt_base + tok * s_dt_l, mask=dmask, other=0.0).to(tl.float32)
@@ -564,8 +564,7 @@ def _scan_bwd_seq_kernel(
             for k in tl.static_range(S - 1, -1, -1):
                 t = c * T + j * S + k
                 live = t < L
-                tc = tl.minimum(t, L - 1)
-                tok = tl.load(r_base + tc) if ROUTED else tc.to(tl.int64)
+                tok = _step_token(r_base, t, L, ROUTED)
                 m1 = dmask & live
                 Bt = tl.load(BC_base + tok * (2 * NP) + tl.arange(0, NP))
                 Ct = tl.load(BC_base + tok * (2 * NP) + NP + tl.arange(0, NP))
