@@ -191,7 +191,9 @@ def main() -> None:
         import mamba_ssm_cuda
 
         if mamba_ssm_cuda.load(args.mamba_build) is None:
-            raise SystemExit(f"no selective_scan_cuda build in {args.mamba_build}: run benchmarks/mamba_ssm_cuda.py first")
+            raise SystemExit(
+                f"no selective_scan_cuda build in {args.mamba_build}: run benchmarks/mamba_ssm_cuda.py first"
+            )
         args.models += [k + MAMBA for k in args.models if k == "vim_tiny"]
         args.train_models += [k + MAMBA for k in args.train_models if k.startswith("vim")]
 

@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # Everything that must run on a GPU, checked and timed in one call of the device tool (see benchmarks/README.md):
 #   bash benchmarks/gpu_suite.sh [tests] [scan] [cross] [train] [backbones] [ddp]     (no argument: these)
-#   extra steps: kernel_tests / model_tests (one folder of the GPU tests), scan_variants (scan.py --variants: times the kernel variants),
+#   extra steps: kernel_tests / model_tests (one folder of the GPU tests), scan_variants (scan.py --variants),
 #   profile (kernel table of vim_tiny inference at 1248), mamba (builds mamba_ssm's selective_scan_cuda from the
 #   sdist carried in .whl/, in the background: the scan and mamba_side steps wait for it and time it beside ours).
-#   The final figures of benchmarks/README.md: bash benchmarks/gpu_suite.sh mamba model_tests backbones mamba_side scan
+#   The third session's figures: bash benchmarks/gpu_suite.sh mamba model_tests profile backbones mamba_side scan
 # Needs the offline wheels (`../shared/offline-wheels.sh .whl`, carried as .whl). Results land in $OUT.
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu_suite}

@@ -42,10 +42,17 @@ def main() -> None:
     events = [e for e in prof.key_averages() if e.device_time_total > 0]
     total = sum(e.device_time_total for e in events)
     rows = sorted(
-        ({"kernel": e.key[:90], "ms_per_pass": e.device_time_total / 1e3 / args.iters, "share": e.device_time_total / total,
-          "calls_per_pass": e.count / args.iters} for e in events),
+        (
+            {
+                "kernel": e.key[:90],
+                "ms_per_pass": e.device_time_total / 1e3 / args.iters,
+                "share": e.device_time_total / total,
+                "calls_per_pass": e.count / args.iters,
+            }
+            for e in events
+        ),
         key=lambda r: -r["ms_per_pass"],
-    )  # fmt: skip
+    )
     print(f"{args.model} {args.img_size} batch {args.batch}: {total / 1e3 / args.iters:.2f} ms of GPU kernels per pass")
     for r in rows[: args.top]:
         print(f"{r['ms_per_pass']:8.3f} ms {100 * r['share']:5.1f}% x{r['calls_per_pass']:<5.0f} {r['kernel']}")

@@ -1,6 +1,7 @@
-"""Selective-scan benchmark: Triton vs torch (vs mamba_ssm when importable) at Vim shapes, against the two floors.
+"""Selective-scan benchmark: Triton vs torch (and mamba_ssm's CUDA kernel, once built) at Vim shapes, against floors.
 
 python benchmarks/scan.py            # benchmark, JSON to benchmarks/results/scan_<card>.json
+python benchmarks/scan.py --mamba-build DIR  # with mamba_ssm's column (DIR from benchmarks/mamba_ssm_cuda.py)
 python benchmarks/scan.py --check    # first the GPU kernel tests (pytest -m gpu tests/kernels), then the above
 python benchmarks/scan.py --variants # also time the kernel variants (gradients checked first), use the fastest
 """
@@ -153,13 +154,14 @@ VARIANTS = [
 # means 32 / BD lanes share a channel, each holding 16 * BD / 32 of its states.
 _CHUNK_FWD = {"kind": "chunk", "T": 8, "BD": 16, "num_warps": 2}
 _CHUNK_BWD = {"kind": "chunk", "T": 8, "BD": 32, "num_warps": 4}
+_CHUNK_BWD_PF = {**_CHUNK_BWD, "PREFETCH": 1}
 SMALL_VARIANTS = [
     ("small chunk/chunk", _CHUNK_FWD, _CHUNK_BWD),
-    ("small chunk/chunk PREFETCH", {**_CHUNK_FWD, "PREFETCH": 1}, {**_CHUNK_BWD, "PREFETCH": 1}),
-    ("small seq BD8 DEPTH4/chunk PREFETCH", _seq(8, 8, DEPTH=4), {**_CHUNK_BWD, "PREFETCH": 1}),
-    ("small seq BD8 DEPTH4 PREFETCH16/chunk PREFETCH", _seq(8, 8, DEPTH=4, PREFETCH=16), {**_CHUNK_BWD, "PREFETCH": 1}),
-    ("small seq BD4 DEPTH4 PREFETCH32/chunk PREFETCH", _seq(8, 4, DEPTH=4, PREFETCH=32), {**_CHUNK_BWD, "PREFETCH": 1}),
-    ("small seq BD16 DEPTH4 PREFETCH16/chunk PREFETCH", _seq(8, 16, DEPTH=4, PREFETCH=16), {**_CHUNK_BWD, "PREFETCH": 1}),
+    ("small chunk/chunk PREFETCH", {**_CHUNK_FWD, "PREFETCH": 1}, _CHUNK_BWD_PF),
+    ("small seq BD8 DEPTH4/chunk PREFETCH", _seq(8, 8, DEPTH=4), _CHUNK_BWD_PF),
+    ("small seq BD8 DEPTH4 PREFETCH16/chunk PREFETCH", _seq(8, 8, DEPTH=4, PREFETCH=16), _CHUNK_BWD_PF),
+    ("small seq BD4 DEPTH4 PREFETCH32/chunk PREFETCH", _seq(8, 4, DEPTH=4, PREFETCH=32), _CHUNK_BWD_PF),
+    ("small seq BD16 DEPTH4 PREFETCH16/chunk PREFETCH", _seq(8, 16, DEPTH=4, PREFETCH=16), _CHUNK_BWD_PF),
 ]
 
 

@@ -23,7 +23,8 @@ LOG2E = 1.4426950408889634
 # programs, else the *_SMALL_GRID settings. BD below 32 with one warp: 32 / BD lanes share a channel, each holding
 # 16 BD / 32 of its states (Triton's default layout of the (NP, BD) tile; y is then summed by shuffles).
 # Forward "seq" only: DEPTH (2 or 4) steps per loop iteration, DEPTH - 1 of them loading while one computes;
-# PREFETCH (steps ahead, 0 = off): an L2 prefetch of that step's rows. Chunked kernels: PREFETCH (bool) prefetches the next (fwd) / previous (bwd) chunk.
+# PREFETCH (steps ahead, 0 = off): an L2 prefetch of that step's rows. Chunked kernels: PREFETCH (bool) prefetches
+# the next (fwd) / previous (bwd) chunk.
 # Under the interpreter every program costs seconds, so grids are kept tiny there; BD 32 with one warp is the
 # layout the seq backward's lane reduce-scatter is written for, and the tests run it as the GPU does.
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -340,8 +341,8 @@ def _scan_fwd_seq_kernel(
     PREFETCH: tl.constexpr,
 ):  # fmt: skip
     # One time step at a time. The state tile is (NP, BD): channels across lanes, a channel's NP states inside one
-    # thread (BD 32; with BD < 32, 32 / BD lanes split them and <C_t, h_t> costs log2(32 / BD) shuffles), so
-    # <C_t, h_t> needs no shuffles and the only loop-carried dependency is one FMA per state.
+    # thread, so <C_t, h_t> needs no shuffles and the only loop-carried dependency is one FMA per state (with
+    # BD < 32, 32 / BD lanes split a channel's states and <C_t, h_t> costs log2(32 / BD) shuffles).
     # Every load (A, the state, u/dt/z rows, B/C rows) is contiguous along the layout's fast axis, so no layout
     # conversion (shared memory, barrier) happens inside the loop. DEPTH steps per iteration, a rotation of DEPTH
     # input buffers: while step t computes, steps t+1 .. t+DEPTH-1 are loading. Each step waits on nothing but its
