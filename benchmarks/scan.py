@@ -162,6 +162,9 @@ SMALL_VARIANTS = [
     ("small seq BD8 DEPTH4 PREFETCH16/chunk PREFETCH", _seq(8, 8, DEPTH=4, PREFETCH=16), _CHUNK_BWD_PF),
     ("small seq BD4 DEPTH4 PREFETCH32/chunk PREFETCH", _seq(8, 4, DEPTH=4, PREFETCH=32), _CHUNK_BWD_PF),
     ("small seq BD16 DEPTH4 PREFETCH16/chunk PREFETCH", _seq(8, 16, DEPTH=4, PREFETCH=16), _CHUNK_BWD_PF),
+    # L split into segments (two passes: _scan_fwd_split_kernel); not yet timed when written
+    ("small split SEG256 PREFETCH16/chunk PREFETCH", {**_seq(8, PREFETCH=16), "kind": "split", "SEG": 256}, _CHUNK_BWD_PF),
+    ("small split SEG128 PREFETCH16/chunk PREFETCH", {**_seq(8, PREFETCH=16), "kind": "split", "SEG": 128}, _CHUNK_BWD_PF),
 ]
 
 

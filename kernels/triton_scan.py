@@ -24,7 +24,8 @@ LOG2E = 1.4426950408889634
 # 16 BD / 32 of its states (Triton's default layout of the (NP, BD) tile; y is then summed by shuffles).
 # Forward "seq" only: DEPTH (2 or 4) steps per loop iteration, DEPTH - 1 of them loading while one computes;
 # PREFETCH (steps ahead, 0 = off): an L2 prefetch of that step's rows. Chunked kernels: PREFETCH (bool) prefetches
-# the next (fwd) / previous (bwd) chunk.
+# the next (fwd) / previous (bwd) chunk. fwd kind "split" (opt-in, not yet run on a GPU): _scan_fwd_split_kernel,
+# L split into segments of SEG steps, two launches.
 # Under the interpreter every program costs seconds, so grids are kept tiny there; BD 32 with one warp is the
 # layout the seq backward's lane reduce-scatter is written for, and the tests run it as the GPU does.
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -283,16 +284,23 @@ def _fwd_prefetch(u_base, dt_base, z_base, BC_base, route_ptr, t, L, s_u_l, s_dt
 
 
 @triton.jit
-def _fwd_step(h, A2, Dv, dbv, tok, u, dt, Bt, Ct, zv, live, o_base, s_o_l, dmask,
-              HAS_D: tl.constexpr, HAS_DB: tl.constexpr, HAS_Z: tl.constexpr, SOFTPLUS: tl.constexpr,
-              ACCUM: tl.constexpr, FAST: tl.constexpr, out_dtype: tl.constexpr):  # fmt: skip
-    u = u.to(tl.float32)
+def _step_delta(dt, dbv, live, HAS_DB: tl.constexpr, SOFTPLUS: tl.constexpr, FAST: tl.constexpr):
+    # the step's delta in fp32: + delta_bias, softplus; 0 for a step past the end (decay 1, no input: h passes
+    # through unchanged)
     dt = dt.to(tl.float32)
     if HAS_DB:
         dt = dt + dbv
     if SOFTPLUS:
         dt, _ = _softplus_fast(dt, FAST)
-    dt = tl.where(live, dt, 0.0)  # a step past the end: decay 1, no input, h passes through unchanged
+    return tl.where(live, dt, 0.0)
+
+
+@triton.jit
+def _fwd_step(h, A2, Dv, dbv, tok, u, dt, Bt, Ct, zv, live, o_base, s_o_l, dmask,
+              HAS_D: tl.constexpr, HAS_DB: tl.constexpr, HAS_Z: tl.constexpr, SOFTPLUS: tl.constexpr,
+              ACCUM: tl.constexpr, FAST: tl.constexpr, out_dtype: tl.constexpr):  # fmt: skip
+    u = u.to(tl.float32)
+    dt = _step_delta(dt, dbv, live, HAS_DB, SOFTPLUS, FAST)
     a = tl.exp2(dt[None, :] * A2)
     h = a * h + Bt[:, None] * (dt * u)[None, :]
     y = tl.sum(h * Ct[:, None], axis=0)
@@ -405,6 +413,88 @@ def _scan_fwd_seq_kernel(
         tl.store(
             last_ptr + (pid_r * BATCH + pid_b) * NP * DIM + rn[:, None] * DIM + rd[None, :], h, mask=dmask[None, :]
         )
+
+
+@triton.jit
+def _scan_fwd_split_kernel(
+    u_ptr, dt_ptr, A_ptr, BC_ptr, D_ptr, db_ptr, z_ptr, out_ptr, hs_ptr, last_ptr, route_ptr, hend_ptr, dtsum_ptr,
+    L, DIM, NCHUNK, BATCH, NSEG,
+    s_u_r, s_u_b, s_u_l, s_u_d,
+    s_dt_r, s_dt_b, s_dt_l, s_dt_d,
+    s_z_b, s_z_l, s_z_d,
+    s_o_r, s_o_b, s_o_l, s_o_d,
+    HAS_D: tl.constexpr, HAS_DB: tl.constexpr, HAS_Z: tl.constexpr, SOFTPLUS: tl.constexpr,
+    ROUTED: tl.constexpr, ACCUM: tl.constexpr, SAVE_LAST: tl.constexpr, SAVE_STATES: tl.constexpr,
+    T: tl.constexpr, BD: tl.constexpr, NP: tl.constexpr, FAST: tl.constexpr, PREFETCH: tl.constexpr,
+    SEG: tl.constexpr, FINAL: tl.constexpr,
+):  # fmt: skip
+    # L split into NSEG segments of SEG steps, one program per (channel block, batch, route, segment): NSEG times
+    # the programs of the one-step forward, for grids that have too few (long L, small batch). Two launches:
+    # FINAL False: each segment's scan from a zero state; stores its end state and the sum of its deltas (its
+    #   total decay is exp(A * that sum)); no output.
+    # FINAL True: each segment's start state from the earlier segments' pairs, h = exp(A sum_k) h + hend_k for
+    #   k < s (NSEG is small), then the segment again from that state, writing y (and the saved chunk states)
+    #   exactly as the one-step forward does. Twice the exponentials of the one-step forward.
+    # NOT YET RUN ON A GPU (checked under the interpreter and compiled for sm_90 offline): opt-in ("kind": "split"),
+    # never chosen by "auto".
+    pid_d = tl.program_id(0)
+    pid_b = tl.program_id(1).to(tl.int64)
+    pid_r = (tl.program_id(2) // NSEG).to(tl.int64)
+    seg = tl.program_id(2) % NSEG
+    rd, rn, dmask, A2, Dv, dbv = _channel_block(A_ptr, D_ptr, db_ptr, pid_d, pid_r, DIM, HAS_D, HAS_DB, BD, NP)
+    u_base = u_ptr + pid_r * s_u_r + pid_b * s_u_b + rd * s_u_d
+    dt_base = dt_ptr + pid_r * s_dt_r + pid_b * s_dt_b + rd * s_dt_d
+    z_base = z_ptr + pid_b * s_z_b + rd * s_z_d
+    o_base = out_ptr + pid_r * s_o_r + pid_b * s_o_b + rd * s_o_d
+    BC_base = BC_ptr + (pid_r * BATCH + pid_b) * L * (2 * NP)
+    r_base = route_ptr + pid_r * L
+    hs_base = hs_ptr + (pid_r * BATCH + pid_b) * NCHUNK * NP * DIM
+    rb = (pid_r * BATCH + pid_b) * NSEG  # this (route, batch)'s first segment record
+    out_dtype: tl.constexpr = out_ptr.dtype.element_ty
+    t0 = seg * SEG
+    t1 = tl.minimum(t0 + SEG, L)
+    h = tl.zeros((NP, BD), dtype=tl.float32)
+    if FINAL:
+        for k in range(0, seg):
+            dsum = tl.load(dtsum_ptr + (rb + k) * DIM + rd, mask=dmask, other=0.0)
+            hk = tl.load(hend_ptr + ((rb + k) * NP + rn[:, None]) * DIM + rd[None, :], mask=dmask[None, :], other=0.0)
+            h = tl.exp2(dsum[None, :] * A2) * h + hk
+    dts = tl.zeros((BD,), dtype=tl.float32)
+    ld = (u_base, dt_base, z_base, BC_base, r_base)
+    st = (s_u_l, s_dt_l, s_z_l)
+    b0 = _fwd_load(*ld, t0, L, *st, dmask, ROUTED, HAS_Z, NP)
+    for t in range(t0, t1, 2):  # SEG is a multiple of T, T of 2: saved steps are the first of a pair
+        b1 = _fwd_load(*ld, t + 1, L, *st, dmask, ROUTED, HAS_Z, NP)
+        if PREFETCH > 0:
+            _fwd_prefetch(*ld, t + PREFETCH, L, *st, dmask, ROUTED, HAS_Z, NP)
+            _fwd_prefetch(*ld, t + PREFETCH + 1, L, *st, dmask, ROUTED, HAS_Z, NP)
+        if FINAL:
+            if SAVE_STATES:
+                if t % T == 0:
+                    tl.store(hs_base + (t // T) * NP * DIM + rn[:, None] * DIM + rd[None, :], h, mask=dmask[None, :])
+            h = _fwd_step(h, A2, Dv, dbv, *b0, t < t1, o_base, s_o_l, dmask,
+                          HAS_D, HAS_DB, HAS_Z, SOFTPLUS, ACCUM, FAST, out_dtype)  # fmt: skip
+            b0 = _fwd_load(*ld, t + 2, L, *st, dmask, ROUTED, HAS_Z, NP)
+            h = _fwd_step(h, A2, Dv, dbv, *b1, t + 1 < t1, o_base, s_o_l, dmask,
+                          HAS_D, HAS_DB, HAS_Z, SOFTPLUS, ACCUM, FAST, out_dtype)  # fmt: skip
+        else:
+            for k in tl.static_range(2):
+                _, u, dt, Bt, _, _ = b0 if k == 0 else b1
+                dt = _step_delta(dt, dbv, t + k < t1, HAS_DB, SOFTPLUS, FAST)
+                h = tl.exp2(dt[None, :] * A2) * h + Bt[:, None] * (dt * u.to(tl.float32))[None, :]
+                dts += dt
+                if k == 0:
+                    b0 = _fwd_load(*ld, t + 2, L, *st, dmask, ROUTED, HAS_Z, NP)
+    if FINAL:
+        if SAVE_LAST:
+            if seg == NSEG - 1:
+                tl.store(
+                    last_ptr + (pid_r * BATCH + pid_b) * NP * DIM + rn[:, None] * DIM + rd[None, :], h,
+                    mask=dmask[None, :],
+                )  # fmt: skip
+    else:
+        tl.store(hend_ptr + ((rb + seg) * NP + rn[:, None]) * DIM + rd[None, :], h, mask=dmask[None, :])
+        tl.store(dtsum_ptr + (rb + seg) * DIM + rd, dts, mask=dmask)
 
 
 @triton.jit
@@ -823,7 +913,20 @@ def _launch_fwd(u4, dt4, A2, BC, D, db, z3, out4, routes, softplus, accum, save_
     opt = (D if D is not None else A2, db if db is not None else A2)
     r = routes if routes is not None else A2
     grid = (triton.cdiv(dim, BD), batch, R)
-    if cfg["kind"] == "seq":
+    if cfg["kind"] == "split":
+        seg_len = cfg["SEG"]
+        if seg_len % T:
+            raise ValueError(f"vim_kernels: the split forward's SEG={seg_len} must be a multiple of T={T}")
+        nseg = triton.cdiv(L, seg_len)
+        hend = torch.empty((R, batch, nseg, NP, dim), device=dev, dtype=torch.float32)
+        dtsum = torch.empty((R, batch, nseg, dim), device=dev, dtype=torch.float32)
+        for final in (False, True):
+            _scan_fwd_split_kernel[(triton.cdiv(dim, BD), batch, R * nseg)](
+                u4, dt4, A2, BC, *opt, zz, out4, hs, last, r, hend, dtsum, L, dim, nchunk, batch, nseg,
+                *u4.stride(), *dt4.stride(), *zz.stride(), *out4.stride(), FAST=not _INTERPRET,
+                PREFETCH=0 if _INTERPRET else cfg.get("PREFETCH", 0), SEG=seg_len, FINAL=final, **common,
+            )  # fmt: skip
+    elif cfg["kind"] == "seq":
         _scan_fwd_seq_kernel[grid](
             u4, dt4, A2, BC, *opt, zz, out4, hs, last, r, L, dim, nchunk, batch,
             *u4.stride(), *dt4.stride(), *zz.stride(), *out4.stride(), FAST=not _INTERPRET,
