@@ -165,6 +165,7 @@ SMALL_VARIANTS = [
     # L split into segments (two passes: _scan_fwd_split_kernel); not yet timed when written
     ("small split SEG256 PREFETCH16/chunk PREFETCH", {**_seq(8, PREFETCH=16), "kind": "split", "SEG": 256}, _CHUNK_BWD_PF),
     ("small split SEG128 PREFETCH16/chunk PREFETCH", {**_seq(8, PREFETCH=16), "kind": "split", "SEG": 128}, _CHUNK_BWD_PF),
+    ("small split SEG256/seq SEG256", {**_seq(8, PREFETCH=16), "kind": "split", "SEG": 256}, {**_bseq(8, 2), "SEG": 256}),
 ]
 
 

@@ -25,7 +25,8 @@ LOG2E = 1.4426950408889634
 # Forward "seq" only: DEPTH (2 or 4) steps per loop iteration, DEPTH - 1 of them loading while one computes;
 # PREFETCH (steps ahead, 0 = off): an L2 prefetch of that step's rows. Chunked kernels: PREFETCH (bool) prefetches
 # the next (fwd) / previous (bwd) chunk. fwd kind "split" (opt-in, not yet run on a GPU): _scan_fwd_split_kernel,
-# L split into segments of SEG steps, two launches.
+# L split into segments of SEG steps, two launches; bwd "seq" with SEG (likewise): _scan_bwd_split_prep_kernel, then
+# one _scan_bwd_seq_kernel program per segment.
 # Under the interpreter every program costs seconds, so grids are kept tiny there; BD 32 with one warp is the
 # layout the seq backward's lane reduce-scatter is written for, and the tests run it as the GPU does.
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -539,10 +540,53 @@ def _add_over_channels(ptr, x, lane, rn, live, LANE_SUM: tl.constexpr, NP: tl.co
 
 
 @triton.jit
+def _scan_bwd_split_prep_kernel(
+    dt_ptr, A_ptr, BC_ptr, db_ptr, z_ptr, dout_ptr, route_ptr, gout_ptr, dtsum_ptr,
+    L, DIM, BATCH, NSEG,
+    s_dt_r, s_dt_b, s_dt_l, s_dt_d,
+    s_z_b, s_z_l, s_z_d,
+    s_do_r, s_do_b, s_do_l, s_do_d,
+    HAS_DB: tl.constexpr, HAS_Z: tl.constexpr, SOFTPLUS: tl.constexpr, ROUTED: tl.constexpr,
+    BD: tl.constexpr, NP: tl.constexpr, FAST: tl.constexpr, SEG: tl.constexpr,
+):  # fmt: skip
+    # Split-L backward, first launch (opt-in, not yet run on a GPU): each segment's adjoint walked last step to
+    # first from zero, g_t = C_t dy_t + a_{t+1} g_{t+1}; stores what it hands to the earlier segment, a_t0 g_t0,
+    # and its delta sum (its total decay is exp(A * that sum)). dy needs dout and z only, not the states.
+    pid_d = tl.program_id(0)
+    pid_b = tl.program_id(1).to(tl.int64)
+    pid_r = (tl.program_id(2) // NSEG).to(tl.int64)
+    seg = tl.program_id(2) % NSEG
+    rd, rn, dmask, A2, _, dbv = _channel_block(A_ptr, A_ptr, db_ptr, pid_d, pid_r, DIM, False, HAS_DB, BD, NP)
+    dt_base = dt_ptr + pid_r * s_dt_r + pid_b * s_dt_b + rd * s_dt_d
+    do_base = dout_ptr + pid_r * s_do_r + pid_b * s_do_b + rd * s_do_d
+    z_base = z_ptr + pid_b * s_z_b + rd * s_z_d
+    BC_base = BC_ptr + (pid_r * BATCH + pid_b) * L * (2 * NP)
+    r_base = route_ptr + pid_r * L
+    t0 = seg * SEG
+    t1 = tl.minimum(t0 + SEG, L)
+    gnext = tl.zeros((NP, BD), dtype=tl.float32)
+    dts = tl.zeros((BD,), dtype=tl.float32)
+    for i in range(0, t1 - t0):
+        t = t1 - 1 - i
+        tok = _step_token(r_base, t, L, ROUTED)
+        dt = _step_delta(tl.load(dt_base + tok * s_dt_l, mask=dmask, other=0.0), dbv, t < L, HAS_DB, SOFTPLUS, FAST)
+        dy = tl.load(do_base + tok * s_do_l, mask=dmask, other=0.0).to(tl.float32)
+        if HAS_Z:
+            zv = tl.load(z_base + tok * s_z_l, mask=dmask, other=0.0).to(tl.float32)
+            dy = dy * zv * tl.sigmoid(zv)
+        Ct = tl.load(BC_base + tok * (2 * NP) + NP + tl.arange(0, NP))
+        gnext = tl.exp2(dt[None, :] * A2) * (Ct[:, None] * dy[None, :] + gnext)
+        dts += dt
+    rb = (pid_r * BATCH + pid_b) * NSEG + seg
+    tl.store(gout_ptr + (rb * NP + rn[:, None]) * DIM + rd[None, :], gnext, mask=dmask[None, :])
+    tl.store(dtsum_ptr + rb * DIM + rd, dts, mask=dmask)
+
+
+@triton.jit
 def _scan_bwd_seq_kernel(
     u_ptr, dt_ptr, A_ptr, BC_ptr, D_ptr, db_ptr, z_ptr, dout_ptr, hs_ptr, route_ptr,
-    du_ptr, ddt_ptr, dz_ptr, dA_ptr, dBC_ptr, dD_ptr, ddb_ptr,
-    L, DIM, NCHUNK, BATCH,
+    du_ptr, ddt_ptr, dz_ptr, dA_ptr, dBC_ptr, dD_ptr, ddb_ptr, gout_ptr, dtsum_ptr,
+    L, DIM, NCHUNK, BATCH, NSEG,
     s_u_r, s_u_b, s_u_l, s_u_d,
     s_dt_r, s_dt_b, s_dt_l, s_dt_d,
     s_z_b, s_z_l, s_z_d,
@@ -552,7 +596,7 @@ def _scan_bwd_seq_kernel(
     s_dz_b, s_dz_l, s_dz_d,
     HAS_D: tl.constexpr, HAS_DB: tl.constexpr, HAS_Z: tl.constexpr, SOFTPLUS: tl.constexpr,
     ROUTED: tl.constexpr, T: tl.constexpr, SUBS: tl.constexpr, BD: tl.constexpr, NP: tl.constexpr,
-    LANE_SUM: tl.constexpr, LOG2NP: tl.constexpr, FAST: tl.constexpr,
+    LANE_SUM: tl.constexpr, LOG2NP: tl.constexpr, FAST: tl.constexpr, SEGC: tl.constexpr,
 ):  # fmt: skip
     # Same layout as the one-step forward: tiles (NP, BD), a channel's states in one thread. The saved chunks of T
     # steps are walked last to first, each in SUBS sub-chunks of S = T / SUBS steps (last first): the sub-chunk's
@@ -564,10 +608,21 @@ def _scan_bwd_seq_kernel(
     # Sub-chunks trade a little recomputation for fewer registers (sm_90 ptxas: S 4 ~250 registers, small or no
     # spills; S 8 spills hundreds of bytes) while the saved states stay one per T steps. dB, dC (sums over
     # channels) are reduced across lanes by _lane_sum and added with relaxed atomics.
+    # SEGC > 0 (split L, opt-in, not yet run on a GPU): one program per segment of SEGC chunks, NSEG of them; its
+    # incoming a g from the later segments is folded from _scan_bwd_split_prep_kernel's records, then its chunks run
+    # as above.
     S: tl.constexpr = T // SUBS
     pid_d = tl.program_id(0)
     pid_b = tl.program_id(1).to(tl.int64)
-    pid_r = tl.program_id(2).to(tl.int64)
+    if SEGC > 0:
+        pid_r = (tl.program_id(2) // NSEG).to(tl.int64)
+        seg = tl.program_id(2) % NSEG
+        c_lo = seg * SEGC
+        c_hi = tl.minimum(c_lo + SEGC, NCHUNK)
+    else:
+        pid_r = tl.program_id(2).to(tl.int64)
+        c_lo = 0
+        c_hi = NCHUNK
     rd, rn, dmask, A2, Dv, dbv = _channel_block(A_ptr, D_ptr, db_ptr, pid_d, pid_r, DIM, HAS_D, HAS_DB, BD, NP)
     lane = tl.arange(0, BD) % 32
     rk3 = tl.arange(0, S)[:, None, None]
@@ -585,11 +640,18 @@ def _scan_bwd_seq_kernel(
     # a scalar base: an (NP, BD) tile of pointers kept across the loop would hold 2 registers per element
     hs_base = hs_ptr + (pid_r * BATCH + pid_b) * NCHUNK * NP * DIM
     gnext = tl.zeros((NP, BD), dtype=tl.float32)  # a_{t+1} g_{t+1}, handed from the later step/chunk
+    if SEGC > 0:
+        rb = (pid_r * BATCH + pid_b) * NSEG
+        for i in range(0, NSEG - 1 - seg):  # later segments, last first: G = P_k G + (a g handed out by k alone)
+            k = NSEG - 1 - i
+            dsum = tl.load(dtsum_ptr + (rb + k) * DIM + rd, mask=dmask, other=0.0)
+            gk = tl.load(gout_ptr + ((rb + k) * NP + rn[:, None]) * DIM + rd[None, :], mask=dmask[None, :], other=0.0)
+            gnext = tl.exp2(dsum[None, :] * A2) * gnext + gk
     dA_acc = tl.zeros((NP, BD), dtype=tl.float32)
     dD_acc = tl.zeros((BD,), dtype=tl.float32)
     ddb_acc = tl.zeros((BD,), dtype=tl.float32)
-    for ci in range(NCHUNK):
-        c = NCHUNK - 1 - ci
+    for ci in range(c_hi - c_lo):
+        c = c_hi - 1 - ci
         for j in tl.static_range(SUBS - 1, -1, -1):
             h = tl.load(hs_base + c * NP * DIM + rn[:, None] * DIM + rd[None, :], mask=dmask[None, :], other=0.0)
             # ---- recompute the sub-chunk's start state
@@ -975,9 +1037,23 @@ def _launch_bwd(u4, dt4, A2, BC, D, db, z3, dout4, hs, T, routes, du4, ddt4, dz3
         subs = cfg.get("SUBS", 1)
         if T % subs:
             raise ValueError(f"vim_kernels: SUBS={subs} must divide T={T}")
+        seg_len = cfg.get("SEG", 0)  # split L (opt-in): segments of SEG steps, a multiple of T
+        if seg_len % T:
+            raise ValueError(f"vim_kernels: the split backward's SEG={seg_len} must be a multiple of T={T}")
+        nseg = triton.cdiv(L, seg_len) if seg_len else 1
+        gout = dtsum = dA  # stand-ins, never read without SEG
+        if seg_len:
+            gout = torch.empty((R, batch, nseg, NP, dim), device=dev, dtype=torch.float32)
+            dtsum = torch.empty((R, batch, nseg, dim), device=dev, dtype=torch.float32)
+            grid = (triton.cdiv(dim, BD), batch, R * nseg)
+            _scan_bwd_split_prep_kernel[grid](
+                dt4, A2, BC, opt[1], zz, dout4, r, gout, dtsum, L, dim, batch, nseg, *dt4.stride(), *zz.stride(),
+                *dout4.stride(), HAS_DB=db is not None, HAS_Z=z3 is not None, SOFTPLUS=softplus,
+                ROUTED=routes is not None, BD=BD, NP=NP, FAST=not _INTERPRET, SEG=seg_len, num_warps=cfg["num_warps"],
+            )  # fmt: skip
         _scan_bwd_seq_kernel[grid](
-            u4, dt4, A2, BC, *opt, zz, dout4, hs, r, *grads, dBC, *dopt, L, dim, nchunk, batch,
-            *u4.stride(), *dt4.stride(), *strides, SUBS=subs,
+            u4, dt4, A2, BC, *opt, zz, dout4, hs, r, *grads, dBC, *dopt, gout, dtsum, L, dim, nchunk, batch, nseg,
+            *u4.stride(), *dt4.stride(), *strides, SUBS=subs, SEGC=seg_len // T,
             # the lane reduce-scatter is written for one warp of 32 channels, one per lane
             LANE_SUM=BD == 32 and cfg["num_warps"] == 1 and NP <= 32, LOG2NP=NP.bit_length() - 1,
             FAST=not _INTERPRET, **common,

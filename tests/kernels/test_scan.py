@@ -256,13 +256,20 @@ KERNEL_KINDS = {
         {"kind": "split", "T": 8, "SEG": 64, "BD": 32, "num_warps": 1, "PREFETCH": 16},
         {"kind": "chunk", "T": 8, "BD": 32, "num_warps": 4, "PREFETCH": 1},
     ),
+    "split SEG64/seq SEG64 T8": (
+        {"kind": "split", "T": 8, "SEG": 64, "BD": 32, "num_warps": 1, "PREFETCH": 16},
+        {"kind": "seq", "SUBS": 2, "SEG": 64},
+    ),
 }
 INTERPRET_KINDS = {  # tiny tiles under the interpreter
     "seq/seq T4 SUBS2": ({"kind": "seq", "T": 4, "BD": 32, "num_warps": 1}, {"kind": "seq", "T": 4, "SUBS": 2}),
     "seq D4/seq T4": ({"kind": "seq", "T": 4, "BD": 32, "num_warps": 1, "DEPTH": 4}, {"kind": "seq", "SUBS": 1}),
     "chunk/chunk T4": ({"kind": "chunk", "T": 4, "BD": 4, "num_warps": 1}, {"kind": "chunk", "T": 4, "BD": 4}),
     # L split into segments of 4 steps (not yet run on a GPU: see _scan_fwd_split_kernel)
-    "split/seq T4": ({"kind": "split", "T": 4, "SEG": 4, "BD": 32, "num_warps": 1}, {"kind": "seq", "SUBS": 1}),
+    "split/seq T4": (
+        {"kind": "split", "T": 4, "SEG": 4, "BD": 32, "num_warps": 1},
+        {"kind": "seq", "SUBS": 1, "SEG": 4},  # the backward split too
+    ),
 }
 
 
