@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import importlib
 
 import torch
 
@@ -13,13 +14,13 @@ BACKENDS = ("ref", "torch", "triton")
 
 
 @functools.cache
-def _triton_module():
-    """The Triton backend module, or None when Triton cannot be imported."""
+def triton_module(name: str = "triton_scan"):
+    """vim_kernels.<name>, a Triton kernel module, imported on first use (TRITON_INTERPRET is read at its import),
+    or None when Triton cannot be imported."""
     try:
-        from . import triton_scan
+        return importlib.import_module(f".{name}", __package__)
     except Exception:  # noqa: BLE001 - any import failure means "no Triton backend here"
         return None
-    return triton_scan
 
 
 def available_backends(device: torch.device | str | None = None) -> list[str]:
@@ -28,7 +29,7 @@ def available_backends(device: torch.device | str | None = None) -> list[str]:
         torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     )
     names = ["ref", "torch"]
-    if device.type == "cuda" and torch.cuda.is_available() and _triton_module() is not None:
+    if device.type == "cuda" and torch.cuda.is_available() and triton_module() is not None:
         names.append("triton")
     return names
 
@@ -39,7 +40,7 @@ def best_backend(device: torch.device | str | None = None) -> str:
 
 
 def _triton_or_raise(x: torch.Tensor):
-    mod = _triton_module()
+    mod = triton_module()
     if mod is None:
         raise RuntimeError("backend='triton' needs the triton package, which cannot be imported here")
     if x.device.type != "cuda" and not mod._INTERPRET:

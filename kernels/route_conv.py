@@ -12,10 +12,10 @@ is written for any route (column-major and reversed routes cost what the identit
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import torch.nn.functional as F
+
+from .interface import triton_module
 
 
 def route_conv1d_silu_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, index: torch.Tensor):
@@ -33,16 +33,6 @@ def route_conv1d_silu_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Ten
     return torch.stack(out)
 
 
-@functools.cache
-def _triton_module():
-    """The Triton kernels (imported on first use, like triton_scan: TRITON_INTERPRET is read at import)."""
-    try:
-        from . import triton_route_conv
-    except Exception:  # noqa: BLE001 - any import failure means "no Triton backend here"
-        return None
-    return triton_route_conv
-
-
 def route_conv1d_silu(x, weight, bias, index, inverse=None, backend: str = "triton") -> torch.Tensor:
     """silu(depthwise causal conv1d along each route), in token order; see the module docstring.
 
@@ -54,7 +44,7 @@ def route_conv1d_silu(x, weight, bias, index, inverse=None, backend: str = "trit
         return route_conv1d_silu_ref(x, weight, bias, index)
     if backend != "triton":
         raise ValueError(f"backend must be 'triton', 'torch' or 'ref'; got {backend!r}")
-    mod = _triton_module()
+    mod = triton_module("triton_route_conv")
     if mod is None:
         raise RuntimeError("backend='triton' needs the triton package, which cannot be imported here")
     if x.device.type != "cuda" and not mod._INTERPRET:

@@ -35,6 +35,17 @@ def _channels(re, E, EVEN_E: tl.constexpr):
 
 
 @triton.jit
+def _tile(L, E, BATCH, BT: tl.constexpr, BE: tl.constexpr, EVEN_E: tl.constexpr):
+    # this program's route r, batch b, tokens rt and channels re (grid: token blocks, channel blocks, R * batch),
+    # the channel mask and the tile's mask
+    pid_t, pid_e, pid_rb = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    rt = pid_t * BT + tl.arange(0, BT)
+    re = pid_e * BE + tl.arange(0, BE)
+    _, emask = _channels(re, E, EVEN_E)
+    return pid_rb // BATCH, pid_rb % BATCH, rt, re, emask, (rt < L)[:, None] & emask[None, :]
+
+
+@triton.jit
 def _preact(x_ptr, w_ptr, bias_ptr, idx_ptr, inv_ptr, r, b, rt, re, L, E, s_x_b, s_x_l, K: tl.constexpr,
             BT: tl.constexpr, BE: tl.constexpr, EVEN_E: tl.constexpr):  # fmt: skip
     # c = bias + sum_i w_i * tap_i for the (tokens rt, channels re) tile of route r, batch b; also the route steps p
@@ -56,18 +67,13 @@ def _route_conv_fwd_kernel(
     x_ptr, w_ptr, bias_ptr, idx_ptr, inv_ptr, u_ptr, L, E, BATCH, s_x_b, s_x_l,
     K: tl.constexpr, BT: tl.constexpr, BE: tl.constexpr, EVEN_E: tl.constexpr,
 ):  # fmt: skip
-    pid_t, pid_e, pid_rb = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    r, b = pid_rb // BATCH, pid_rb % BATCH
-    rt = pid_t * BT + tl.arange(0, BT)
-    re = pid_e * BE + tl.arange(0, BE)
-    tmask = rt < L
-    _, emask = _channels(re, E, EVEN_E)
+    r, b, rt, re, _, m2 = _tile(L, E, BATCH, BT, BE, EVEN_E)
     c, _, _, _, _ = _preact(
         x_ptr, w_ptr, bias_ptr, idx_ptr, inv_ptr, r, b, rt, re, L, E, s_x_b, s_x_l, K, BT, BE, EVEN_E
     )
     u = c * tl.sigmoid(c)
     out = u_ptr + ((r.to(tl.int64) * BATCH + b) * L + rt[:, None]) * E + re[None, :]
-    tl.store(out, u.to(u_ptr.dtype.element_ty), mask=tmask[:, None] & emask[None, :])
+    tl.store(out, u.to(u_ptr.dtype.element_ty), mask=m2)
 
 
 @triton.jit
@@ -77,13 +83,7 @@ def _route_conv_bwd_dc_kernel(
 ):  # fmt: skip
     # dc = du * silu'(c) in route r's token order (c recomputed from the taps), and this tile's share of
     # dweight[r, :, i] = sum dc * tap_i and dbias[r] = sum dc, added with relaxed atomics
-    pid_t, pid_e, pid_rb = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    r, b = pid_rb // BATCH, pid_rb % BATCH
-    rt = pid_t * BT + tl.arange(0, BT)
-    re = pid_e * BE + tl.arange(0, BE)
-    tmask = rt < L
-    _, emask = _channels(re, E, EVEN_E)
-    m2 = tmask[:, None] & emask[None, :]
+    r, b, rt, re, emask, m2 = _tile(L, E, BATCH, BT, BE, EVEN_E)
     c, p, re_c, r_off, b_off = _preact(
         x_ptr, w_ptr, bias_ptr, idx_ptr, inv_ptr, r, b, rt, re, L, E, s_x_b, s_x_l, K, BT, BE, EVEN_E
     )

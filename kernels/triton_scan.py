@@ -417,6 +417,27 @@ def _scan_fwd_seq_kernel(
 
 
 @triton.jit
+def _segment_program(NSEG):
+    # split-L grids: axis 2 is route * NSEG + segment
+    return (tl.program_id(2) // NSEG).to(tl.int64), tl.program_id(2) % NSEG
+
+
+@triton.jit
+def _store_segment(rec_ptr, dtsum_ptr, rec, x, dts, rn, rd, dmask, DIM, NP: tl.constexpr):
+    # a segment's record: its (NP, BD) end value x (state or handed-back adjoint) and its delta sum
+    tl.store(rec_ptr + (rec * NP + rn[:, None]) * DIM + rd[None, :], x, mask=dmask[None, :])
+    tl.store(dtsum_ptr + rec * DIM + rd, dts, mask=dmask)
+
+
+@triton.jit
+def _fold_segment(x, rec_ptr, dtsum_ptr, rec, A2, rn, rd, dmask, DIM, NP: tl.constexpr):
+    # carry x across segment rec: decayed by its total decay exp(A * its delta sum), plus its own end value
+    dsum = tl.load(dtsum_ptr + rec * DIM + rd, mask=dmask, other=0.0)
+    xk = tl.load(rec_ptr + (rec * NP + rn[:, None]) * DIM + rd[None, :], mask=dmask[None, :], other=0.0)
+    return tl.exp2(dsum[None, :] * A2) * x + xk
+
+
+@triton.jit
 def _scan_fwd_split_kernel(
     u_ptr, dt_ptr, A_ptr, BC_ptr, D_ptr, db_ptr, z_ptr, out_ptr, hs_ptr, last_ptr, route_ptr, hend_ptr, dtsum_ptr,
     L, DIM, NCHUNK, BATCH, NSEG,
@@ -440,8 +461,7 @@ def _scan_fwd_split_kernel(
     # never chosen by "auto".
     pid_d = tl.program_id(0)
     pid_b = tl.program_id(1).to(tl.int64)
-    pid_r = (tl.program_id(2) // NSEG).to(tl.int64)
-    seg = tl.program_id(2) % NSEG
+    pid_r, seg = _segment_program(NSEG)
     rd, rn, dmask, A2, Dv, dbv = _channel_block(A_ptr, D_ptr, db_ptr, pid_d, pid_r, DIM, HAS_D, HAS_DB, BD, NP)
     u_base = u_ptr + pid_r * s_u_r + pid_b * s_u_b + rd * s_u_d
     dt_base = dt_ptr + pid_r * s_dt_r + pid_b * s_dt_b + rd * s_dt_d
@@ -457,9 +477,7 @@ def _scan_fwd_split_kernel(
     h = tl.zeros((NP, BD), dtype=tl.float32)
     if FINAL:
         for k in range(0, seg):
-            dsum = tl.load(dtsum_ptr + (rb + k) * DIM + rd, mask=dmask, other=0.0)
-            hk = tl.load(hend_ptr + ((rb + k) * NP + rn[:, None]) * DIM + rd[None, :], mask=dmask[None, :], other=0.0)
-            h = tl.exp2(dsum[None, :] * A2) * h + hk
+            h = _fold_segment(h, hend_ptr, dtsum_ptr, rb + k, A2, rn, rd, dmask, DIM, NP)
     dts = tl.zeros((BD,), dtype=tl.float32)
     ld = (u_base, dt_base, z_base, BC_base, r_base)
     st = (s_u_l, s_dt_l, s_z_l)
@@ -494,8 +512,7 @@ def _scan_fwd_split_kernel(
                     mask=dmask[None, :],
                 )  # fmt: skip
     else:
-        tl.store(hend_ptr + ((rb + seg) * NP + rn[:, None]) * DIM + rd[None, :], h, mask=dmask[None, :])
-        tl.store(dtsum_ptr + (rb + seg) * DIM + rd, dts, mask=dmask)
+        _store_segment(hend_ptr, dtsum_ptr, rb + seg, h, dts, rn, rd, dmask, DIM, NP)
 
 
 @triton.jit
@@ -554,8 +571,7 @@ def _scan_bwd_split_prep_kernel(
     # and its delta sum (its total decay is exp(A * that sum)). dy needs dout and z only, not the states.
     pid_d = tl.program_id(0)
     pid_b = tl.program_id(1).to(tl.int64)
-    pid_r = (tl.program_id(2) // NSEG).to(tl.int64)
-    seg = tl.program_id(2) % NSEG
+    pid_r, seg = _segment_program(NSEG)
     rd, rn, dmask, A2, _, dbv = _channel_block(A_ptr, A_ptr, db_ptr, pid_d, pid_r, DIM, False, HAS_DB, BD, NP)
     dt_base = dt_ptr + pid_r * s_dt_r + pid_b * s_dt_b + rd * s_dt_d
     do_base = dout_ptr + pid_r * s_do_r + pid_b * s_do_b + rd * s_do_d
@@ -577,9 +593,7 @@ def _scan_bwd_split_prep_kernel(
         Ct = tl.load(BC_base + tok * (2 * NP) + NP + tl.arange(0, NP))
         gnext = tl.exp2(dt[None, :] * A2) * (Ct[:, None] * dy[None, :] + gnext)
         dts += dt
-    rb = (pid_r * BATCH + pid_b) * NSEG + seg
-    tl.store(gout_ptr + (rb * NP + rn[:, None]) * DIM + rd[None, :], gnext, mask=dmask[None, :])
-    tl.store(dtsum_ptr + rb * DIM + rd, dts, mask=dmask)
+    _store_segment(gout_ptr, dtsum_ptr, (pid_r * BATCH + pid_b) * NSEG + seg, gnext, dts, rn, rd, dmask, DIM, NP)
 
 
 @triton.jit
@@ -615,8 +629,7 @@ def _scan_bwd_seq_kernel(
     pid_d = tl.program_id(0)
     pid_b = tl.program_id(1).to(tl.int64)
     if SEGC > 0:
-        pid_r = (tl.program_id(2) // NSEG).to(tl.int64)
-        seg = tl.program_id(2) % NSEG
+        pid_r, seg = _segment_program(NSEG)
         c_lo = seg * SEGC
         c_hi = tl.minimum(c_lo + SEGC, NCHUNK)
     else:
@@ -643,10 +656,7 @@ def _scan_bwd_seq_kernel(
     if SEGC > 0:
         rb = (pid_r * BATCH + pid_b) * NSEG
         for i in range(0, NSEG - 1 - seg):  # later segments, last first: G = P_k G + (a g handed out by k alone)
-            k = NSEG - 1 - i
-            dsum = tl.load(dtsum_ptr + (rb + k) * DIM + rd, mask=dmask, other=0.0)
-            gk = tl.load(gout_ptr + ((rb + k) * NP + rn[:, None]) * DIM + rd[None, :], mask=dmask[None, :], other=0.0)
-            gnext = tl.exp2(dsum[None, :] * A2) * gnext + gk
+            gnext = _fold_segment(gnext, gout_ptr, dtsum_ptr, rb + NSEG - 1 - i, A2, rn, rd, dmask, DIM, NP)
     dA_acc = tl.zeros((NP, BD), dtype=tl.float32)
     dD_acc = tl.zeros((BD,), dtype=tl.float32)
     ddb_acc = tl.zeros((BD,), dtype=tl.float32)
