@@ -19,14 +19,16 @@ LOG2E = 1.4426950408889634
 # current one computes; "chunk": _scan_fwd_kernel, one associative scan over T steps at a time (more
 # parallelism per program: used where the grid is too small to hide the one-step kernel's latency).
 # bwd kind "seq": _scan_bwd_seq_kernel (see its comment), SUBS sub-chunks per saved chunk; "chunk":
-# _scan_bwd_kernel (two associative scans per chunk). "auto": seq where the grid has >= _SEQ_MIN_PROGRAMS
-# programs, else the *_SMALL_GRID settings. BD below 32 with one warp: 32 / BD lanes share a channel, each holding
-# 16 BD / 32 of its states (Triton's default layout of the (NP, BD) tile; y is then summed by shuffles).
-# Forward "seq" only: DEPTH (2 or 4) steps per loop iteration, DEPTH - 1 of them loading while one computes;
-# PREFETCH (steps ahead, 0 = off): an L2 prefetch of that step's rows. Chunked kernels: PREFETCH (bool) prefetches
-# the next (fwd) / previous (bwd) chunk. fwd kind "split" (opt-in, not yet run on a GPU): _scan_fwd_split_kernel,
-# L split into segments of SEG steps, two launches; bwd "seq" with SEG (likewise): _scan_bwd_split_prep_kernel, then
-# one _scan_bwd_seq_kernel program per segment.
+# _scan_bwd_kernel (two associative scans per chunk). fwd kind "split": _scan_fwd_split_kernel, L split into
+# segments of SEG steps, one program per segment, two launches; bwd "seq" with SEG likewise:
+# _scan_bwd_split_prep_kernel, then one _scan_bwd_seq_kernel program per segment. "auto": seq where the grid has
+# >= _SEQ_MIN_PROGRAMS programs, else the *_SMALL_GRID settings (split L). BD below 32 with one warp: 32 / BD lanes
+# share a channel, each holding 16 BD / 32 of its states (the default layout of the (NP, BD) tile, which PIN keeps:
+# see _state_offsets; y is then summed by shuffles).
+# Forward "seq" only: DEPTH (2 or 4) steps per loop iteration, DEPTH - 1 of them loading while one computes.
+# PREFETCH: seq / split forward, steps ahead (0 = off), an L2 prefetch of that step's rows; chunked kernels (bool),
+# the next (fwd) / previous (bwd) chunk (the one-step backward with the previous chunk prefetched measured no gain).
+# maxnreg caps registers per thread.
 # Under the interpreter every program costs seconds, so grids are kept tiny there; BD 32 with one warp is the
 # layout the seq backward's lane reduce-scatter is written for, and the tests run it as the GPU does.
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -36,32 +38,33 @@ CONFIG = {
     else {"kind": "auto", "T": "auto", "BD": 32, "num_warps": 1, "DEPTH": 4},
     "bwd": {"kind": "seq", "SUBS": 2, "BD": 32, "num_warps": 1}
     if _INTERPRET
-    else {"kind": "auto", "SUBS": "auto", "BD": 32, "num_warps": 1},
+    else {"kind": "auto", "SUBS": "auto", "BD": 32, "num_warps": 1, "maxnreg": "auto"},
 }
 # T "auto" (seq kernels): 4 when the saved chunk states, (R, batch, L/T, 16, dim) fp32, fit in _STATE_BUDGET, else 8;
-# SUBS "auto": sub-chunks of 4 steps in the backward. T 4 is ~15% faster per scan, T 8 halves the saved states:
-# H100, Vim-S training at batch 128 (R 2, 629 MB a layer at T 4): 643 img/s / 25.9 GiB with T 4, 628 / 18.8 with
-# T 8 (benchmarks/README.md). VIM_SCAN_CONFIG='{"fwd": {"T": 4}}' forces one.
+# SUBS "auto": sub-chunks of 4 steps in the backward. T 4 is faster, T 8 halves the saved states: H200, Vim-S
+# training at batch 128 (R 2, 629 MB a layer at T 4): 1282 img/s / 25.9 GiB with T 4, 1131 / 18.8 with T 8
+# (benchmarks/README.md). VIM_SCAN_CONFIG='{"fwd": {"T": 4}}' forces one.
 _STATE_BUDGET = 320 * 2**20
 # "auto": the seq kernels where the grid has >= _SEQ_MIN_PROGRAMS one-warp programs of 32 channels, else these
 # (the forward and the backward of one call always take the same branch).
-# H100, bf16 (benchmarks/README.md): at (128, 768, 197) the seq kernels run fwd+bwd in ~2.1-2.5 ms vs 4.0 for the
-# chunked ones; at (16, 384, 6085) (384 programs) the chunked kernels take 11.1 ms vs 22.0 for seq.
 _SEQ_MIN_PROGRAMS = 1024
-# Small grids (long L): the one-step forward with four steps' loads in flight and an L2 prefetch 16 steps ahead
-# (its time per step is the memory latency it waits on, not its arithmetic), BD "fill": 32 channels per program
-# while that gives >= _FILL_PROGRAMS programs, else 16 or 8 (2 or 4 lanes per channel). The chunked backward with
-# the previous chunk prefetched into L2. H200, bf16 (benchmarks/README.md): forward at (16, 384, 6085) 1.77 ms vs
-# 2.69 for the chunked kernel; backward 7.27 vs 7.90 ms; vim_tiny at 1248, batch 16: 201 img/s vs 174.
-_FWD_SMALL_GRID = {"kind": "seq", "T": 8, "BD": "fill", "num_warps": 1, "DEPTH": 4, "PREFETCH": 16}
-_BWD_SMALL_GRID = {"kind": "chunk", "BD": 32, "num_warps": 4, "PREFETCH": 1}
-_FILL_PROGRAMS = 384
-# VIM_SCAN_CONFIG='{"fwd": {...}, "bwd": {...}}' overrides entries (benchmarks try variants this way)
+# Small grids (long L, small batch): L split into segments of SEG steps, one program per segment (the one-step
+# kernels' time per step is the memory latency they wait on, so what they need is more programs in flight). A
+# small grid with L <= SEG runs the unsplit kernels. H200, bf16 (benchmarks/README.md), at (16, 384, 6085):
+# forward 0.76 ms (one program per channel block, 4 steps in flight + L2 prefetch: 1.75), backward 3.42 ms (the
+# chunked kernel: 7.27); vim_tiny at 1248, batch 16: 278 img/s (201), batch-1 latency 21 ms (59).
+_FWD_SMALL_GRID = {"kind": "split", "SEG": 256, "T": 8, "BD": 32, "num_warps": 1, "PREFETCH": 16}
+_BWD_SMALL_GRID = {"kind": "seq", "SEG": 256, "SUBS": 2, "BD": 32, "num_warps": 1}
+# VIM_SCAN_CONFIG='{"fwd": {...}, "bwd": {...}, "fwd_small": {...}, "bwd_small": {...}}' overrides entries of
+# CONFIG and of the small-grid settings (benchmarks try variants this way; scan.py --variants writes its choice so)
 if os.environ.get("VIM_SCAN_CONFIG"):
     import json as _json
 
+    _TABLES = {"fwd": CONFIG["fwd"], "bwd": CONFIG["bwd"], "fwd_small": _FWD_SMALL_GRID, "bwd_small": _BWD_SMALL_GRID}
     for _k, _v in _json.loads(os.environ["VIM_SCAN_CONFIG"]).items():
-        CONFIG[_k].update(_v)
+        if _k not in _TABLES:
+            raise ValueError(f"VIM_SCAN_CONFIG: unknown key {_k!r}; expected one of {sorted(_TABLES)}")
+        _TABLES[_k].update(_v)
 
 
 def _small_grid(batch: int, dim: int, R: int) -> bool:
@@ -76,10 +79,10 @@ def _fwd_config(batch: int, dim: int, R: int, L: int, NP: int) -> dict:
             cfg.update(_FWD_SMALL_GRID)
     if cfg["T"] == "auto":
         cfg["T"] = 4 if R * batch * triton.cdiv(L, 4) * NP * dim * 4 <= _STATE_BUDGET else 8
-    if cfg["BD"] == "fill":
-        cfg["BD"] = next((bd for bd in (32, 16) if batch * R * triton.cdiv(dim, bd) >= _FILL_PROGRAMS), 8)
     if cfg.get("DEPTH", 2) not in (2, 4):
         raise ValueError(f"vim_kernels: the forward's DEPTH must be 2 or 4; got {cfg['DEPTH']}")
+    if cfg["kind"] == "split" and cfg["SEG"] >= L:
+        cfg["kind"] = "seq"  # one segment: the plain one-step forward does the same in one pass
     if cfg["kind"] == "seq" and cfg["T"] % cfg.get("DEPTH", 2):
         cfg["DEPTH"] = 2  # the forward saves states at the first step of an iteration: DEPTH must divide T
     return cfg
@@ -320,13 +323,28 @@ def _fwd_step(h, A2, Dv, dbv, tok, u, dt, Bt, Ct, zv, live, o_base, s_o_l, dmask
 
 
 @triton.jit
+def _state_offsets(rn, rd, DIM, PIN: tl.constexpr):
+    # offsets of an (NP, BD) state tile (A, saved states, dA) in a (.., NP, dim) tensor. Its rows are contiguous
+    # along the channels; at run time (16-byte aligned pointers, dim % 16 == 0) Triton then lays the tile out for
+    # 16-byte accesses, 4 channels x 4 states per thread, and the whole loop follows: <C_t, h_t> needs shuffles and
+    # every step converts u, delta, y between layouts through shared memory (sm_90 SASS of the backward: ~30 STS/LDS
+    # and 18 barriers per step). PIN hints the offsets' divisibility as 1, so the tile keeps the layout the kernels
+    # are written for: one channel per lane (32 / BD lanes per channel when BD < 32), its states in that thread;
+    # the accesses stay coalesced (a row is 32 consecutive words across the lanes).
+    offs = rn[:, None] * DIM + rd[None, :]
+    if PIN:
+        offs = tl.multiple_of(offs, [1, 1])
+    return offs
+
+
+@triton.jit
 def _channel_block(A_ptr, D_ptr, db_ptr, pid_d, pid_r, DIM, HAS_D: tl.constexpr, HAS_DB: tl.constexpr,
-                   BD: tl.constexpr, NP: tl.constexpr):  # fmt: skip
+                   BD: tl.constexpr, NP: tl.constexpr, PIN: tl.constexpr):  # fmt: skip
     # a seq program's channels rd and states rn, and its per-channel constants: A2 (NP, BD), D and delta_bias (BD,)
     rd = pid_d * BD + tl.arange(0, BD)
     rn = tl.arange(0, NP)
     dmask = rd < DIM
-    A2 = tl.load(A_ptr + pid_r * NP * DIM + rn[:, None] * DIM + rd[None, :], mask=dmask[None, :], other=0.0)
+    A2 = tl.load(A_ptr + pid_r * NP * DIM + _state_offsets(rn, rd, DIM, PIN), mask=dmask[None, :], other=0.0)
     Dv = tl.zeros((BD,), dtype=tl.float32)
     dbv = tl.zeros((BD,), dtype=tl.float32)
     if HAS_D:
@@ -347,7 +365,7 @@ def _scan_fwd_seq_kernel(
     HAS_D: tl.constexpr, HAS_DB: tl.constexpr, HAS_Z: tl.constexpr, SOFTPLUS: tl.constexpr,
     ROUTED: tl.constexpr, ACCUM: tl.constexpr, SAVE_LAST: tl.constexpr, SAVE_STATES: tl.constexpr,
     T: tl.constexpr, BD: tl.constexpr, NP: tl.constexpr, FAST: tl.constexpr, DEPTH: tl.constexpr,
-    PREFETCH: tl.constexpr,
+    PREFETCH: tl.constexpr, PIN: tl.constexpr,
 ):  # fmt: skip
     # One time step at a time. The state tile is (NP, BD): channels across lanes, a channel's NP states inside one
     # thread, so <C_t, h_t> needs no shuffles and the only loop-carried dependency is one FMA per state (with
@@ -360,7 +378,7 @@ def _scan_fwd_seq_kernel(
     pid_d = tl.program_id(0)
     pid_b = tl.program_id(1).to(tl.int64)
     pid_r = tl.program_id(2).to(tl.int64)
-    rd, rn, dmask, A2, Dv, dbv = _channel_block(A_ptr, D_ptr, db_ptr, pid_d, pid_r, DIM, HAS_D, HAS_DB, BD, NP)
+    rd, rn, dmask, A2, Dv, dbv = _channel_block(A_ptr, D_ptr, db_ptr, pid_d, pid_r, DIM, HAS_D, HAS_DB, BD, NP, PIN)
     u_base = u_ptr + pid_r * s_u_r + pid_b * s_u_b + rd * s_u_d
     dt_base = dt_ptr + pid_r * s_dt_r + pid_b * s_dt_b + rd * s_dt_d
     z_base = z_ptr + pid_b * s_z_b + rd * s_z_d
@@ -381,7 +399,7 @@ def _scan_fwd_seq_kernel(
                 _fwd_prefetch(*ld, t + PREFETCH + 1, L, *st, dmask, ROUTED, HAS_Z, NP)
             if SAVE_STATES:
                 if t % T == 0:  # T is a multiple of DEPTH, so a saved step is always the first of an iteration
-                    tl.store(hs_base + (t // T) * NP * DIM + rn[:, None] * DIM + rd[None, :], h, mask=dmask[None, :])
+                    tl.store(hs_base + (t // T) * NP * DIM + _state_offsets(rn, rd, DIM, PIN), h, mask=dmask[None, :])
             h = _fwd_step(h, A2, Dv, dbv, *b0, t < L, o_base, s_o_l, dmask,
                           HAS_D, HAS_DB, HAS_Z, SOFTPLUS, ACCUM, FAST, out_dtype)  # fmt: skip
             b0 = _fwd_load(*ld, t + 2, L, *st, dmask, ROUTED, HAS_Z, NP)
@@ -398,7 +416,7 @@ def _scan_fwd_seq_kernel(
                     _fwd_prefetch(*ld, t + PREFETCH + k, L, *st, dmask, ROUTED, HAS_Z, NP)
             if SAVE_STATES:
                 if t % T == 0:
-                    tl.store(hs_base + (t // T) * NP * DIM + rn[:, None] * DIM + rd[None, :], h, mask=dmask[None, :])
+                    tl.store(hs_base + (t // T) * NP * DIM + _state_offsets(rn, rd, DIM, PIN), h, mask=dmask[None, :])
             h = _fwd_step(h, A2, Dv, dbv, *b0, t < L, o_base, s_o_l, dmask,
                           HAS_D, HAS_DB, HAS_Z, SOFTPLUS, ACCUM, FAST, out_dtype)  # fmt: skip
             b0 = _fwd_load(*ld, t + 4, L, *st, dmask, ROUTED, HAS_Z, NP)
@@ -412,7 +430,7 @@ def _scan_fwd_seq_kernel(
                           HAS_D, HAS_DB, HAS_Z, SOFTPLUS, ACCUM, FAST, out_dtype)  # fmt: skip
     if SAVE_LAST:
         tl.store(
-            last_ptr + (pid_r * BATCH + pid_b) * NP * DIM + rn[:, None] * DIM + rd[None, :], h, mask=dmask[None, :]
+            last_ptr + (pid_r * BATCH + pid_b) * NP * DIM + _state_offsets(rn, rd, DIM, PIN), h, mask=dmask[None, :]
         )
 
 
@@ -423,17 +441,17 @@ def _segment_program(NSEG):
 
 
 @triton.jit
-def _store_segment(rec_ptr, dtsum_ptr, rec, x, dts, rn, rd, dmask, DIM, NP: tl.constexpr):
+def _store_segment(rec_ptr, dtsum_ptr, rec, x, dts, rn, rd, dmask, DIM, NP: tl.constexpr, PIN: tl.constexpr):
     # a segment's record: its (NP, BD) end value x (state or handed-back adjoint) and its delta sum
-    tl.store(rec_ptr + (rec * NP + rn[:, None]) * DIM + rd[None, :], x, mask=dmask[None, :])
+    tl.store(rec_ptr + rec * NP * DIM + _state_offsets(rn, rd, DIM, PIN), x, mask=dmask[None, :])
     tl.store(dtsum_ptr + rec * DIM + rd, dts, mask=dmask)
 
 
 @triton.jit
-def _fold_segment(x, rec_ptr, dtsum_ptr, rec, A2, rn, rd, dmask, DIM, NP: tl.constexpr):
+def _fold_segment(x, rec_ptr, dtsum_ptr, rec, A2, rn, rd, dmask, DIM, NP: tl.constexpr, PIN: tl.constexpr):
     # carry x across segment rec: decayed by its total decay exp(A * its delta sum), plus its own end value
     dsum = tl.load(dtsum_ptr + rec * DIM + rd, mask=dmask, other=0.0)
-    xk = tl.load(rec_ptr + (rec * NP + rn[:, None]) * DIM + rd[None, :], mask=dmask[None, :], other=0.0)
+    xk = tl.load(rec_ptr + rec * NP * DIM + _state_offsets(rn, rd, DIM, PIN), mask=dmask[None, :], other=0.0)
     return tl.exp2(dsum[None, :] * A2) * x + xk
 
 
@@ -448,7 +466,7 @@ def _scan_fwd_split_kernel(
     HAS_D: tl.constexpr, HAS_DB: tl.constexpr, HAS_Z: tl.constexpr, SOFTPLUS: tl.constexpr,
     ROUTED: tl.constexpr, ACCUM: tl.constexpr, SAVE_LAST: tl.constexpr, SAVE_STATES: tl.constexpr,
     T: tl.constexpr, BD: tl.constexpr, NP: tl.constexpr, FAST: tl.constexpr, PREFETCH: tl.constexpr,
-    SEG: tl.constexpr, FINAL: tl.constexpr,
+    SEG: tl.constexpr, FINAL: tl.constexpr, PIN: tl.constexpr,
 ):  # fmt: skip
     # L split into NSEG segments of SEG steps, one program per (channel block, batch, route, segment): NSEG times
     # the programs of the one-step forward, for grids that have too few (long L, small batch). Two launches:
@@ -457,12 +475,11 @@ def _scan_fwd_split_kernel(
     # FINAL True: each segment's start state from the earlier segments' pairs, h = exp(A sum_k) h + hend_k for
     #   k < s (NSEG is small), then the segment again from that state, writing y (and the saved chunk states)
     #   exactly as the one-step forward does. Twice the exponentials of the one-step forward.
-    # NOT YET RUN ON A GPU (checked under the interpreter and compiled for sm_90 offline): opt-in ("kind": "split"),
-    # never chosen by "auto".
+    # The small-grid default ("auto", L > SEG).
     pid_d = tl.program_id(0)
     pid_b = tl.program_id(1).to(tl.int64)
     pid_r, seg = _segment_program(NSEG)
-    rd, rn, dmask, A2, Dv, dbv = _channel_block(A_ptr, D_ptr, db_ptr, pid_d, pid_r, DIM, HAS_D, HAS_DB, BD, NP)
+    rd, rn, dmask, A2, Dv, dbv = _channel_block(A_ptr, D_ptr, db_ptr, pid_d, pid_r, DIM, HAS_D, HAS_DB, BD, NP, PIN)
     u_base = u_ptr + pid_r * s_u_r + pid_b * s_u_b + rd * s_u_d
     dt_base = dt_ptr + pid_r * s_dt_r + pid_b * s_dt_b + rd * s_dt_d
     z_base = z_ptr + pid_b * s_z_b + rd * s_z_d
@@ -477,7 +494,7 @@ def _scan_fwd_split_kernel(
     h = tl.zeros((NP, BD), dtype=tl.float32)
     if FINAL:
         for k in range(0, seg):
-            h = _fold_segment(h, hend_ptr, dtsum_ptr, rb + k, A2, rn, rd, dmask, DIM, NP)
+            h = _fold_segment(h, hend_ptr, dtsum_ptr, rb + k, A2, rn, rd, dmask, DIM, NP, PIN)
     dts = tl.zeros((BD,), dtype=tl.float32)
     ld = (u_base, dt_base, z_base, BC_base, r_base)
     st = (s_u_l, s_dt_l, s_z_l)
@@ -490,7 +507,7 @@ def _scan_fwd_split_kernel(
         if FINAL:
             if SAVE_STATES:
                 if t % T == 0:
-                    tl.store(hs_base + (t // T) * NP * DIM + rn[:, None] * DIM + rd[None, :], h, mask=dmask[None, :])
+                    tl.store(hs_base + (t // T) * NP * DIM + _state_offsets(rn, rd, DIM, PIN), h, mask=dmask[None, :])
             h = _fwd_step(h, A2, Dv, dbv, *b0, t < t1, o_base, s_o_l, dmask,
                           HAS_D, HAS_DB, HAS_Z, SOFTPLUS, ACCUM, FAST, out_dtype)  # fmt: skip
             b0 = _fwd_load(*ld, t + 2, L, *st, dmask, ROUTED, HAS_Z, NP)
@@ -508,11 +525,11 @@ def _scan_fwd_split_kernel(
         if SAVE_LAST:
             if seg == NSEG - 1:
                 tl.store(
-                    last_ptr + (pid_r * BATCH + pid_b) * NP * DIM + rn[:, None] * DIM + rd[None, :], h,
+                    last_ptr + (pid_r * BATCH + pid_b) * NP * DIM + _state_offsets(rn, rd, DIM, PIN), h,
                     mask=dmask[None, :],
                 )  # fmt: skip
     else:
-        _store_segment(hend_ptr, dtsum_ptr, rb + seg, h, dts, rn, rd, dmask, DIM, NP)
+        _store_segment(hend_ptr, dtsum_ptr, rb + seg, h, dts, rn, rd, dmask, DIM, NP, PIN)
 
 
 @triton.jit
@@ -564,15 +581,15 @@ def _scan_bwd_split_prep_kernel(
     s_z_b, s_z_l, s_z_d,
     s_do_r, s_do_b, s_do_l, s_do_d,
     HAS_DB: tl.constexpr, HAS_Z: tl.constexpr, SOFTPLUS: tl.constexpr, ROUTED: tl.constexpr,
-    BD: tl.constexpr, NP: tl.constexpr, FAST: tl.constexpr, SEG: tl.constexpr,
+    BD: tl.constexpr, NP: tl.constexpr, FAST: tl.constexpr, SEG: tl.constexpr, PIN: tl.constexpr,
 ):  # fmt: skip
-    # Split-L backward, first launch (opt-in, not yet run on a GPU): each segment's adjoint walked last step to
+    # Split-L backward, first launch (the small-grid default): each segment's adjoint walked last step to
     # first from zero, g_t = C_t dy_t + a_{t+1} g_{t+1}; stores what it hands to the earlier segment, a_t0 g_t0,
     # and its delta sum (its total decay is exp(A * that sum)). dy needs dout and z only, not the states.
     pid_d = tl.program_id(0)
     pid_b = tl.program_id(1).to(tl.int64)
     pid_r, seg = _segment_program(NSEG)
-    rd, rn, dmask, A2, _, dbv = _channel_block(A_ptr, A_ptr, db_ptr, pid_d, pid_r, DIM, False, HAS_DB, BD, NP)
+    rd, rn, dmask, A2, _, dbv = _channel_block(A_ptr, A_ptr, db_ptr, pid_d, pid_r, DIM, False, HAS_DB, BD, NP, PIN)
     dt_base = dt_ptr + pid_r * s_dt_r + pid_b * s_dt_b + rd * s_dt_d
     do_base = dout_ptr + pid_r * s_do_r + pid_b * s_do_b + rd * s_do_d
     z_base = z_ptr + pid_b * s_z_b + rd * s_z_d
@@ -593,7 +610,7 @@ def _scan_bwd_split_prep_kernel(
         Ct = tl.load(BC_base + tok * (2 * NP) + NP + tl.arange(0, NP))
         gnext = tl.exp2(dt[None, :] * A2) * (Ct[:, None] * dy[None, :] + gnext)
         dts += dt
-    _store_segment(gout_ptr, dtsum_ptr, (pid_r * BATCH + pid_b) * NSEG + seg, gnext, dts, rn, rd, dmask, DIM, NP)
+    _store_segment(gout_ptr, dtsum_ptr, (pid_r * BATCH + pid_b) * NSEG + seg, gnext, dts, rn, rd, dmask, DIM, NP, PIN)
 
 
 @triton.jit
@@ -610,7 +627,7 @@ def _scan_bwd_seq_kernel(
     s_dz_b, s_dz_l, s_dz_d,
     HAS_D: tl.constexpr, HAS_DB: tl.constexpr, HAS_Z: tl.constexpr, SOFTPLUS: tl.constexpr,
     ROUTED: tl.constexpr, T: tl.constexpr, SUBS: tl.constexpr, BD: tl.constexpr, NP: tl.constexpr,
-    LANE_SUM: tl.constexpr, LOG2NP: tl.constexpr, FAST: tl.constexpr, SEGC: tl.constexpr,
+    LANE_SUM: tl.constexpr, LOG2NP: tl.constexpr, FAST: tl.constexpr, SEGC: tl.constexpr, PIN: tl.constexpr,
 ):  # fmt: skip
     # Same layout as the one-step forward: tiles (NP, BD), a channel's states in one thread. The saved chunks of T
     # steps are walked last to first, each in SUBS sub-chunks of S = T / SUBS steps (last first): the sub-chunk's
@@ -622,7 +639,7 @@ def _scan_bwd_seq_kernel(
     # Sub-chunks trade a little recomputation for fewer registers (sm_90 ptxas: S 4 ~250 registers, small or no
     # spills; S 8 spills hundreds of bytes) while the saved states stay one per T steps. dB, dC (sums over
     # channels) are reduced across lanes by _lane_sum and added with relaxed atomics.
-    # SEGC > 0 (split L, opt-in, not yet run on a GPU): one program per segment of SEGC chunks, NSEG of them; its
+    # SEGC > 0 (split L, the small-grid default): one program per segment of SEGC chunks, NSEG of them; its
     # incoming a g from the later segments is folded from _scan_bwd_split_prep_kernel's records, then its chunks run
     # as above.
     S: tl.constexpr = T // SUBS
@@ -636,7 +653,7 @@ def _scan_bwd_seq_kernel(
         pid_r = tl.program_id(2).to(tl.int64)
         c_lo = 0
         c_hi = NCHUNK
-    rd, rn, dmask, A2, Dv, dbv = _channel_block(A_ptr, D_ptr, db_ptr, pid_d, pid_r, DIM, HAS_D, HAS_DB, BD, NP)
+    rd, rn, dmask, A2, Dv, dbv = _channel_block(A_ptr, D_ptr, db_ptr, pid_d, pid_r, DIM, HAS_D, HAS_DB, BD, NP, PIN)
     lane = tl.arange(0, BD) % 32
     rk3 = tl.arange(0, S)[:, None, None]
     rk2 = tl.arange(0, S)[:, None]
@@ -656,14 +673,14 @@ def _scan_bwd_seq_kernel(
     if SEGC > 0:
         rb = (pid_r * BATCH + pid_b) * NSEG
         for i in range(0, NSEG - 1 - seg):  # later segments, last first: G = P_k G + (a g handed out by k alone)
-            gnext = _fold_segment(gnext, gout_ptr, dtsum_ptr, rb + NSEG - 1 - i, A2, rn, rd, dmask, DIM, NP)
+            gnext = _fold_segment(gnext, gout_ptr, dtsum_ptr, rb + NSEG - 1 - i, A2, rn, rd, dmask, DIM, NP, PIN)
     dA_acc = tl.zeros((NP, BD), dtype=tl.float32)
     dD_acc = tl.zeros((BD,), dtype=tl.float32)
     ddb_acc = tl.zeros((BD,), dtype=tl.float32)
     for ci in range(c_hi - c_lo):
         c = c_hi - 1 - ci
         for j in tl.static_range(SUBS - 1, -1, -1):
-            h = tl.load(hs_base + c * NP * DIM + rn[:, None] * DIM + rd[None, :], mask=dmask[None, :], other=0.0)
+            h = tl.load(hs_base + c * NP * DIM + _state_offsets(rn, rd, DIM, PIN), mask=dmask[None, :], other=0.0)
             # ---- recompute the sub-chunk's start state
             for k in tl.static_range(j * S):
                 t = c * T + k
@@ -758,7 +775,7 @@ def _scan_bwd_seq_kernel(
                 tl.store(du_base + tok * s_du_l, du.to(du_ptr.dtype.element_ty), mask=m1)
                 tl.store(ddt_base + tok * s_ddt_l, ddt.to(ddt_ptr.dtype.element_ty), mask=m1)
     tl.atomic_add(
-        dA_ptr + pid_r * NP * DIM + rn[:, None] * DIM + rd[None, :], dA_acc, mask=dmask[None, :], sem="relaxed"
+        dA_ptr + pid_r * NP * DIM + _state_offsets(rn, rd, DIM, PIN), dA_acc, mask=dmask[None, :], sem="relaxed"
     )
     if HAS_D:
         tl.atomic_add(dD_ptr + pid_r * DIM + rd, dD_acc, mask=dmask, sem="relaxed")
@@ -985,6 +1002,8 @@ def _launch_fwd(u4, dt4, A2, BC, D, db, z3, out4, routes, softplus, accum, save_
     opt = (D if D is not None else A2, db if db is not None else A2)
     r = routes if routes is not None else A2
     grid = (triton.cdiv(dim, BD), batch, R)
+    # options of the seq-family kernels (PIN: see _state_offsets; no inline PTX under the interpreter)
+    seq_opts = dict(FAST=not _INTERPRET, PIN=cfg.get("PIN", True), PREFETCH=0 if _INTERPRET else cfg.get("PREFETCH", 0))
     if cfg["kind"] == "split":
         seg_len = cfg["SEG"]
         if seg_len % T:
@@ -995,14 +1014,14 @@ def _launch_fwd(u4, dt4, A2, BC, D, db, z3, out4, routes, softplus, accum, save_
         for final in (False, True):
             _scan_fwd_split_kernel[(triton.cdiv(dim, BD), batch, R * nseg)](
                 u4, dt4, A2, BC, *opt, zz, out4, hs, last, r, hend, dtsum, L, dim, nchunk, batch, nseg,
-                *u4.stride(), *dt4.stride(), *zz.stride(), *out4.stride(), FAST=not _INTERPRET,
-                PREFETCH=0 if _INTERPRET else cfg.get("PREFETCH", 0), SEG=seg_len, FINAL=final, **common,
+                *u4.stride(), *dt4.stride(), *zz.stride(), *out4.stride(), SEG=seg_len, FINAL=final, **seq_opts,
+                **common,
             )  # fmt: skip
     elif cfg["kind"] == "seq":
         _scan_fwd_seq_kernel[grid](
             u4, dt4, A2, BC, *opt, zz, out4, hs, last, r, L, dim, nchunk, batch,
-            *u4.stride(), *dt4.stride(), *zz.stride(), *out4.stride(), FAST=not _INTERPRET,
-            DEPTH=cfg.get("DEPTH", 2), PREFETCH=0 if _INTERPRET else cfg.get("PREFETCH", 0), **common,
+            *u4.stride(), *dt4.stride(), *zz.stride(), *out4.stride(), DEPTH=cfg.get("DEPTH", 2), **seq_opts,
+            **common,
         )  # fmt: skip
     else:
         Bv, Cv = BC[..., :NP], BC[..., NP:]
@@ -1023,6 +1042,10 @@ def _launch_bwd(u4, dt4, A2, BC, D, db, z3, dout4, hs, T, routes, du4, ddt4, dz3
         cfg["SUBS"] = max(1, T // 4)  # sub-chunks of 4 steps: no register spills (see _scan_bwd_seq_kernel)
     if T % cfg.get("SUBS", 1):
         cfg["SUBS"] = 1
+    if cfg.get("maxnreg") == "auto":
+        # one-step backward, one sub-chunk per chunk: capped at 168 registers (12 one-warp programs per SM instead
+        # of 8; H200, (128, 768, 197): 0.86 vs 1.14 ms). With two sub-chunks unrolled the cap spills: slower.
+        cfg["maxnreg"] = 168 if cfg["kind"] == "seq" and cfg["SUBS"] == 1 else None
     NP = A2.shape[1]
     nchunk = triton.cdiv(L, T)
     assert hs.shape[2] == nchunk
@@ -1047,10 +1070,13 @@ def _launch_bwd(u4, dt4, A2, BC, D, db, z3, dout4, hs, T, routes, du4, ddt4, dz3
         subs = cfg.get("SUBS", 1)
         if T % subs:
             raise ValueError(f"vim_kernels: SUBS={subs} must divide T={T}")
-        seg_len = cfg.get("SEG", 0)  # split L (opt-in): segments of SEG steps, a multiple of T
+        seg_len = cfg.get("SEG", 0)  # split L: segments of SEG steps, a multiple of T
+        if seg_len >= L:
+            seg_len = 0  # one segment: nothing to split
         if seg_len % T:
             raise ValueError(f"vim_kernels: the split backward's SEG={seg_len} must be a multiple of T={T}")
         nseg = triton.cdiv(L, seg_len) if seg_len else 1
+        pin = cfg.get("PIN", True)  # see _state_offsets
         gout = dtsum = dA  # stand-ins, never read without SEG
         if seg_len:
             gout = torch.empty((R, batch, nseg, NP, dim), device=dev, dtype=torch.float32)
@@ -1059,14 +1085,15 @@ def _launch_bwd(u4, dt4, A2, BC, D, db, z3, dout4, hs, T, routes, du4, ddt4, dz3
             _scan_bwd_split_prep_kernel[grid](
                 dt4, A2, BC, opt[1], zz, dout4, r, gout, dtsum, L, dim, batch, nseg, *dt4.stride(), *zz.stride(),
                 *dout4.stride(), HAS_DB=db is not None, HAS_Z=z3 is not None, SOFTPLUS=softplus,
-                ROUTED=routes is not None, BD=BD, NP=NP, FAST=not _INTERPRET, SEG=seg_len, num_warps=cfg["num_warps"],
+                ROUTED=routes is not None, BD=BD, NP=NP, FAST=not _INTERPRET, SEG=seg_len, PIN=pin,
+                num_warps=cfg["num_warps"],
             )  # fmt: skip
         _scan_bwd_seq_kernel[grid](
             u4, dt4, A2, BC, *opt, zz, dout4, hs, r, *grads, dBC, *dopt, gout, dtsum, L, dim, nchunk, batch, nseg,
             *u4.stride(), *dt4.stride(), *strides, SUBS=subs, SEGC=seg_len // T,
             # the lane reduce-scatter is written for one warp of 32 channels, one per lane
             LANE_SUM=BD == 32 and cfg["num_warps"] == 1 and NP <= 32, LOG2NP=NP.bit_length() - 1,
-            FAST=not _INTERPRET, **common,
+            FAST=not _INTERPRET, PIN=pin, **common,
         )  # fmt: skip
     else:
         Bv, Cv = BC[..., :NP], BC[..., NP:]

@@ -251,7 +251,16 @@ KERNEL_KINDS = {
         {"kind": "chunk", "T": 8, "BD": 16, "num_warps": 2, "PREFETCH": 1},
         {"kind": "chunk", "T": 8, "BD": 32, "num_warps": 4, "PREFETCH": 1},
     ),
-    # L split into segments of 64 steps (opt-in, not yet run on a GPU when written)
+    # the compiler's own layout of the state tile (PIN off, see _state_offsets); the large-grid defaults at T 4
+    "seq/seq T4 unpinned": (
+        {"kind": "seq", "T": 4, "BD": 32, "num_warps": 1, "PIN": False},
+        {"kind": "seq", "T": 4, "SUBS": 1, "PIN": False},
+    ),
+    "seq D4/seq T4 maxnreg168": (
+        {"kind": "seq", "T": 4, "BD": 32, "num_warps": 1, "DEPTH": 4},
+        {"kind": "seq", "T": 4, "SUBS": 1, "maxnreg": 168},
+    ),
+    # L split into segments of 64 steps (the small-grid default uses 256)
     "split SEG64/chunk T8": (
         {"kind": "split", "T": 8, "SEG": 64, "BD": 32, "num_warps": 1, "PREFETCH": 16},
         {"kind": "chunk", "T": 8, "BD": 32, "num_warps": 4, "PREFETCH": 1},
@@ -265,7 +274,7 @@ INTERPRET_KINDS = {  # tiny tiles under the interpreter
     "seq/seq T4 SUBS2": ({"kind": "seq", "T": 4, "BD": 32, "num_warps": 1}, {"kind": "seq", "T": 4, "SUBS": 2}),
     "seq D4/seq T4": ({"kind": "seq", "T": 4, "BD": 32, "num_warps": 1, "DEPTH": 4}, {"kind": "seq", "SUBS": 1}),
     "chunk/chunk T4": ({"kind": "chunk", "T": 4, "BD": 4, "num_warps": 1}, {"kind": "chunk", "T": 4, "BD": 4}),
-    # L split into segments of 4 steps (not yet run on a GPU: see _scan_fwd_split_kernel)
+    # L split into segments of 4 steps (see _scan_fwd_split_kernel)
     "split/seq T4": (
         {"kind": "split", "T": 4, "SEG": 4, "BD": 32, "num_warps": 1},
         {"kind": "seq", "SUBS": 1, "SEG": 4},  # the backward split too
@@ -384,7 +393,8 @@ def test_torch_backend_gpu():
 
 
 def test_auto_chunk_length_follows_the_saved_state_budget():
-    # T "auto": 4 while the saved chunk states (R, batch, L/T, 16, dim) fp32 fit the budget, else 8 (half the memory)
+    # T "auto": 4 while the saved chunk states (R, batch, L/T, 16, dim) fp32 fit the budget, else 8 (half the memory);
+    # small grids split L into segments
     mod = triton_mod()
     saved = dict(mod.CONFIG["fwd"])
     try:
@@ -392,9 +402,8 @@ def test_auto_chunk_length_follows_the_saved_state_budget():
         assert mod._fwd_config(128, 768, 1, 197, 16)["T"] == 4  # 315 MB
         assert mod._fwd_config(128, 768, 2, 197, 16)["T"] == 8  # Vim-S: both directions, 629 MB at T 4
         small = mod._fwd_config(16, 384, 1, 6085, 16)  # 192 programs of 32 channels: the small-grid settings
-        assert small["kind"] == mod._FWD_SMALL_GRID["kind"] and small["T"] == mod._FWD_SMALL_GRID["T"]
-        assert small["BD"] == 16  # BD "fill": 384 programs of 16 channels
-        assert mod._fwd_config(16, 384, 2, 6085, 16)["BD"] == 32  # Vim's two routes: 384 programs of 32
+        assert small["kind"] == "split" and small["T"] == mod._FWD_SMALL_GRID["T"]
+        assert mod._fwd_config(1, 384, 2, 197, 16)["kind"] == "seq"  # a small grid, but L <= SEG: no split
         mod.CONFIG["fwd"] = {"kind": "seq", "T": 6, "BD": 32, "num_warps": 1, "DEPTH": 4}
         assert mod._fwd_config(1, 64, 1, 50, 16)["DEPTH"] == 2  # DEPTH must divide T
     finally:
