@@ -2,6 +2,7 @@
 # Everything that must run on a GPU, checked and timed in one call of the device tool (see benchmarks/README.md):
 #   bash benchmarks/gpu_suite.sh [tests] [scan] [cross] [train] [backbones] [ddp]     (no argument: these)
 #   extra steps: kernel_tests / model_tests (one folder of the GPU tests), scan_variants (scan.py --variants),
+#   tune (the variants, then the scan table with the chosen settings, which later steps of the call use),
 #   profile (kernel table of vim_tiny inference at 1248), mamba (builds mamba_ssm's selective_scan_cuda from the
 #   sdist carried in .whl/, in the background: the scan and mamba_side steps wait for it and time it beside ours).
 #   The third session's figures: bash benchmarks/gpu_suite.sh mamba model_tests profile backbones mamba_side scan
@@ -10,6 +11,7 @@ set -uo pipefail
 OUT=${OUT:-/tmp/gpu_suite}
 mkdir -p "$OUT"
 steps=${*:-tests scan cross train backbones ddp}
+tests_k=(); [ -n "${TESTS_K:-}" ] && tests_k=(-k "$TESTS_K")  # TESTS_K="split or prefetch": a subset of the GPU tests
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
 # the package from src/, and kernels/ under its import name (no build step needed)
 mkdir -p /tmp/pkg && ln -sfn "$PWD/kernels" /tmp/pkg/vim_kernels
@@ -41,16 +43,28 @@ for step in $steps; do
            MAX_JOBS=12 python3 benchmarks/mamba_ssm_cuda.py --src /tmp/mamba_src/mamba_ssm-* --build /tmp/mamba_build \
              > "$OUT/mamba.log" 2>&1 & mamba_pid=$! ;;
     profile) run profile python3 benchmarks/profile_backbone.py --out "$OUT" ;;
-    tests) run tests python3 -m pytest -q -m gpu tests/kernels tests/models -p no:cacheprovider ;;
-    kernel_tests) run kernel_tests python3 -m pytest -q -m gpu tests/kernels -p no:cacheprovider ;;
+    tests) run tests python3 -m pytest -q -m gpu tests/kernels tests/models -p no:cacheprovider "${tests_k[@]}" ;;
+    kernel_tests) run kernel_tests python3 -m pytest -q -m gpu tests/kernels -p no:cacheprovider "${tests_k[@]}" ;;
+    tune) # the variants, then the scan table with the fastest checked ones (beside mamba_ssm's kernel when the
+          # `mamba` step runs in the background); later steps of this call use the chosen settings
+      wait_args=(); [ -n "$mamba_pid" ] && wait_args=(--mamba-build /tmp/mamba_build --mamba-wait 600)
+      run tune python3 benchmarks/scan.py --variants all --no-torch "${wait_args[@]}" --out "$OUT"
+      [ -f "$OUT/scan_config.json" ] && export VIM_SCAN_CONFIG="$(cat "$OUT/scan_config.json")" && echo "chosen: $VIM_SCAN_CONFIG" ;;
     scan) mamba_ready; run scan python3 benchmarks/scan.py "${mamba_args[@]}" --out "$OUT" ;;
     scan_variants) run scan_variants python3 benchmarks/scan.py --variants --no-torch --out "$OUT" ;;
     cross) run cross python3 benchmarks/cross_scan.py --out "$OUT" ;;
     train) run train python3 src/train.py "${common_train[@]}" trainer=gpu data.batch_size=128 trainer.max_steps=300 \
              trainer.max_epochs=1000 hydra.run.dir="$OUT/train_run" paths.data_dir=/tmp/data
            run train_check python3 benchmarks/gpu_model_check.py "$OUT/train_run" --out "$OUT" ;;
+    train_T4) # Vim-S training at 224 with chunks of 4 steps (one-step backward capped at 168 registers) instead of
+              # "auto" (8 for Vim-S: half the saved states): the speed/memory trade-off
+      VIM_SCAN_CONFIG='{"fwd": {"T": 4}}' run train_T4 python3 benchmarks/backbones.py --models --train-models vim_small \
+        --iters 10 --result-name backbones_train_T4 --out "$OUT" ;;
     model_tests) run model_tests python3 -m pytest -q -m gpu tests/models -p no:cacheprovider ;;
     backbones) run backbones python3 benchmarks/backbones.py --iters 10 --out "$OUT" ;;
+    vim1248) # the issue-9 comparison alone: vim_tiny vs deit_tiny at 1248, Vim-S training at 224
+      run vim1248 python3 benchmarks/backbones.py --models vim_tiny deit_tiny_fused deit_tiny_plain --resolutions 1248 \
+        --train-models vim_small --iters 10 --result-name backbones_1248 --out "$OUT" ;;
     mamba_side) mamba_ready  # Vim with mamba_ssm's scan in place of ours: vim_tiny at 1248, vim_small training
       run mamba_side python3 benchmarks/backbones.py --models vim_tiny --resolutions 1248 --train-models vim_small \
         --iters 10 "${mamba_args[@]}" --result-name backbones_mamba_ssm --out "$OUT" ;;

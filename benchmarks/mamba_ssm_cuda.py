@@ -19,11 +19,13 @@ import argparse
 import contextlib
 import os
 import sys
+import time
 from pathlib import Path
 
 import torch
 
 _EXT = None
+CHECKED = "CHECKED"  # written into the build folder once main() has checked the build
 # mamba_ssm's setup.py flags for its CUDA sources (the architecture comes from TORCH_CUDA_ARCH_LIST)
 _NVCC_FLAGS = [
     "-O3", "-std=c++17", "-U__CUDA_NO_HALF_OPERATORS__", "-U__CUDA_NO_HALF_CONVERSIONS__",
@@ -52,14 +54,20 @@ def build(src: str | Path, build_dir: str | Path, verbose: bool = False):
     return _EXT
 
 
-def load(build_dir: str | Path | None):
-    """The built extension from `build_dir`, or None when there is none (the benchmarks then skip mamba_ssm)."""
+def load(build_dir: str | Path | None, wait_s: float = 0.0):
+    """The built extension from `build_dir`, or None when there is none (the benchmarks then skip mamba_ssm).
+    A build counts once main() has checked it (its CHECKED marker); wait_s: how long to wait for one in progress."""
     global _EXT
-    if _EXT is None and build_dir and any(Path(build_dir).glob("selective_scan_cuda*.so")):
-        sys.path.insert(0, str(build_dir))
-        import selective_scan_cuda
+    if _EXT is None and build_dir:
+        marker = Path(build_dir) / CHECKED
+        deadline = time.monotonic() + wait_s
+        while not marker.is_file() and time.monotonic() < deadline:
+            time.sleep(5)
+        if marker.is_file():
+            sys.path.insert(0, str(build_dir))
+            import selective_scan_cuda
 
-        _EXT = selective_scan_cuda
+            _EXT = selective_scan_cuda
     return _EXT
 
 
@@ -157,6 +165,7 @@ def main() -> None:
     print(f"mamba_ssm selective_scan_cuda built in {args.build}; max rel. error vs vim_kernels' reference {err:.2e}")
     if not err < 1e-3:
         raise SystemExit("mamba_ssm's kernel disagrees with the reference: check the wrapper")
+    (Path(args.build) / CHECKED).write_text(f"max rel. error {err:.2e}\n")
 
 
 if __name__ == "__main__":

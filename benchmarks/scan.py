@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -139,33 +140,30 @@ def _seq(T, BD=32, w=1, **kw):
     return {"kind": "seq", "T": T, "BD": BD, "num_warps": w, **kw}
 
 
-def _bseq(T, subs, BD=32, w=1):
-    return {"kind": "seq", "T": T, "SUBS": subs, "BD": BD, "num_warps": w}
+def _bseq(T, subs, BD=32, w=1, **kw):
+    return {"kind": "seq", "T": T, "SUBS": subs, "BD": BD, "num_warps": w, **kw}
 
 
+_UNPIN = {"PIN": False}  # the compiler's own layout of the state tile (the third session's code; see _state_offsets)
 VARIANTS = [
-    ("seq T8 SUBS2", _seq(8), _bseq(8, 2)),
-    # forward: four steps' loads in flight (DEPTH 4) / an L2 prefetch PREFETCH steps ahead
-    ("seq T8 fwd DEPTH4", _seq(8, DEPTH=4), _bseq(8, 2)),
-    ("seq T8 fwd PREFETCH16", _seq(8, PREFETCH=16), _bseq(8, 2)),
-    ("seq T8 fwd BD16 DEPTH4 PREFETCH16", _seq(8, 16, DEPTH=4, PREFETCH=16), _bseq(8, 2)),
+    ("seq T4 D4 / seq T4 maxnreg168", _seq(4, DEPTH=4), _bseq(4, 1, maxnreg=168)),  # the default at T 4
+    ("seq T4 D4 / seq T4 maxnreg168, unpinned", _seq(4, DEPTH=4, **_UNPIN), _bseq(4, 1, maxnreg=168, **_UNPIN)),
+    ("seq T4 D4 / seq T4 maxnreg152", _seq(4, DEPTH=4), _bseq(4, 1, maxnreg=152)),
+    ("seq T8 D4 / seq T8 SUBS2", _seq(8, DEPTH=4), _bseq(8, 2)),  # the default at T 8 (Vim-S training)
+    ("seq T8 D4 / seq T8 SUBS2 maxnreg200", _seq(8, DEPTH=4), _bseq(8, 2, maxnreg=200)),
 ]
-# small-grid (long L) variants at (16, 384, 6085): 192 programs of 32 channels. Fewer channels per program (BD)
-# means 32 / BD lanes share a channel, each holding 16 * BD / 32 of its states.
-_CHUNK_FWD = {"kind": "chunk", "T": 8, "BD": 16, "num_warps": 2}
-_CHUNK_BWD = {"kind": "chunk", "T": 8, "BD": 32, "num_warps": 4}
-_CHUNK_BWD_PF = {**_CHUNK_BWD, "PREFETCH": 1}
+# small-grid (long L) variants at (16, 384, 6085): 192 programs of 32 channels, so L is split into segments
+
+
+def _split(seg, **kw):  # L split into segments of seg steps (two launches: _scan_fwd_split_kernel)
+    return {**_seq(8, PREFETCH=16), "kind": "split", "SEG": seg, **kw}
+
+
 SMALL_VARIANTS = [
-    ("small chunk/chunk", _CHUNK_FWD, _CHUNK_BWD),
-    ("small chunk/chunk PREFETCH", {**_CHUNK_FWD, "PREFETCH": 1}, _CHUNK_BWD_PF),
-    ("small seq BD8 DEPTH4/chunk PREFETCH", _seq(8, 8, DEPTH=4), _CHUNK_BWD_PF),
-    ("small seq BD8 DEPTH4 PREFETCH16/chunk PREFETCH", _seq(8, 8, DEPTH=4, PREFETCH=16), _CHUNK_BWD_PF),
-    ("small seq BD4 DEPTH4 PREFETCH32/chunk PREFETCH", _seq(8, 4, DEPTH=4, PREFETCH=32), _CHUNK_BWD_PF),
-    ("small seq BD16 DEPTH4 PREFETCH16/chunk PREFETCH", _seq(8, 16, DEPTH=4, PREFETCH=16), _CHUNK_BWD_PF),
-    # L split into segments (two passes: _scan_fwd_split_kernel); not yet timed when written
-    ("small split SEG256 PREFETCH16/chunk PREFETCH", {**_seq(8, PREFETCH=16), "kind": "split", "SEG": 256}, _CHUNK_BWD_PF),
-    ("small split SEG128 PREFETCH16/chunk PREFETCH", {**_seq(8, PREFETCH=16), "kind": "split", "SEG": 128}, _CHUNK_BWD_PF),
-    ("small split SEG256/seq SEG256", {**_seq(8, PREFETCH=16), "kind": "split", "SEG": 256}, {**_bseq(8, 2), "SEG": 256}),
+    ("small split SEG256 / seq SEG256", _split(256), _bseq(8, 2, SEG=256)),  # the small-grid default
+    ("small split SEG128 / seq SEG128", _split(128), _bseq(8, 2, SEG=128)),
+    ("small split SEG512 / seq SEG512", _split(512), _bseq(8, 2, SEG=512)),
+    ("small split SEG256 / seq SEG256 maxnreg168", _split(256), _bseq(8, 2, SEG=256, maxnreg=168)),
 ]
 
 
@@ -223,6 +221,14 @@ def variants(log, which="all"):
     return rows
 
 
+def chosen_config() -> dict:
+    """The scan settings in force, in VIM_SCAN_CONFIG's format (the suite hands --variants' choice to later steps)."""
+    from vim_kernels import triton_scan as ts
+
+    tables = {**ts.CONFIG, "fwd_small": ts._FWD_SMALL_GRID, "bwd_small": ts._BWD_SMALL_GRID}
+    return {k: dict(v) for k, v in tables.items()}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--check", action="store_true", help="run the GPU kernel tests first")
@@ -231,6 +237,7 @@ def main() -> None:
     )
     ap.add_argument("--no-torch", action="store_true", help="skip the torch backend timings")
     ap.add_argument("--mamba-build", default=None, help="folder of a built mamba_ssm selective_scan_cuda")
+    ap.add_argument("--mamba-wait", type=float, default=0, help="seconds to wait for a build still running there")
     ap.add_argument("--out", default=None, help="results folder (default benchmarks/results)")
     args = ap.parse_args()
     lines: list[str] = []
@@ -257,18 +264,23 @@ def main() -> None:
     exp_tps = exp_rate_tps()
     log(f"copy bandwidth {bw:.0f} GB/s (read+write); exp2 rate {exp_tps / 1e12:.2f} T/s")
     result.update(copy_bandwidth_gbs=bw, exp2_per_s=exp_tps, mamba_ssm_reference_h100=MAMBA_REF, n_state=N)
+    if args.variants:
+        result["variants"] = variants(log, args.variants)
+        result["small_grid"] = {"fwd": dict(ts._FWD_SMALL_GRID), "bwd": dict(ts._BWD_SMALL_GRID)}
+        out_dir = Path(args.out) if args.out else Path(__file__).parent / "results"
+        (out_dir / "scan_config.json").write_text(json.dumps(chosen_config()))
+    result["config"] = {k: dict(v) for k, v in ts.CONFIG.items()}
     import mamba_ssm_cuda
 
-    selective_scan_fn = mamba_ssm_cuda.selective_scan_fn if mamba_ssm_cuda.load(args.mamba_build) else None
+    # loaded after the variants: a build started beside this run (the suite's `mamba` step) has time to finish
+    selective_scan_fn = None
+    if mamba_ssm_cuda.load(args.mamba_build, wait_s=args.mamba_wait):
+        selective_scan_fn = mamba_ssm_cuda.selective_scan_fn
     result["mamba_ssm"] = (
         f"selective_scan_cuda built from the mamba_ssm sdist in {args.mamba_build} (benchmarks/mamba_ssm_cuda.py)"
         if selective_scan_fn
         else "not built (pass --mamba-build DIR, see benchmarks/mamba_ssm_cuda.py): mamba_ssm publishes sources only"
     )
-    if args.variants:
-        result["variants"] = variants(log, args.variants)
-        result["small_grid"] = {"fwd": dict(ts._FWD_SMALL_GRID), "bwd": dict(ts._BWD_SMALL_GRID)}
-    result["config"] = {k: dict(v) for k, v in ts.CONFIG.items()}
 
     rows = []
     for batch, dim, L in SHAPES:
