@@ -151,6 +151,9 @@ VARIANTS = [
     ("seq T4 D4 / seq T4 maxnreg152", _seq(4, DEPTH=4), _bseq(4, 1, maxnreg=152)),
     ("seq T8 D4 / seq T8 SUBS2", _seq(8, DEPTH=4), _bseq(8, 2)),  # the default at T 8 (Vim-S training)
     ("seq T8 D4 / seq T8 SUBS2 maxnreg200", _seq(8, DEPTH=4), _bseq(8, 2, maxnreg=200)),
+    # one sub-chunk per loop iteration (FLAT, written after the last GPU call): T 8 without spills, then capped
+    ("seq T8 D4 / seq T8 SUBS2 FLAT", _seq(8, DEPTH=4), _bseq(8, 2, FLAT=True)),
+    ("seq T8 D4 / seq T8 SUBS2 FLAT maxnreg168", _seq(8, DEPTH=4), _bseq(8, 2, FLAT=True, maxnreg=168)),
 ]
 # small-grid (long L) variants at (16, 384, 6085): 192 programs of 32 channels, so L is split into segments
 
@@ -164,6 +167,8 @@ SMALL_VARIANTS = [
     ("small split SEG128 / seq SEG128", _split(128), _bseq(8, 2, SEG=128)),
     ("small split SEG512 / seq SEG512", _split(512), _bseq(8, 2, SEG=512)),
     ("small split SEG256 / seq SEG256 maxnreg168", _split(256), _bseq(8, 2, SEG=256, maxnreg=168)),
+    ("small split SEG256 / seq SEG256 FLAT", _split(256), _bseq(8, 2, SEG=256, FLAT=True)),
+    ("small split SEG256 / seq SEG256 FLAT maxnreg168", _split(256), _bseq(8, 2, SEG=256, FLAT=True, maxnreg=168)),
 ]
 
 

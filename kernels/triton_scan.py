@@ -28,7 +28,8 @@ LOG2E = 1.4426950408889634
 # Forward "seq" only: DEPTH (2 or 4) steps per loop iteration, DEPTH - 1 of them loading while one computes.
 # PREFETCH: seq / split forward, steps ahead (0 = off), an L2 prefetch of that step's rows; chunked kernels (bool),
 # the next (fwd) / previous (bwd) chunk (the one-step backward with the previous chunk prefetched measured no gain).
-# maxnreg caps registers per thread.
+# maxnreg caps registers per thread. FLAT (seq backward, opt-in, not yet run on a GPU): one sub-chunk per loop
+# iteration (see _scan_bwd_seq_kernel).
 # Under the interpreter every program costs seconds, so grids are kept tiny there; BD 32 with one warp is the
 # layout the seq backward's lane reduce-scatter is written for, and the tests run it as the GPU does.
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -614,6 +615,23 @@ def _scan_bwd_split_prep_kernel(
 
 
 @triton.jit
+def _recompute_step(h, A2, dbv, t, u_base, dt_base, BC_base, r_base, L, s_u_l, s_dt_l, dmask,
+                    ROUTED: tl.constexpr, HAS_DB: tl.constexpr, SOFTPLUS: tl.constexpr, FAST: tl.constexpr,
+                    NP: tl.constexpr):  # fmt: skip
+    # the state one step on (no output): the backward's recomputation of a sub-chunk's start state
+    tok = _step_token(r_base, t, L, ROUTED)
+    u = tl.load(u_base + tok * s_u_l, mask=dmask, other=0.0).to(tl.float32)
+    dt = tl.load(dt_base + tok * s_dt_l, mask=dmask, other=0.0).to(tl.float32)
+    Bt = tl.load(BC_base + tok * (2 * NP) + tl.arange(0, NP))
+    if HAS_DB:
+        dt = dt + dbv
+    if SOFTPLUS:
+        dt, _ = _softplus_fast(dt, FAST)
+    dt = tl.where(t < L, dt, 0.0)
+    return tl.exp2(dt[None, :] * A2) * h + Bt[:, None] * (dt * u)[None, :]
+
+
+@triton.jit
 def _scan_bwd_seq_kernel(
     u_ptr, dt_ptr, A_ptr, BC_ptr, D_ptr, db_ptr, z_ptr, dout_ptr, hs_ptr, route_ptr,
     du_ptr, ddt_ptr, dz_ptr, dA_ptr, dBC_ptr, dD_ptr, ddb_ptr, gout_ptr, dtsum_ptr,
@@ -628,6 +646,7 @@ def _scan_bwd_seq_kernel(
     HAS_D: tl.constexpr, HAS_DB: tl.constexpr, HAS_Z: tl.constexpr, SOFTPLUS: tl.constexpr,
     ROUTED: tl.constexpr, T: tl.constexpr, SUBS: tl.constexpr, BD: tl.constexpr, NP: tl.constexpr,
     LANE_SUM: tl.constexpr, LOG2NP: tl.constexpr, FAST: tl.constexpr, SEGC: tl.constexpr, PIN: tl.constexpr,
+    FLAT: tl.constexpr,
 ):  # fmt: skip
     # Same layout as the one-step forward: tiles (NP, BD), a channel's states in one thread. The saved chunks of T
     # steps are walked last to first, each in SUBS sub-chunks of S = T / SUBS steps (last first): the sub-chunk's
@@ -639,6 +658,9 @@ def _scan_bwd_seq_kernel(
     # Sub-chunks trade a little recomputation for fewer registers (sm_90 ptxas: S 4 ~250 registers, small or no
     # spills; S 8 spills hundreds of bytes) while the saved states stay one per T steps. dB, dC (sums over
     # channels) are reduced across lanes by _lane_sum and added with relaxed atomics.
+    # FLAT (opt-in, NOT yet run on a GPU): the dynamic loop takes one sub-chunk per iteration instead of a chunk's
+    # SUBS unrolled ones, so T 8 compiles like T 4 (sm_90 ptxas, Triton 3.6: no spills where the unrolled T 8 SUBS 2
+    # spills 120 B), which may let T 8 take the register cap too. Without it the code is the timed one.
     # SEGC > 0 (split L, the small-grid default): one program per segment of SEGC chunks, NSEG of them; its
     # incoming a g from the later segments is folded from _scan_bwd_split_prep_kernel's records, then its chunks run
     # as above.
@@ -677,23 +699,24 @@ def _scan_bwd_seq_kernel(
     dA_acc = tl.zeros((NP, BD), dtype=tl.float32)
     dD_acc = tl.zeros((BD,), dtype=tl.float32)
     ddb_acc = tl.zeros((BD,), dtype=tl.float32)
-    for ci in range(c_hi - c_lo):
-        c = c_hi - 1 - ci
-        for j in tl.static_range(SUBS - 1, -1, -1):
+    # FLAT: one sub-chunk per iteration of the dynamic loop (j dynamic, the recompute a loop), so the unrolled body
+    # holds one sub-chunk whatever SUBS is; else a chunk's SUBS sub-chunks are unrolled into one iteration
+    # (tb: the first step of the iteration's sub-chunks, j: the sub-chunk within them)
+    NJ: tl.constexpr = 1 if FLAT else SUBS
+    for it in range((c_hi - c_lo) * (SUBS // NJ)):
+        c = c_hi - 1 - it // (SUBS // NJ)
+        if FLAT:
+            tb = c * T + (SUBS - 1 - it % SUBS) * S
+        for j in tl.static_range(NJ - 1, -1, -1):
             h = tl.load(hs_base + c * NP * DIM + _state_offsets(rn, rd, DIM, PIN), mask=dmask[None, :], other=0.0)
             # ---- recompute the sub-chunk's start state
-            for k in tl.static_range(j * S):
-                t = c * T + k
-                tok = _step_token(r_base, t, L, ROUTED)
-                u = tl.load(u_base + tok * s_u_l, mask=dmask, other=0.0).to(tl.float32)
-                dt = tl.load(dt_base + tok * s_dt_l, mask=dmask, other=0.0).to(tl.float32)
-                Bt = tl.load(BC_base + tok * (2 * NP) + tl.arange(0, NP))
-                if HAS_DB:
-                    dt = dt + dbv
-                if SOFTPLUS:
-                    dt, _ = _softplus_fast(dt, FAST)
-                dt = tl.where(t < L, dt, 0.0)
-                h = tl.exp2(dt[None, :] * A2) * h + Bt[:, None] * (dt * u)[None, :]
+            ld = (u_base, dt_base, BC_base, r_base, L, s_u_l, s_dt_l, dmask)
+            if FLAT:
+                for k in range(tb - c * T):
+                    h = _recompute_step(h, A2, dbv, c * T + k, *ld, ROUTED, HAS_DB, SOFTPLUS, FAST, NP)
+            else:
+                for k in tl.static_range(j * S):
+                    h = _recompute_step(h, A2, dbv, c * T + k, *ld, ROUTED, HAS_DB, SOFTPLUS, FAST, NP)
             Hs = tl.zeros((S, NP, BD), dtype=tl.float32)
             Us = tl.zeros((S, BD), dtype=tl.float32)
             DTs = tl.zeros((S, BD), dtype=tl.float32)
@@ -701,7 +724,7 @@ def _scan_bwd_seq_kernel(
             SPs = tl.zeros((S, BD), dtype=tl.float32)
             # ---- phase 1: forward through the sub-chunk
             for k in tl.static_range(S):
-                t = c * T + j * S + k
+                t = (tb if FLAT else c * T) + j * S + k
                 live = t < L
                 tok = _step_token(r_base, t, L, ROUTED)
                 m1 = dmask & live
@@ -742,7 +765,7 @@ def _scan_bwd_seq_kernel(
                 DYs = tl.where(rk2 == k, dy[None, :], DYs)
             # ---- phase 2: backward through the sub-chunk
             for k in tl.static_range(S - 1, -1, -1):
-                t = c * T + j * S + k
+                t = (tb if FLAT else c * T) + j * S + k
                 live = t < L
                 tok = _step_token(r_base, t, L, ROUTED)
                 m1 = dmask & live
@@ -1093,7 +1116,7 @@ def _launch_bwd(u4, dt4, A2, BC, D, db, z3, dout4, hs, T, routes, du4, ddt4, dz3
             *u4.stride(), *dt4.stride(), *strides, SUBS=subs, SEGC=seg_len // T,
             # the lane reduce-scatter is written for one warp of 32 channels, one per lane
             LANE_SUM=BD == 32 and cfg["num_warps"] == 1 and NP <= 32, LOG2NP=NP.bit_length() - 1,
-            FAST=not _INTERPRET, PIN=pin, **common,
+            FAST=not _INTERPRET, PIN=pin, FLAT=bool(cfg.get("FLAT", False)), **common,
         )  # fmt: skip
     else:
         Bv, Cv = BC[..., :NP], BC[..., NP:]

@@ -260,6 +260,11 @@ KERNEL_KINDS = {
         {"kind": "seq", "T": 4, "BD": 32, "num_warps": 1, "DEPTH": 4},
         {"kind": "seq", "T": 4, "SUBS": 1, "maxnreg": 168},
     ),
+    # the backward with one sub-chunk per loop iteration (FLAT: no spills at T 8; not yet run on a GPU)
+    "seq T8/seq T8 SUBS2 FLAT": (
+        {"kind": "seq", "T": 8, "BD": 32, "num_warps": 1, "DEPTH": 4},
+        {"kind": "seq", "SUBS": 2, "FLAT": True},
+    ),
     # L split into segments of 64 steps (the small-grid default uses 256)
     "split SEG64/chunk T8": (
         {"kind": "split", "T": 8, "SEG": 64, "BD": 32, "num_warps": 1, "PREFETCH": 16},
@@ -278,6 +283,15 @@ INTERPRET_KINDS = {  # tiny tiles under the interpreter
     "split/seq T4": (
         {"kind": "split", "T": 4, "SEG": 4, "BD": 32, "num_warps": 1},
         {"kind": "seq", "SUBS": 1, "SEG": 4},  # the backward split too
+    ),
+    # one sub-chunk per iteration of the backward's dynamic loop (FLAT; not yet run on a GPU), unsplit and split
+    "seq/seq T4 SUBS2 FLAT": (
+        {"kind": "seq", "T": 4, "BD": 32, "num_warps": 1},
+        {"kind": "seq", "T": 4, "SUBS": 2, "FLAT": True},
+    ),
+    "split/seq T4 SUBS2 FLAT": (
+        {"kind": "split", "T": 4, "SEG": 8, "BD": 32, "num_warps": 1},
+        {"kind": "seq", "SUBS": 2, "SEG": 8, "FLAT": True},
     ),
 }
 
