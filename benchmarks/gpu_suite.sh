@@ -3,6 +3,8 @@
 #   bash benchmarks/gpu_suite.sh [tests] [scan] [cross] [train] [backbones] [ddp]     (no argument: these)
 #   extra steps: kernel_tests / model_tests (one folder of the GPU tests), scan_variants (scan.py --variants),
 #   tune (the variants, then the scan table with the chosen settings, which later steps of the call use),
+#   vim1248 (vim_tiny vs deit_tiny at 1248 and Vim-S training: issue 9's figures alone), train_T4 (Vim-S training
+#   with T 4), TESTS_K="..." (a subset of the GPU tests, by name),
 #   profile (kernel table of vim_tiny inference at 1248), mamba (builds mamba_ssm's selective_scan_cuda from the
 #   sdist carried in .whl/, in the background: the scan and mamba_side steps wait for it and time it beside ours).
 #   The third session's figures: bash benchmarks/gpu_suite.sh mamba model_tests profile backbones mamba_side scan

@@ -52,8 +52,8 @@ _SEQ_MIN_PROGRAMS = 1024
 # Small grids (long L, small batch): L split into segments of SEG steps, one program per segment (the one-step
 # kernels' time per step is the memory latency they wait on, so what they need is more programs in flight). A
 # small grid with L <= SEG runs the unsplit kernels. H200, bf16 (benchmarks/README.md), at (16, 384, 6085):
-# forward 0.76 ms (one program per channel block, 4 steps in flight + L2 prefetch: 1.75), backward 3.42 ms (the
-# chunked kernel: 7.27); vim_tiny at 1248, batch 16: 278 img/s (201), batch-1 latency 21 ms (59).
+# forward 0.72-0.79 ms (one program per channel block, 4 steps in flight + L2 prefetch: 1.75), backward 3.42 ms (the
+# chunked kernel: 7.27); vim_tiny at 1248, batch 16: 278 img/s (201), batch-1 latency 21-36 ms (59).
 _FWD_SMALL_GRID = {"kind": "split", "SEG": 256, "T": 8, "BD": 32, "num_warps": 1, "PREFETCH": 16}
 _BWD_SMALL_GRID = {"kind": "seq", "SEG": 256, "SUBS": 2, "BD": 32, "num_warps": 1}
 # VIM_SCAN_CONFIG='{"fwd": {...}, "bwd": {...}, "fwd_small": {...}, "bwd_small": {...}}' overrides entries of
@@ -89,12 +89,22 @@ def _fwd_config(batch: int, dim: int, R: int, L: int, NP: int) -> dict:
     return cfg
 
 
-def _bwd_config(batch: int, dim: int, R: int) -> dict:
+def _bwd_config(batch: int, dim: int, R: int, T: int) -> dict:
+    # T: the chunk length the forward saved its states with (it wins over the backward config's)
     cfg = dict(CONFIG["bwd"])
     if cfg.get("kind") == "auto":
         cfg["kind"] = "seq"
         if _small_grid(batch, dim, R):
             cfg.update(_BWD_SMALL_GRID)
+    cfg["T"] = T
+    if cfg.get("SUBS") == "auto":
+        cfg["SUBS"] = max(1, T // 4)  # sub-chunks of 4 steps: no register spills (see _scan_bwd_seq_kernel)
+    if T % cfg.get("SUBS", 1):
+        cfg["SUBS"] = 1
+    if cfg.get("maxnreg") == "auto":
+        # one-step backward, one sub-chunk per chunk: capped at 168 registers (12 one-warp programs per SM instead
+        # of 8; H200, (128, 768, 197): 0.86 vs 1.14 ms). With two sub-chunks unrolled the cap spills: slower.
+        cfg["maxnreg"] = 168 if cfg["kind"] == "seq" and cfg["SUBS"] == 1 else None
     return cfg
 
 
@@ -618,7 +628,9 @@ def _scan_bwd_split_prep_kernel(
 def _recompute_step(h, A2, dbv, t, u_base, dt_base, BC_base, r_base, L, s_u_l, s_dt_l, dmask,
                     ROUTED: tl.constexpr, HAS_DB: tl.constexpr, SOFTPLUS: tl.constexpr, FAST: tl.constexpr,
                     NP: tl.constexpr):  # fmt: skip
-    # the state one step on (no output): the backward's recomputation of a sub-chunk's start state
+    # the state one step on (no output): the backward's recomputation of a sub-chunk's start state. The delta is
+    # formed inline, not by _step_delta, whose `live` argument would move the `t < L` test ahead of the softplus and
+    # change the compiled order of the timed kernels.
     tok = _step_token(r_base, t, L, ROUTED)
     u = tl.load(u_base + tok * s_u_l, mask=dmask, other=0.0).to(tl.float32)
     dt = tl.load(dt_base + tok * s_dt_l, mask=dmask, other=0.0).to(tl.float32)
@@ -660,7 +672,8 @@ def _scan_bwd_seq_kernel(
     # channels) are reduced across lanes by _lane_sum and added with relaxed atomics.
     # FLAT (opt-in, NOT yet run on a GPU): the dynamic loop takes one sub-chunk per iteration instead of a chunk's
     # SUBS unrolled ones, so T 8 compiles like T 4 (sm_90 ptxas, Triton 3.6: no spills where the unrolled T 8 SUBS 2
-    # spills 120 B), which may let T 8 take the register cap too. Without it the code is the timed one.
+    # spills 120 B), which may let T 8 take the register cap too. Without FLAT the kernel compiles (offline, sm_90)
+    # to the instructions timed, up to register numbering in the split form.
     # SEGC > 0 (split L, the small-grid default): one program per segment of SEGC chunks, NSEG of them; its
     # incoming a g from the later segments is folded from _scan_bwd_split_prep_kernel's records, then its chunks run
     # as above.
@@ -1057,18 +1070,8 @@ def _launch_fwd(u4, dt4, A2, BC, D, db, z3, out4, routes, softplus, accum, save_
 
 
 def _launch_bwd(u4, dt4, A2, BC, D, db, z3, dout4, hs, T, routes, du4, ddt4, dz3, softplus, batch, L, dim, R):
-    # T: the chunk length the forward saved its states with (it wins over the backward config's)
-    cfg = _bwd_config(batch, dim, R)
+    cfg = _bwd_config(batch, dim, R, T)
     BD = cfg["BD"]
-    cfg["T"] = T
-    if cfg.get("SUBS") == "auto":
-        cfg["SUBS"] = max(1, T // 4)  # sub-chunks of 4 steps: no register spills (see _scan_bwd_seq_kernel)
-    if T % cfg.get("SUBS", 1):
-        cfg["SUBS"] = 1
-    if cfg.get("maxnreg") == "auto":
-        # one-step backward, one sub-chunk per chunk: capped at 168 registers (12 one-warp programs per SM instead
-        # of 8; H200, (128, 768, 197): 0.86 vs 1.14 ms). With two sub-chunks unrolled the cap spills: slower.
-        cfg["maxnreg"] = 168 if cfg["kind"] == "seq" and cfg["SUBS"] == 1 else None
     NP = A2.shape[1]
     nchunk = triton.cdiv(L, T)
     assert hs.shape[2] == nchunk

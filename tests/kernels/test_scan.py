@@ -422,3 +422,19 @@ def test_auto_chunk_length_follows_the_saved_state_budget():
         assert mod._fwd_config(1, 64, 1, 50, 16)["DEPTH"] == 2  # DEPTH must divide T
     finally:
         mod.CONFIG["fwd"] = saved
+
+
+def test_backward_config_follows_the_forward_chunks():
+    # the backward takes the forward's T; "auto" caps registers only where a chunk is one sub-chunk (T 4): with two
+    # unrolled sub-chunks the cap spills (slower on the GPU); small grids split L like the forward
+    mod = triton_mod()
+    saved = dict(mod.CONFIG["bwd"])
+    try:
+        mod.CONFIG["bwd"] = {"kind": "auto", "SUBS": "auto", "BD": 32, "num_warps": 1, "maxnreg": "auto"}
+        t4, t8 = mod._bwd_config(128, 768, 1, 4), mod._bwd_config(128, 768, 2, 8)
+        assert (t4["kind"], t4["T"], t4["SUBS"], t4["maxnreg"]) == ("seq", 4, 1, 168)
+        assert (t8["T"], t8["SUBS"], t8["maxnreg"]) == (8, 2, None)
+        small = mod._bwd_config(16, 384, 1, 8)
+        assert small["SEG"] == mod._BWD_SMALL_GRID["SEG"] and small["maxnreg"] is None
+    finally:
+        mod.CONFIG["bwd"] = saved
