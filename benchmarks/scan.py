@@ -149,6 +149,8 @@ VARIANTS = [
     ("seq T4 D4 / seq T4 maxnreg168", _seq(4, DEPTH=4), _bseq(4, 1, maxnreg=168)),  # the default at T 4
     ("seq T4 D4 / seq T4 maxnreg168, unpinned", _seq(4, DEPTH=4, **_UNPIN), _bseq(4, 1, maxnreg=168, **_UNPIN)),
     ("seq T4 D4 / seq T4 maxnreg152", _seq(4, DEPTH=4), _bseq(4, 1, maxnreg=152)),
+    ("seq T4 D4 / seq T4 maxnreg184", _seq(4, DEPTH=4), _bseq(4, 1, maxnreg=184)),
+    ("seq T4 D4 maxnreg168 / seq T4 maxnreg168", _seq(4, DEPTH=4, maxnreg=168), _bseq(4, 1, maxnreg=168)),
     ("seq T8 D4 / seq T8 SUBS2", _seq(8, DEPTH=4), _bseq(8, 2)),  # the default at T 8 (Vim-S training)
     ("seq T8 D4 / seq T8 SUBS2 maxnreg200", _seq(8, DEPTH=4), _bseq(8, 2, maxnreg=200)),
     # one sub-chunk per loop iteration (FLAT, written after the last GPU call): T 8 without spills, then capped
