@@ -62,9 +62,15 @@ if os.environ.get("VIM_SCAN_CONFIG"):
     import json as _json
 
     _TABLES = {"fwd": CONFIG["fwd"], "bwd": CONFIG["bwd"], "fwd_small": _FWD_SMALL_GRID, "bwd_small": _BWD_SMALL_GRID}
-    for _k, _v in _json.loads(os.environ["VIM_SCAN_CONFIG"]).items():
-        if _k not in _TABLES:
-            raise ValueError(f"VIM_SCAN_CONFIG: unknown key {_k!r}; expected one of {sorted(_TABLES)}")
+    try:
+        _override = _json.loads(os.environ["VIM_SCAN_CONFIG"])
+    except _json.JSONDecodeError as _e:
+        raise ValueError(
+            f'VIM_SCAN_CONFIG is not JSON ({_e}); e.g. VIM_SCAN_CONFIG=\'{{"fwd": {{"T": 4}}}}\''
+        ) from None
+    for _k, _v in _override.items():
+        if _k not in _TABLES or not isinstance(_v, dict):
+            raise ValueError(f"VIM_SCAN_CONFIG: {_k!r} must be one of {sorted(_TABLES)}, each mapping to an object")
         _TABLES[_k].update(_v)
 
 

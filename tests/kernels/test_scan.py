@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -422,6 +424,15 @@ def test_auto_chunk_length_follows_the_saved_state_budget():
         assert mod._fwd_config(1, 64, 1, 50, 16)["DEPTH"] == 2  # DEPTH must divide T
     finally:
         mod.CONFIG["fwd"] = saved
+
+
+@pytest.mark.parametrize("value,message", [('{"fwd": {"T": 4', "is not JSON"), ('{"forward": {}}', "must be one of")])
+def test_bad_scan_config_override_is_a_clear_error(value, message):
+    env = {**os.environ, "VIM_SCAN_CONFIG": value, "TRITON_INTERPRET": "1"}
+    p = subprocess.run(
+        [sys.executable, "-c", "import vim_kernels.triton_scan"], env=env, capture_output=True, text=True
+    )
+    assert p.returncode != 0 and message in p.stderr.splitlines()[-1]
 
 
 def test_backward_config_follows_the_forward_chunks():
