@@ -37,6 +37,22 @@ def environment() -> dict:
     return info
 
 
+def gpu_busy_ms(fn: Callable[[], object], iters: int = 20) -> float:
+    """Milliseconds of GPU kernel time per call of ``fn`` (CUDA kernels' durations summed by the profiler, after one
+    warm-up call): the device's share alone, which `time_ms` hides where the host is the slower side."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(iters):
+            fn()
+        torch.cuda.synchronize()
+    kernels = [e for e in prof.events() if e.device_type == DeviceType.CUDA]
+    return sum(e.device_time for e in kernels) / 1e3 / iters
+
+
 def time_ms(fn: Callable[[], object], warmup: int = 3, iters: int = 20, latency: bool = False) -> float:
     """Milliseconds per call of ``fn``: on GPU, CUDA events around `iters` back-to-back calls (the host queues
     ahead, so its launch overhead overlaps the GPU work, as in a model), median of 3 such rounds; with

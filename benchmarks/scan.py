@@ -19,7 +19,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import vim_kernels as vk  # noqa: E402
-from common import time_ms, write_result  # noqa: E402
+from common import gpu_busy_ms, time_ms, write_result  # noqa: E402
 
 SHAPES = [(128, 384, 197), (128, 768, 197), (128, 1536, 197), (16, 384, 6085), (8, 768, 6085)]
 ROUTE_SHAPES = [(128, 384, 197), (16, 384, 785)]
@@ -95,20 +95,30 @@ def route_inputs(R, batch, dim, L, dtype=torch.bfloat16, seed=0):
     )
 
 
-def time_fwd_bwd(fn, inputs, iters=20):
-    """(forward ms, forward+backward ms); the backward takes grads of every input via autograd.grad."""
+def time_fwd_bwd(fn, inputs, iters=20, busy=False):
+    """(forward ms, forward+backward ms); the backward takes grads of every input via autograd.grad. With busy, the
+    GPU kernel time of each as well (gpu_busy_ms): (fwd, fwd+bwd, fwd busy, fwd+bwd busy)."""
     leaves = {k: v.detach().requires_grad_() for k, v in inputs.items()}
-    with torch.no_grad():
-        fwd = time_ms(lambda: fn(**inputs), iters=iters)
     out = fn(**leaves)
     grad = torch.randn_like(out)
     args = list(leaves.values())
+
+    def fwd():
+        with torch.no_grad():
+            fn(**inputs)
 
     def step():
         o = fn(**leaves)
         torch.autograd.grad(o, args, grad)
 
-    return fwd, time_ms(step, iters=iters)
+    times = (time_ms(fwd, iters=iters), time_ms(step, iters=iters))
+    if not busy:
+        return times
+    try:
+        return (*times, gpu_busy_ms(fwd, iters), gpu_busy_ms(step, iters))
+    except RuntimeError as e:  # a profiler that cannot attach costs the column, not the run
+        print(f"gpu_busy_ms failed ({e}); the GPU-time columns are NaN", flush=True)
+        return (*times, float("nan"), float("nan"))
 
 
 def floors(batch, dim, L, bw_gbs, exp_tps, elem_bytes=2):
@@ -144,18 +154,18 @@ def _bseq(T, subs, BD=32, w=1, **kw):
     return {"kind": "seq", "T": T, "SUBS": subs, "BD": BD, "num_warps": w, **kw}
 
 
-_UNPIN = {"PIN": False}  # the compiler's own layout of the state tile (the third session's code; see _state_offsets)
 VARIANTS = [
-    ("seq T4 D4 / seq T4 maxnreg168", _seq(4, DEPTH=4), _bseq(4, 1, maxnreg=168)),  # the default at T 4
-    ("seq T4 D4 / seq T4 maxnreg168, unpinned", _seq(4, DEPTH=4, **_UNPIN), _bseq(4, 1, maxnreg=168, **_UNPIN)),
-    ("seq T4 D4 / seq T4 maxnreg152", _seq(4, DEPTH=4), _bseq(4, 1, maxnreg=152)),
-    ("seq T4 D4 / seq T4 maxnreg184", _seq(4, DEPTH=4), _bseq(4, 1, maxnreg=184)),
-    ("seq T4 D4 maxnreg168 / seq T4 maxnreg168", _seq(4, DEPTH=4, maxnreg=168), _bseq(4, 1, maxnreg=168)),
-    ("seq T8 D4 / seq T8 SUBS2", _seq(8, DEPTH=4), _bseq(8, 2)),  # the default at T 8 (Vim-S training)
-    ("seq T8 D4 / seq T8 SUBS2 maxnreg200", _seq(8, DEPTH=4), _bseq(8, 2, maxnreg=200)),
-    # one sub-chunk per loop iteration (FLAT, written after the last GPU call): T 8 without spills, then capped
-    ("seq T8 D4 / seq T8 SUBS2 FLAT", _seq(8, DEPTH=4), _bseq(8, 2, FLAT=True)),
-    ("seq T8 D4 / seq T8 SUBS2 FLAT maxnreg168", _seq(8, DEPTH=4), _bseq(8, 2, FLAT=True, maxnreg=168)),
+    ("seq T4 D4 / seq T4 AHEAD1 maxnreg168", _seq(4, DEPTH=4), _bseq(4, 1, AHEAD=1, maxnreg=168)),  # T 4 default
+    # AHEAD 1: the backward's rows of a sub-chunk loaded at its start; 3: and the next one's prefetched into L2
+    ("seq T4 D4 / seq T4 AHEAD3 maxnreg168", _seq(4, DEPTH=4), _bseq(4, 1, AHEAD=3, maxnreg=168)),
+    ("seq T4 D4 / seq T4 AHEAD1 maxnreg152", _seq(4, DEPTH=4), _bseq(4, 1, AHEAD=1, maxnreg=152)),
+    ("seq T4 D4 / seq T4 AHEAD3 maxnreg152", _seq(4, DEPTH=4), _bseq(4, 1, AHEAD=3, maxnreg=152)),
+    ("seq T4 D4 / seq T4 maxnreg168", _seq(4, DEPTH=4), _bseq(4, 1, maxnreg=168)),  # rows loaded step by step
+    # T 8 (Vim-S training): one sub-chunk per loop iteration (FLAT), capped, rows ahead
+    ("seq T8 D4 / seq T8 SUBS2 FLAT AHEAD1 maxnreg168", _seq(8, DEPTH=4), _bseq(8, 2, FLAT=True, AHEAD=1, maxnreg=168)),
+    ("seq T8 D4 / seq T8 SUBS2 FLAT AHEAD2 maxnreg168", _seq(8, DEPTH=4), _bseq(8, 2, FLAT=True, AHEAD=2, maxnreg=168)),
+    ("seq T8 D4 / seq T8 SUBS2 FLAT AHEAD3 maxnreg168", _seq(8, DEPTH=4), _bseq(8, 2, FLAT=True, AHEAD=3, maxnreg=168)),
+    ("seq T4 D4 / seq T4 AHEAD1 maxnreg168 (again)", _seq(4, DEPTH=4), _bseq(4, 1, AHEAD=1, maxnreg=168)),
 ]
 # small-grid (long L) variants at (16, 384, 6085): 192 programs of 32 channels, so L is split into segments
 
@@ -165,12 +175,27 @@ def _split(seg, **kw):  # L split into segments of seg steps (two launches: _sca
 
 
 SMALL_VARIANTS = [
-    ("small split SEG256 / seq SEG256", _split(256), _bseq(8, 2, SEG=256)),  # the small-grid default
-    ("small split SEG128 / seq SEG128", _split(128), _bseq(8, 2, SEG=128)),
-    ("small split SEG512 / seq SEG512", _split(512), _bseq(8, 2, SEG=512)),
-    ("small split SEG256 / seq SEG256 maxnreg168", _split(256), _bseq(8, 2, SEG=256, maxnreg=168)),
-    ("small split SEG256 / seq SEG256 FLAT", _split(256), _bseq(8, 2, SEG=256, FLAT=True)),
-    ("small split SEG256 / seq SEG256 FLAT maxnreg168", _split(256), _bseq(8, 2, SEG=256, FLAT=True, maxnreg=168)),
+    ("small split SEG256 / seq SEG256", _split(256), _bseq(8, 2, SEG=256)),  # no cap, rows step by step
+    (
+        "small split SEG256 / seq SEG256 FLAT AHEAD2 maxnreg168",
+        _split(256),
+        _bseq(8, 2, SEG=256, FLAT=True, AHEAD=2, maxnreg=168),
+    ),
+    (
+        "small split SEG256 / seq SEG256 FLAT AHEAD1 maxnreg168",
+        _split(256),
+        _bseq(8, 2, SEG=256, FLAT=True, AHEAD=1, maxnreg=168),
+    ),
+    (
+        "small split SEG256 / seq SEG256 FLAT AHEAD3 maxnreg168",
+        _split(256),
+        _bseq(8, 2, SEG=256, FLAT=True, AHEAD=3, maxnreg=168),
+    ),
+    (
+        "small split SEG128 / seq SEG128 FLAT AHEAD2 maxnreg168",
+        _split(128),
+        _bseq(8, 2, SEG=128, FLAT=True, AHEAD=2, maxnreg=168),
+    ),
 ]
 
 
@@ -292,11 +317,13 @@ def main() -> None:
     rows = []
     for batch, dim, L in SHAPES:
         inputs = scan_inputs(batch, dim, L)
-        f, fb = time_fwd_bwd(triton_scan, inputs)
+        f, fb, f_busy, fb_busy = time_fwd_bwd(triton_scan, inputs, busy=True)
         row = {
             "shape": [batch, dim, L],
             "triton_fwd_ms": f,
             "triton_fwd_bwd_ms": fb,
+            "triton_fwd_busy_ms": f_busy,  # GPU kernel time alone (the host's launches can be the slower side)
+            "triton_fwd_bwd_busy_ms": fb_busy,
             **floors(batch, dim, L, bw, exp_tps),
         }
         # the 3.16 ms-equivalent budget scales with the work (b*d*L) relative to (128, 768, 197)
@@ -314,8 +341,11 @@ def main() -> None:
         if selective_scan_fn is not None:
             # its own layout, made outside the timing: (batch, dim, L) with L contiguous
             m_in = {k: v.contiguous() for k, v in inputs.items()}
-            mf, mfb = time_fwd_bwd(lambda **kw: selective_scan_fn(**kw, delta_softplus=True), m_in)
+            mf, mfb, mf_busy, mfb_busy = time_fwd_bwd(
+                lambda **kw: selective_scan_fn(**kw, delta_softplus=True), m_in, busy=True
+            )
             row.update(mamba_fwd_ms=mf, mamba_fwd_bwd_ms=mfb, fwd_vs_mamba=f / mf, fwd_bwd_vs_mamba=fb / mfb)
+            row.update(mamba_fwd_busy_ms=mf_busy, mamba_fwd_bwd_busy_ms=mfb_busy)
             del m_in
         rows.append(row)
         log(f"scan {row}")
@@ -344,15 +374,17 @@ def main() -> None:
     path = write_result("scan", result, Path(args.out) if args.out else None)
     # the short table, last
     print(f"\nresults: {path}")
-    print(f"{'shape (b,d,L)':>18} {'fwd ms':>8} {'f+b ms':>8} {'budget':>7} {'floor f+b':>9} {'torch f+b':>9}"
-          f" {'mamba f':>8} {'mamba f+b':>9}")  # fmt: skip
+    print(f"{'shape (b,d,L)':>18} {'fwd ms':>8} {'f+b ms':>8} {'f+b GPU':>8} {'budget':>7} {'floor f+b':>9}"
+          f" {'torch f+b':>9} {'mamba f':>8} {'mamba f+b':>9} {'mamba GPU':>9}")  # fmt: skip
     for r in rows:
         floor_fb = max(r["fwd_bwd_bytes_ms"], r["fwd_bwd_exp_ms"])
         tfb = f"{r['torch_fwd_bwd_ms']:.2f}" if "torch_fwd_bwd_ms" in r else "-"
         mf = f"{r['mamba_fwd_ms']:.3f}" if "mamba_fwd_ms" in r else "-"
         mfb = f"{r['mamba_fwd_bwd_ms']:.3f}" if "mamba_fwd_bwd_ms" in r else "-"
+        mgpu = f"{r['mamba_fwd_bwd_busy_ms']:.3f}" if "mamba_fwd_bwd_busy_ms" in r else "-"
         print(f"{str(tuple(r['shape'])):>18} {r['triton_fwd_ms']:8.3f} {r['triton_fwd_bwd_ms']:8.3f} "
-              f"{r['budget_ms']:7.2f} {floor_fb:9.3f} {tfb:>9} {mf:>8} {mfb:>9}")  # fmt: skip
+              f"{r['triton_fwd_bwd_busy_ms']:8.3f} {r['budget_ms']:7.2f} {floor_fb:9.3f} {tfb:>9} {mf:>8} {mfb:>9}"
+              f" {mgpu:>9}")  # fmt: skip
     for r in route_rows:
         print(f"R={r['R']} {str(tuple(r['shape'])):>14} {r['triton_fwd_ms']:8.3f} {r['triton_fwd_bwd_ms']:8.3f}")
 

@@ -28,8 +28,8 @@ LOG2E = 1.4426950408889634
 # Forward "seq" only: DEPTH (2 or 4) steps per loop iteration, DEPTH - 1 of them loading while one computes.
 # PREFETCH: seq / split forward, steps ahead (0 = off), an L2 prefetch of that step's rows; chunked kernels (bool),
 # the next (fwd) / previous (bwd) chunk (the one-step backward with the previous chunk prefetched measured no gain).
-# maxnreg caps registers per thread. FLAT (seq backward, opt-in, not yet run on a GPU): one sub-chunk per loop
-# iteration (see _scan_bwd_seq_kernel).
+# maxnreg caps registers per thread. Seq backward: FLAT, one sub-chunk per loop iteration ("auto": when a chunk
+# has several); AHEAD, how its per-channel rows are loaded (see _scan_bwd_seq_kernel; 1 by default).
 # Under the interpreter every program costs seconds, so grids are kept tiny there; BD 32 with one warp is the
 # layout the seq backward's lane reduce-scatter is written for, and the tests run it as the GPU does.
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -37,9 +37,9 @@ CONFIG = {
     "fwd": {"kind": "chunk", "T": 4, "BD": 4, "num_warps": 1}
     if _INTERPRET
     else {"kind": "auto", "T": "auto", "BD": 32, "num_warps": 1, "DEPTH": 4},
-    "bwd": {"kind": "seq", "SUBS": 2, "BD": 32, "num_warps": 1}
+    "bwd": {"kind": "seq", "SUBS": 2, "BD": 32, "num_warps": 1, "FLAT": "auto", "AHEAD": 1}
     if _INTERPRET
-    else {"kind": "auto", "SUBS": "auto", "BD": 32, "num_warps": 1, "maxnreg": "auto"},
+    else {"kind": "auto", "SUBS": "auto", "BD": 32, "num_warps": 1, "maxnreg": "auto", "FLAT": "auto", "AHEAD": 1},
 }
 # T "auto" (seq kernels): 4 when the saved chunk states, (R, batch, L/T, 16, dim) fp32, fit in _STATE_BUDGET, else 8;
 # SUBS "auto": sub-chunks of 4 steps in the backward. T 4 is faster, T 8 halves the saved states: H200, Vim-S
@@ -107,10 +107,14 @@ def _bwd_config(batch: int, dim: int, R: int, T: int) -> dict:
         cfg["SUBS"] = max(1, T // 4)  # sub-chunks of 4 steps: no register spills (see _scan_bwd_seq_kernel)
     if T % cfg.get("SUBS", 1):
         cfg["SUBS"] = 1
+    if cfg.get("FLAT") == "auto":
+        cfg["FLAT"] = cfg["SUBS"] > 1  # one sub-chunk per loop iteration: the unrolled body stays one sub-chunk
     if cfg.get("maxnreg") == "auto":
-        # one-step backward, one sub-chunk per chunk: capped at 168 registers (12 one-warp programs per SM instead
-        # of 8; H200, (128, 768, 197): 0.86 vs 1.14 ms). With two sub-chunks unrolled the cap spills: slower.
-        cfg["maxnreg"] = 168 if cfg["kind"] == "seq" and cfg["SUBS"] == 1 else None
+        # one-step backward with one sub-chunk in the loop body: capped at 168 registers (12 one-warp programs per
+        # SM instead of 8). H200, (128, 768, 197), T 4: 0.86 vs 1.14 ms. H100, T 8 (FLAT): fwd+bwd 1.36 vs 1.59 ms.
+        # With sub-chunks unrolled (FLAT off) the cap spills more: slower.
+        one_body = cfg["SUBS"] == 1 or cfg.get("FLAT")
+        cfg["maxnreg"] = 168 if cfg["kind"] == "seq" and one_body else None
     return cfg
 
 
@@ -650,6 +654,41 @@ def _recompute_step(h, A2, dbv, t, u_base, dt_base, BC_base, r_base, L, s_u_l, s
 
 
 @triton.jit
+def _pick(X, rk2, k: tl.constexpr):
+    # row k of an (S, BD) tile whose S axis is in-thread: the select folds away (k is static)
+    return tl.sum(tl.where(rk2 == k, X, 0.0), axis=0)
+
+
+@triton.jit
+def _visit_start(v, c_hi, T: tl.constexpr, S: tl.constexpr, SUBS: tl.constexpr):
+    # the first step of the backward's v-th sub-chunk visit (chunks last to first, a chunk's sub-chunks last first)
+    return (c_hi - 1 - v // SUBS) * T + (SUBS - 1 - v % SUBS) * S
+
+
+@triton.jit
+def _bwd_rows(t0, u_base, dt_base, do_base, z_base, r_base, L, s_u_l, s_dt_l, s_do_l, s_z_l, dmask,
+              S: tl.constexpr, ROUTED: tl.constexpr, HAS_Z: tl.constexpr):  # fmt: skip
+    # the per-channel rows (u, delta, dout, z) of steps t0 .. t0 + S - 1 as (S, BD) fp32 tiles, S in-thread. t0 is
+    # clamped at 0: a pipelined load past the first chunk reads rows that are never used.
+    tok = _step_token(r_base, tl.maximum(t0, 0) + tl.arange(0, S), L, ROUTED)
+    m = dmask[None, :]
+    U = tl.load(_row_ptrs(u_base, tok, s_u_l), mask=m, other=0.0).to(tl.float32)
+    DT = tl.load(_row_ptrs(dt_base, tok, s_dt_l), mask=m, other=0.0).to(tl.float32)
+    DO = tl.load(_row_ptrs(do_base, tok, s_do_l), mask=m, other=0.0).to(tl.float32)
+    Z = U
+    if HAS_Z:
+        Z = tl.load(_row_ptrs(z_base, tok, s_z_l), mask=m, other=0.0).to(tl.float32)
+    return U, DT, DO, Z
+
+
+@triton.jit
+def _row_ptrs(base, tok, s_l):
+    # (S, BD) pointers to S rows. Hinted unaligned like the state tiles (_state_offsets): else Triton vectorises
+    # the load along the channels and the (S, BD) tiles, and the loop after them, leave one channel per lane.
+    return tl.multiple_of(base[None, :] + (tok * s_l)[:, None], [1, 1])
+
+
+@triton.jit
 def _scan_bwd_seq_kernel(
     u_ptr, dt_ptr, A_ptr, BC_ptr, D_ptr, db_ptr, z_ptr, dout_ptr, hs_ptr, route_ptr,
     du_ptr, ddt_ptr, dz_ptr, dA_ptr, dBC_ptr, dD_ptr, ddb_ptr, gout_ptr, dtsum_ptr,
@@ -664,7 +703,7 @@ def _scan_bwd_seq_kernel(
     HAS_D: tl.constexpr, HAS_DB: tl.constexpr, HAS_Z: tl.constexpr, SOFTPLUS: tl.constexpr,
     ROUTED: tl.constexpr, T: tl.constexpr, SUBS: tl.constexpr, BD: tl.constexpr, NP: tl.constexpr,
     LANE_SUM: tl.constexpr, LOG2NP: tl.constexpr, FAST: tl.constexpr, SEGC: tl.constexpr, PIN: tl.constexpr,
-    FLAT: tl.constexpr,
+    FLAT: tl.constexpr, AHEAD: tl.constexpr,
 ):  # fmt: skip
     # Same layout as the one-step forward: tiles (NP, BD), a channel's states in one thread. The saved chunks of T
     # steps are walked last to first, each in SUBS sub-chunks of S = T / SUBS steps (last first): the sub-chunk's
@@ -676,10 +715,13 @@ def _scan_bwd_seq_kernel(
     # Sub-chunks trade a little recomputation for fewer registers (sm_90 ptxas: S 4 ~250 registers, small or no
     # spills; S 8 spills hundreds of bytes) while the saved states stay one per T steps. dB, dC (sums over
     # channels) are reduced across lanes by _lane_sum and added with relaxed atomics.
-    # FLAT (opt-in, NOT yet run on a GPU): the dynamic loop takes one sub-chunk per iteration instead of a chunk's
-    # SUBS unrolled ones, so T 8 compiles like T 4 (sm_90 ptxas, Triton 3.6: no spills where the unrolled T 8 SUBS 2
-    # spills 120 B), which may let T 8 take the register cap too. Without FLAT the kernel compiles (offline, sm_90)
-    # to the instructions timed, up to register numbering in the split form.
+    # FLAT: the dynamic loop takes one sub-chunk per iteration instead of a chunk's SUBS unrolled ones, so T 8
+    # compiles like T 4 and takes the register cap too (H100, (128, 768, 197), T 8: fwd+bwd 1.59 -> 1.31-1.36 ms).
+    # AHEAD: where the per-channel rows (u, delta, dout, z) are loaded. 0: each step's at the step, which waits on
+    # them: the stores and atomics of the step before keep the compiler from issuing them earlier (they might
+    # alias); 1 (default): a sub-chunk's S rows at its start, one wait per sub-chunk (H100, (128, 768, 197), T 4:
+    # fwd+bwd 1.26 -> 1.16 ms); 2: the next sub-chunk's rows during this one (16 more live registers: spills, no
+    # gain); 3: as 1, and the next sub-chunk's rows and saved state prefetched into L2 (no gain).
     # SEGC > 0 (split L, the small-grid default): one program per segment of SEGC chunks, NSEG of them; its
     # incoming a g from the later segments is folded from _scan_bwd_split_prep_kernel's records, then its chunks run
     # as above.
@@ -722,11 +764,32 @@ def _scan_bwd_seq_kernel(
     # holds one sub-chunk whatever SUBS is; else a chunk's SUBS sub-chunks are unrolled into one iteration
     # (tb: the first step of the iteration's sub-chunks, j: the sub-chunk within them)
     NJ: tl.constexpr = 1 if FLAT else SUBS
+    rows = (u_base, dt_base, do_base, z_base, r_base, L, s_u_l, s_dt_l, s_do_l, s_z_l, dmask)
+    if AHEAD == 2:
+        nU, nDT, nDO, nZ = _bwd_rows(_visit_start(0, c_hi, T, S, SUBS), *rows, S, ROUTED, HAS_Z)
     for it in range((c_hi - c_lo) * (SUBS // NJ)):
         c = c_hi - 1 - it // (SUBS // NJ)
         if FLAT:
             tb = c * T + (SUBS - 1 - it % SUBS) * S
         for j in tl.static_range(NJ - 1, -1, -1):
+            # AHEAD 1: the sub-chunk's rows loaded at its start; 2: the next visit's rows loaded now, used next;
+            # 3: as 1, and the next visit's rows and saved state prefetched into L2
+            if AHEAD == 1 or AHEAD == 3:
+                cU, cDT, cDO, cZ = _bwd_rows((tb if FLAT else c * T) + j * S, *rows, S, ROUTED, HAS_Z)
+            if AHEAD == 3:
+                vn = it * NJ + NJ - j  # the next visit
+                _l2_prefetch(hs_base + tl.maximum(c_hi - 1 - vn // SUBS, 0) * NP * DIM
+                             + _state_offsets(rn, rd, DIM, PIN), dmask[None, :])  # fmt: skip
+                tn = tl.maximum(_visit_start(vn, c_hi, T, S, SUBS), 0) + tl.arange(0, S)
+                tokn = _step_token(r_base, tn, L, ROUTED)
+                _l2_prefetch(_row_ptrs(u_base, tokn, s_u_l), dmask[None, :])
+                _l2_prefetch(_row_ptrs(dt_base, tokn, s_dt_l), dmask[None, :])
+                _l2_prefetch(_row_ptrs(do_base, tokn, s_do_l), dmask[None, :])
+                if HAS_Z:
+                    _l2_prefetch(_row_ptrs(z_base, tokn, s_z_l), dmask[None, :])
+            if AHEAD == 2:
+                cU, cDT, cDO, cZ = nU, nDT, nDO, nZ
+                nU, nDT, nDO, nZ = _bwd_rows(_visit_start(it * NJ + NJ - j, c_hi, T, S, SUBS), *rows, S, ROUTED, HAS_Z)
             h = tl.load(hs_base + c * NP * DIM + _state_offsets(rn, rd, DIM, PIN), mask=dmask[None, :], other=0.0)
             # ---- recompute the sub-chunk's start state
             ld = (u_base, dt_base, BC_base, r_base, L, s_u_l, s_dt_l, dmask)
@@ -747,9 +810,12 @@ def _scan_bwd_seq_kernel(
                 live = t < L
                 tok = _step_token(r_base, t, L, ROUTED)
                 m1 = dmask & live
-                u = tl.load(u_base + tok * s_u_l, mask=dmask, other=0.0).to(tl.float32)
-                dt_raw = tl.load(dt_base + tok * s_dt_l, mask=dmask, other=0.0).to(tl.float32)
-                dout = tl.load(do_base + tok * s_do_l, mask=dmask, other=0.0).to(tl.float32)
+                if AHEAD > 0:
+                    u, dt_raw, dout = _pick(cU, rk2, k), _pick(cDT, rk2, k), _pick(cDO, rk2, k)
+                else:
+                    u = tl.load(u_base + tok * s_u_l, mask=dmask, other=0.0).to(tl.float32)
+                    dt_raw = tl.load(dt_base + tok * s_dt_l, mask=dmask, other=0.0).to(tl.float32)
+                    dout = tl.load(do_base + tok * s_do_l, mask=dmask, other=0.0).to(tl.float32)
                 Bt = tl.load(BC_base + tok * (2 * NP) + tl.arange(0, NP))
                 Ct = tl.load(BC_base + tok * (2 * NP) + NP + tl.arange(0, NP))
                 if HAS_DB:
@@ -767,7 +833,10 @@ def _scan_bwd_seq_kernel(
                     y = tl.sum(h * Ct[:, None], axis=0)
                     if HAS_D:
                         y = y + u * Dv
-                    zv = tl.load(z_base + tok * s_z_l, mask=dmask, other=0.0).to(tl.float32)
+                    if AHEAD > 0:
+                        zv = _pick(cZ, rk2, k)
+                    else:
+                        zv = tl.load(z_base + tok * s_z_l, mask=dmask, other=0.0).to(tl.float32)
                     sz = tl.sigmoid(zv)
                     dy = dout * zv * sz
                     dz = dout * y * sz * (1.0 + zv * (1.0 - sz))
@@ -1125,7 +1194,9 @@ def _launch_bwd(u4, dt4, A2, BC, D, db, z3, dout4, hs, T, routes, du4, ddt4, dz3
             *u4.stride(), *dt4.stride(), *strides, SUBS=subs, SEGC=seg_len // T,
             # the lane reduce-scatter is written for one warp of 32 channels, one per lane
             LANE_SUM=BD == 32 and cfg["num_warps"] == 1 and NP <= 32, LOG2NP=NP.bit_length() - 1,
-            FAST=not _INTERPRET, PIN=pin, FLAT=bool(cfg.get("FLAT", False)), **common,
+            FAST=not _INTERPRET, PIN=pin, FLAT=bool(cfg.get("FLAT", False)),
+            AHEAD=min(cfg.get("AHEAD", 0), 1 if _INTERPRET else 3),  # no L2 prefetch (inline PTX) when interpreted
+            **common,
         )  # fmt: skip
     else:
         Bv, Cv = BC[..., :NP], BC[..., NP:]

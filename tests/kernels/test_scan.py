@@ -233,7 +233,11 @@ def seq_forward():
 # name each kind explicitly (the GPU tests' small grids would otherwise only ever run the chunked kernels)
 KERNEL_KINDS = {
     "seq/seq T4": ({"kind": "seq", "T": 4, "BD": 32, "num_warps": 1}, {"kind": "seq", "T": 4, "SUBS": 1}),
-    "seq/seq T8 SUBS2": ({"kind": "seq", "T": 8, "BD": 32, "num_warps": 1}, {"kind": "seq", "T": 8, "SUBS": 2}),
+    # the backward's rows loaded step by step, its sub-chunks unrolled (the defaults before AHEAD and FLAT)
+    "seq/seq T8 SUBS2 unrolled AHEAD0": (
+        {"kind": "seq", "T": 8, "BD": 32, "num_warps": 1},
+        {"kind": "seq", "T": 8, "SUBS": 2, "FLAT": False, "AHEAD": 0},
+    ),
     "chunk/chunk T8": (
         {"kind": "chunk", "T": 8, "BD": 16, "num_warps": 2},
         {"kind": "chunk", "T": 8, "BD": 32, "num_warps": 4},
@@ -258,14 +262,28 @@ KERNEL_KINDS = {
         {"kind": "seq", "T": 4, "BD": 32, "num_warps": 1, "PIN": False},
         {"kind": "seq", "T": 4, "SUBS": 1, "PIN": False},
     ),
+    # the large-grid defaults: T 4, and T 8 with one sub-chunk per loop iteration (FLAT), both capped at 168
+    # registers, the backward's rows loaded a sub-chunk at a time (AHEAD 1)
     "seq D4/seq T4 maxnreg168": (
         {"kind": "seq", "T": 4, "BD": 32, "num_warps": 1, "DEPTH": 4},
-        {"kind": "seq", "T": 4, "SUBS": 1, "maxnreg": 168},
+        {"kind": "seq", "T": 4, "SUBS": 1, "maxnreg": 168, "AHEAD": 1},
     ),
-    # the backward with one sub-chunk per loop iteration (FLAT: no spills at T 8; not yet run on a GPU)
-    "seq T8/seq T8 SUBS2 FLAT": (
+    "seq T8/seq T8 SUBS2 FLAT maxnreg168": (
         {"kind": "seq", "T": 8, "BD": 32, "num_warps": 1, "DEPTH": 4},
-        {"kind": "seq", "SUBS": 2, "FLAT": True},
+        {"kind": "seq", "SUBS": 2, "FLAT": True, "maxnreg": 168, "AHEAD": 1},
+    ),
+    # the backward's other row loads (see INTERPRET_KINDS), under the register caps they were timed with
+    "seq D4/seq T4 AHEAD2 maxnreg184": (
+        {"kind": "seq", "T": 4, "BD": 32, "num_warps": 1, "DEPTH": 4},
+        {"kind": "seq", "T": 4, "SUBS": 1, "AHEAD": 2, "maxnreg": 184},
+    ),
+    "seq D4/seq T4 AHEAD3 maxnreg168": (
+        {"kind": "seq", "T": 4, "BD": 32, "num_warps": 1, "DEPTH": 4},
+        {"kind": "seq", "T": 4, "SUBS": 1, "AHEAD": 3, "maxnreg": 168},
+    ),
+    "split SEG64/seq SEG64 T8 FLAT AHEAD2 maxnreg168": (
+        {"kind": "split", "T": 8, "SEG": 64, "BD": 32, "num_warps": 1, "PREFETCH": 16},
+        {"kind": "seq", "SUBS": 2, "SEG": 64, "FLAT": True, "AHEAD": 2, "maxnreg": 168},
     ),
     # L split into segments of 64 steps (the small-grid default uses 256)
     "split SEG64/chunk T8": (
@@ -279,6 +297,10 @@ KERNEL_KINDS = {
 }
 INTERPRET_KINDS = {  # tiny tiles under the interpreter
     "seq/seq T4 SUBS2": ({"kind": "seq", "T": 4, "BD": 32, "num_warps": 1}, {"kind": "seq", "T": 4, "SUBS": 2}),
+    "seq/seq T4 SUBS2 unrolled AHEAD0": (
+        {"kind": "seq", "T": 4, "BD": 32, "num_warps": 1},
+        {"kind": "seq", "T": 4, "SUBS": 2, "FLAT": False, "AHEAD": 0},
+    ),
     "seq D4/seq T4": ({"kind": "seq", "T": 4, "BD": 32, "num_warps": 1, "DEPTH": 4}, {"kind": "seq", "SUBS": 1}),
     "chunk/chunk T4": ({"kind": "chunk", "T": 4, "BD": 4, "num_warps": 1}, {"kind": "chunk", "T": 4, "BD": 4}),
     # L split into segments of 4 steps (see _scan_fwd_split_kernel)
@@ -286,7 +308,7 @@ INTERPRET_KINDS = {  # tiny tiles under the interpreter
         {"kind": "split", "T": 4, "SEG": 4, "BD": 32, "num_warps": 1},
         {"kind": "seq", "SUBS": 1, "SEG": 4},  # the backward split too
     ),
-    # one sub-chunk per iteration of the backward's dynamic loop (FLAT; not yet run on a GPU), unsplit and split
+    # one sub-chunk per iteration of the backward's dynamic loop (FLAT), unsplit and split
     "seq/seq T4 SUBS2 FLAT": (
         {"kind": "seq", "T": 4, "BD": 32, "num_warps": 1},
         {"kind": "seq", "T": 4, "SUBS": 2, "FLAT": True},
@@ -294,6 +316,20 @@ INTERPRET_KINDS = {  # tiny tiles under the interpreter
     "split/seq T4 SUBS2 FLAT": (
         {"kind": "split", "T": 4, "SEG": 8, "BD": 32, "num_warps": 1},
         {"kind": "seq", "SUBS": 2, "SEG": 8, "FLAT": True},
+    ),
+    # the backward's rows loaded ahead (AHEAD 1: a sub-chunk's at its start; 2: the next sub-chunk's during this
+    # one, across the unrolled sub-chunks, the loop and, split, past the segment's first chunk)
+    "seq/seq T4 SUBS2 AHEAD2": (
+        {"kind": "seq", "T": 4, "BD": 32, "num_warps": 1},
+        {"kind": "seq", "T": 4, "SUBS": 2, "AHEAD": 2},
+    ),
+    "split/seq T4 SUBS2 FLAT AHEAD1": (
+        {"kind": "split", "T": 4, "SEG": 8, "BD": 32, "num_warps": 1},
+        {"kind": "seq", "SUBS": 2, "SEG": 8, "FLAT": True, "AHEAD": 1},
+    ),
+    "split/seq T4 AHEAD2": (
+        {"kind": "split", "T": 4, "SEG": 4, "BD": 32, "num_warps": 1},
+        {"kind": "seq", "SUBS": 1, "SEG": 4, "AHEAD": 2},
     ),
 }
 
@@ -436,16 +472,20 @@ def test_bad_scan_config_override_is_a_clear_error(value, message):
 
 
 def test_backward_config_follows_the_forward_chunks():
-    # the backward takes the forward's T; "auto" caps registers only where a chunk is one sub-chunk (T 4): with two
-    # unrolled sub-chunks the cap spills (slower on the GPU); small grids split L like the forward
+    # the backward takes the forward's T; "auto" runs a chunk of several sub-chunks one per loop iteration (FLAT)
+    # and then caps registers; with the sub-chunks unrolled the cap spills (slower on the GPU), so it is left off;
+    # small grids split L like the forward
     mod = triton_mod()
     saved = dict(mod.CONFIG["bwd"])
     try:
-        mod.CONFIG["bwd"] = {"kind": "auto", "SUBS": "auto", "BD": 32, "num_warps": 1, "maxnreg": "auto"}
+        auto = {"kind": "auto", "SUBS": "auto", "BD": 32, "num_warps": 1, "maxnreg": "auto", "FLAT": "auto"}
+        mod.CONFIG["bwd"] = dict(auto)
         t4, t8 = mod._bwd_config(128, 768, 1, 4), mod._bwd_config(128, 768, 2, 8)
-        assert (t4["kind"], t4["T"], t4["SUBS"], t4["maxnreg"]) == ("seq", 4, 1, 168)
-        assert (t8["T"], t8["SUBS"], t8["maxnreg"]) == (8, 2, None)
+        assert (t4["kind"], t4["T"], t4["SUBS"], t4["FLAT"], t4["maxnreg"]) == ("seq", 4, 1, False, 168)
+        assert (t8["T"], t8["SUBS"], t8["FLAT"], t8["maxnreg"]) == (8, 2, True, 168)
         small = mod._bwd_config(16, 384, 1, 8)
-        assert small["SEG"] == mod._BWD_SMALL_GRID["SEG"] and small["maxnreg"] is None
+        assert small["SEG"] == mod._BWD_SMALL_GRID["SEG"] and small["FLAT"] and small["maxnreg"] == 168
+        mod.CONFIG["bwd"] = {**auto, "FLAT": False}
+        assert mod._bwd_config(128, 768, 2, 8)["maxnreg"] is None
     finally:
         mod.CONFIG["bwd"] = saved
