@@ -42,8 +42,8 @@ CONFIG = {
     else {"kind": "auto", "SUBS": "auto", "BD": 32, "num_warps": 1, "maxnreg": "auto", "FLAT": "auto", "AHEAD": 1},
 }
 # T "auto" (seq kernels): 4 when the saved chunk states, (R, batch, L/T, 16, dim) fp32, fit in _STATE_BUDGET, else 8;
-# SUBS "auto": sub-chunks of 4 steps in the backward. T 4 is faster, T 8 halves the saved states: H200, Vim-S
-# training at batch 128 (R 2, 629 MB a layer at T 4): 1282 img/s / 25.9 GiB with T 4, 1131 / 18.8 with T 8
+# SUBS "auto": sub-chunks of 4 steps in the backward. T 4 is faster, T 8 halves the saved states: H100, Vim-S
+# training at batch 128 (R 2, 629 MB a layer at T 4): 1188 img/s / 25.9 GiB with T 4, 1168 / 18.8 with T 8
 # (benchmarks/README.md). VIM_SCAN_CONFIG='{"fwd": {"T": 4}}' forces one.
 _STATE_BUDGET = 320 * 2**20
 # "auto": the seq kernels where the grid has >= _SEQ_MIN_PROGRAMS one-warp programs of 32 channels, else these
