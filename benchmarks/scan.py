@@ -174,28 +174,17 @@ def _split(seg, **kw):  # L split into segments of seg steps (two launches: _sca
     return {**_seq(8, PREFETCH=16), "kind": "split", "SEG": seg, **kw}
 
 
+def _small(seg, **bwd):  # a small-grid variant: split forward and backward in segments of seg steps, T 8
+    tags = " ".join(k if v is True else f"{k}{v}" for k, v in bwd.items())
+    return (f"small split SEG{seg} / seq SEG{seg} {tags}".rstrip(), _split(seg), _bseq(8, 2, SEG=seg, **bwd))
+
+
 SMALL_VARIANTS = [
-    ("small split SEG256 / seq SEG256", _split(256), _bseq(8, 2, SEG=256)),  # no cap, rows step by step
-    (
-        "small split SEG256 / seq SEG256 FLAT AHEAD2 maxnreg168",
-        _split(256),
-        _bseq(8, 2, SEG=256, FLAT=True, AHEAD=2, maxnreg=168),
-    ),
-    (
-        "small split SEG256 / seq SEG256 FLAT AHEAD1 maxnreg168",
-        _split(256),
-        _bseq(8, 2, SEG=256, FLAT=True, AHEAD=1, maxnreg=168),
-    ),
-    (
-        "small split SEG256 / seq SEG256 FLAT AHEAD3 maxnreg168",
-        _split(256),
-        _bseq(8, 2, SEG=256, FLAT=True, AHEAD=3, maxnreg=168),
-    ),
-    (
-        "small split SEG128 / seq SEG128 FLAT AHEAD2 maxnreg168",
-        _split(128),
-        _bseq(8, 2, SEG=128, FLAT=True, AHEAD=2, maxnreg=168),
-    ),
+    _small(256),  # no cap, rows step by step
+    _small(256, FLAT=True, AHEAD=2, maxnreg=168),
+    _small(256, FLAT=True, AHEAD=1, maxnreg=168),  # the default
+    _small(256, FLAT=True, AHEAD=3, maxnreg=168),
+    _small(128, FLAT=True, AHEAD=2, maxnreg=168),
 ]
 
 
