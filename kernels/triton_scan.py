@@ -1195,7 +1195,7 @@ def _launch_bwd(u4, dt4, A2, BC, D, db, z3, dout4, hs, T, routes, du4, ddt4, dz3
             # the lane reduce-scatter is written for one warp of 32 channels, one per lane
             LANE_SUM=BD == 32 and cfg["num_warps"] == 1 and NP <= 32, LOG2NP=NP.bit_length() - 1,
             FAST=not _INTERPRET, PIN=pin, FLAT=bool(cfg.get("FLAT", False)),
-            AHEAD=min(cfg.get("AHEAD", 0), 1 if _INTERPRET else 3),  # no L2 prefetch (inline PTX) when interpreted
+            AHEAD=1 if _INTERPRET and cfg.get("AHEAD") == 3 else cfg.get("AHEAD", 0),  # 3 = 1 + L2 prefetch (PTX)
             **common,
         )  # fmt: skip
     else:

@@ -295,7 +295,7 @@ KERNEL_KINDS = {
         {"kind": "seq", "SUBS": 2, "SEG": 64},
     ),
 }
-INTERPRET_KINDS = {  # tiny tiles under the interpreter
+INTERPRET_KINDS = {  # tiny tiles under the interpreter; unset keys keep CONFIG's (FLAT "auto", AHEAD 1)
     "seq/seq T4 SUBS2": ({"kind": "seq", "T": 4, "BD": 32, "num_warps": 1}, {"kind": "seq", "T": 4, "SUBS": 2}),
     "seq/seq T4 SUBS2 unrolled AHEAD0": (
         {"kind": "seq", "T": 4, "BD": 32, "num_warps": 1},
@@ -309,19 +309,19 @@ INTERPRET_KINDS = {  # tiny tiles under the interpreter
         {"kind": "seq", "SUBS": 1, "SEG": 4},  # the backward split too
     ),
     # one sub-chunk per iteration of the backward's dynamic loop (FLAT), unsplit and split
-    "seq/seq T4 SUBS2 FLAT": (
+    "seq/seq T4 SUBS2 FLAT AHEAD0": (
         {"kind": "seq", "T": 4, "BD": 32, "num_warps": 1},
-        {"kind": "seq", "T": 4, "SUBS": 2, "FLAT": True},
+        {"kind": "seq", "T": 4, "SUBS": 2, "FLAT": True, "AHEAD": 0},
     ),
-    "split/seq T4 SUBS2 FLAT": (
+    "split/seq T4 SUBS2 FLAT AHEAD0": (
         {"kind": "split", "T": 4, "SEG": 8, "BD": 32, "num_warps": 1},
-        {"kind": "seq", "SUBS": 2, "SEG": 8, "FLAT": True},
+        {"kind": "seq", "SUBS": 2, "SEG": 8, "FLAT": True, "AHEAD": 0},
     ),
-    # the backward's rows loaded ahead (AHEAD 1: a sub-chunk's at its start; 2: the next sub-chunk's during this
-    # one, across the unrolled sub-chunks, the loop and, split, past the segment's first chunk)
-    "seq/seq T4 SUBS2 AHEAD2": (
+    # the backward's rows loaded ahead (AHEAD 1, the default: a sub-chunk's at its start; 2: the next sub-chunk's
+    # during this one, across the unrolled sub-chunks, the loop and, split, past the segment's first chunk)
+    "seq/seq T4 SUBS2 unrolled AHEAD2": (
         {"kind": "seq", "T": 4, "BD": 32, "num_warps": 1},
-        {"kind": "seq", "T": 4, "SUBS": 2, "AHEAD": 2},
+        {"kind": "seq", "T": 4, "SUBS": 2, "FLAT": False, "AHEAD": 2},
     ),
     "split/seq T4 SUBS2 FLAT AHEAD1": (
         {"kind": "split", "T": 4, "SEG": 8, "BD": 32, "num_warps": 1},
