@@ -859,9 +859,7 @@ def _scan_bwd_seq_kernel(
                 m1 = dmask & live
                 Bt = tl.load(BC_base + tok * (2 * NP) + tl.arange(0, NP))
                 Ct = tl.load(BC_base + tok * (2 * NP) + NP + tl.arange(0, NP))
-                u = tl.sum(tl.where(rk2 == k, Us, 0.0), axis=0)
-                dt = tl.sum(tl.where(rk2 == k, DTs, 0.0), axis=0)
-                dy = tl.sum(tl.where(rk2 == k, DYs, 0.0), axis=0)
+                u, dt, dy = _pick(Us, rk2, k), _pick(DTs, rk2, k), _pick(DYs, rk2, k)
                 hk = tl.sum(tl.where(rk3 == k, Hs, 0.0), axis=0)
                 a = tl.exp2(dt[None, :] * A2)
                 dtu = dt * u
@@ -875,7 +873,7 @@ def _scan_bwd_seq_kernel(
                     du = du + dy * Dv
                 ddt = u * gB + tl.sum(gah * A2, axis=0) * 0.6931471805599453  # A = A2 ln 2
                 if SOFTPLUS:
-                    ddt = ddt * tl.sum(tl.where(rk2 == k, SPs, 0.0), axis=0)
+                    ddt = ddt * _pick(SPs, rk2, k)
                 ddt = tl.where(live, ddt, 0.0)
                 if HAS_DB:
                     ddb_acc += ddt
