@@ -53,6 +53,21 @@ def gpu_busy_ms(fn: Callable[[], object], iters: int = 20) -> float:
     return sum(e.device_time for e in kernels) / 1e3 / iters
 
 
+def host_ms(fn: Callable[[], object], iters: int = 20) -> float:
+    """Milliseconds of host time per call of ``fn``: `iters` calls queued without waiting on the GPU (its Python,
+    the torch dispatch and the kernel launches). Beside `gpu_busy_ms` it says which side bounds a call."""
+    import time
+
+    fn()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        fn()
+    t1 = time.perf_counter()
+    torch.cuda.synchronize()
+    return (t1 - t0) / iters * 1e3
+
+
 def time_ms(fn: Callable[[], object], warmup: int = 3, iters: int = 20, latency: bool = False) -> float:
     """Milliseconds per call of ``fn``: on GPU, CUDA events around `iters` back-to-back calls (the host queues
     ahead, so its launch overhead overlaps the GPU work, as in a model), median of 3 such rounds; with

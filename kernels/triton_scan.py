@@ -655,8 +655,10 @@ def _recompute_step(h, A2, dbv, t, u_base, dt_base, BC_base, r_base, L, s_u_l, s
 
 @triton.jit
 def _pick(X, rk2, k: tl.constexpr):
-    # row k of an (S, BD) tile whose S axis is in-thread: the select folds away (k is static)
-    return tl.sum(tl.where(rk2 == k, X, 0.0), axis=0)
+    # row k of a tile whose first axis is in-thread: the select folds away (k is static), and so does the
+    # reduction, an OR of the bits with zeros (a sum would keep one x + 0.0 per pick: not x when x is -0.0)
+    bits = tl.where(rk2 == k, X.to(tl.int32, bitcast=True), 0)
+    return tl.reduce_or(bits, 0).to(tl.float32, bitcast=True)
 
 
 @triton.jit
@@ -708,10 +710,13 @@ def _scan_bwd_seq_kernel(
     # Same layout as the one-step forward: tiles (NP, BD), a channel's states in one thread. The saved chunks of T
     # steps are walked last to first, each in SUBS sub-chunks of S = T / SUBS steps (last first): the sub-chunk's
     # start state is recomputed from the chunk's saved one (a plain walk, no history kept), then
-    # phase 1 walks the S steps forward keeping their states in an (S, NP, BD) register tile (unrolled, the S axis
-    # in-thread, so the selects on it fold away) and forms y, dz, dy and dC (which need only h_t);
+    # phase 1 walks the S steps forward and forms y, dz, dy and dC (which need only h_t), keeping each step's
+    # decayed previous state a_t h_{t-1} in an (S, NP, BD) register tile (unrolled, the S axis in-thread, so the
+    # selects on it fold away: _pick);
     # phase 2 walks them backward with one FMA of loop-carried dependency, g_t = C_t dy_t + a_{t+1} g_{t+1}, and
-    # forms du, ddelta, dA, dB; a_t h_{t-1} = h_t - B_t dt_t u_t, so no previous state is kept.
+    # forms du, ddelta, dA, dB from g_t and that tile. (Keeping h_t instead and forming a_t h_{t-1} as
+    # h_t - B_t dt_t u_t costs one more FMA per state and step: H100, (128, 768, 197), fwd+bwd GPU time 1.055 vs
+    # 1.048-1.050 ms.)
     # Sub-chunks trade a little recomputation for fewer registers (sm_90 ptxas: S 4 ~250 registers, small or no
     # spills; S 8 spills hundreds of bytes) while the saved states stay one per T steps. dB, dC (sums over
     # channels) are reduced across lanes by _lane_sum and added with relaxed atomics.
@@ -799,7 +804,7 @@ def _scan_bwd_seq_kernel(
             else:
                 for k in tl.static_range(j * S):
                     h = _recompute_step(h, A2, dbv, c * T + k, *ld, ROUTED, HAS_DB, SOFTPLUS, FAST, NP)
-            Hs = tl.zeros((S, NP, BD), dtype=tl.float32)
+            AHs = tl.zeros((S, NP, BD), dtype=tl.float32)
             Us = tl.zeros((S, BD), dtype=tl.float32)
             DTs = tl.zeros((S, BD), dtype=tl.float32)
             DYs = tl.zeros((S, BD), dtype=tl.float32)
@@ -827,8 +832,9 @@ def _scan_bwd_seq_kernel(
                     dt = dt_raw
                 dt = tl.where(live, dt, 0.0)
                 dout = tl.where(live, dout, 0.0)
-                h = tl.exp2(dt[None, :] * A2) * h + Bt[:, None] * (dt * u)[None, :]
-                Hs = tl.where(rk3 == k, h[None, :, :], Hs)
+                ah = tl.exp2(dt[None, :] * A2) * h  # a_t h_{t-1}: what phase 2 needs of the states
+                h = ah + Bt[:, None] * (dt * u)[None, :]
+                AHs = tl.where(rk3 == k, ah[None, :, :], AHs)
                 if HAS_Z:
                     y = tl.sum(h * Ct[:, None], axis=0)
                     if HAS_D:
@@ -860,10 +866,11 @@ def _scan_bwd_seq_kernel(
                 Bt = tl.load(BC_base + tok * (2 * NP) + tl.arange(0, NP))
                 Ct = tl.load(BC_base + tok * (2 * NP) + NP + tl.arange(0, NP))
                 u, dt, dy = _pick(Us, rk2, k), _pick(DTs, rk2, k), _pick(DYs, rk2, k)
-                hk = tl.sum(tl.where(rk3 == k, Hs, 0.0), axis=0)
-                a = tl.exp2(dt[None, :] * A2)
+                # recomputed, not kept from phase 1 (64 more live registers: spills). fma(.., 0.0), not a product:
+                # dt is phase 1's bit for bit, and the compiler would merge the two exp2 and keep the results
+                a = tl.exp2(tl.fma(dt[None, :], A2, 0.0))
                 dtu = dt * u
-                ah = hk - Bt[:, None] * dtu[None, :]  # a_t h_{t-1}
+                ah = _pick(AHs, rk3, k)  # a_t h_{t-1}
                 g = Ct[:, None] * dy[None, :] + gnext
                 gnext = a * g
                 gB = tl.sum(g * Bt[:, None], axis=0)
@@ -1070,14 +1077,26 @@ def _pack(A3, B4, C4):
     tensor [B | C]: a step's B and C rows are then two aligned 16-state vectors that every lane loads at once."""
     R, dim, N = A3.shape
     NP = _np(N)
+    _, batch, L, _ = B4.shape
+    if N == NP:  # one op each (the host's launches are a good part of a call at Vim's shapes)
+        A2 = torch.mul(A3.transpose(1, 2), LOG2E, out=torch.empty((R, NP, dim), device=A3.device))
+        BC = torch.cat((B4, C4), -1, out=torch.empty((R, batch, L, 2 * NP), device=B4.device))
+        return A2, BC
     A2 = torch.zeros((R, NP, dim), device=A3.device, dtype=torch.float32)
     A2[:, :N] = A3.transpose(1, 2) * LOG2E
-    _, batch, L, _ = B4.shape
-    alloc = torch.zeros if N < NP else torch.empty
-    BC = alloc((R, batch, L, 2 * NP), device=B4.device, dtype=torch.float32)
+    BC = torch.zeros((R, batch, L, 2 * NP), device=B4.device, dtype=torch.float32)
     BC[..., :N] = B4
     BC[..., NP : NP + N] = C4
     return A2, BC
+
+
+def _unpack_dBC(dBC, N: int, b_dtype, c_dtype):
+    """dB, dC (R, batch, L, N) in B's and C's dtypes from the kernels' float32 [dB | dC] (one conversion for both)."""
+    NP = dBC.shape[-1] // 2
+    if b_dtype == c_dtype:
+        dBC = dBC.to(b_dtype)
+        return dBC[..., :N], dBC[..., NP : NP + N]
+    return dBC[..., :N].to(b_dtype), dBC[..., NP : NP + N].to(c_dtype)
 
 
 def _launch_opts(cfg: dict) -> dict:
@@ -1149,10 +1168,13 @@ def _launch_bwd(u4, dt4, A2, BC, D, db, z3, dout4, hs, T, routes, du4, ddt4, dz3
     nchunk = triton.cdiv(L, T)
     assert hs.shape[2] == nchunk
     dev = u4.device
-    dA = torch.zeros((R, NP, dim), device=dev, dtype=torch.float32)
-    dBC = torch.zeros((R, batch, L, 2 * NP), device=dev, dtype=torch.float32)
-    dD = torch.zeros((R, dim), device=dev, dtype=torch.float32) if D is not None else None
-    ddb = torch.zeros((R, dim), device=dev, dtype=torch.float32) if db is not None else None
+    # every atomically summed gradient in one zeroed buffer (one op): dBC, dA, dD, ddb
+    n_bc, n_a = R * batch * L * 2 * NP, R * NP * dim
+    acc = torch.zeros(n_bc + n_a + 2 * R * dim, device=dev, dtype=torch.float32)
+    dBC = acc[:n_bc].view(R, batch, L, 2 * NP)
+    dA = acc[n_bc : n_bc + n_a].view(R, NP, dim)
+    dD = acc[n_bc + n_a : n_bc + n_a + R * dim].view(R, dim) if D is not None else None
+    ddb = acc[n_bc + n_a + R * dim :].view(R, dim) if db is not None else None
     zz = z3 if z3 is not None else u4[0]
     dzz = dz3 if dz3 is not None else u4[0]
     opt = (D if D is not None else A2, db if db is not None else A2)
@@ -1203,7 +1225,7 @@ def _launch_bwd(u4, dt4, A2, BC, D, db, z3, dout4, hs, T, routes, du4, ddt4, dz3
             L, dim, NP, nchunk, batch, *u4.stride(), *dt4.stride(), *Bv.stride(), *Cv.stride(), *strides,
             PREFETCH=bool(cfg.get("PREFETCH", 0)) and not _INTERPRET, **common,
         )  # fmt: skip
-    return dA, dBC[..., :NP], dBC[..., NP:], dD, ddb  # callers slice the padded states off
+    return dA, dBC, dD, ddb  # callers slice the padded states off
 
 
 def _as4(x):
@@ -1253,17 +1275,18 @@ class SelectiveScanFn(torch.autograd.Function):
         N, a_dt, b_dt, c_dt, d_dt, db_dt = ctx.meta
         du, ddelta = _empty(like=u), _empty(like=delta)
         dz = _empty(like=z) if z is not None else None
-        dA, dB, dC, dD, ddb = _launch_bwd(
+        dA, dBC, dD, ddb = _launch_bwd(
             _as4(u), _as4(delta), A2, BC, Df, dbf, z.transpose(1, 2) if z is not None else None, _as4(dout), hs,
             ctx.T, None, _as4(du), _as4(ddelta), dz.transpose(1, 2) if dz is not None else None,
             ctx.softplus, batch, L, dim, 1,
         )  # fmt: skip
+        dB, dC = _unpack_dBC(dBC[0], N, b_dt, c_dt)
         return (
             du,
             ddelta,
             dA[0, :N].t().to(a_dt),
-            dB[0, ..., :N].transpose(1, 2).to(b_dt),
-            dC[0, ..., :N].transpose(1, 2).to(c_dt),
+            dB.transpose(1, 2),
+            dC.transpose(1, 2),
             dD[0].to(d_dt) if dD is not None else None,
             dz,
             ddb[0].to(db_dt) if ddb is not None else None,
@@ -1324,16 +1347,17 @@ class MultiRouteScanFn(torch.autograd.Function):
             HAS_Z=zc is not None, BLOCK=_MERGE_BLOCK,
         )  # fmt: skip
         du, ddelta = _empty(like=u), _empty(like=delta)
-        dA, dB, dC, dD, ddb = _launch_bwd(
+        dA, dBC, dD, ddb = _launch_bwd(
             u, delta, A2, BC, Df, dbf, None, dy.unsqueeze(0).expand(R, batch, L, dim), hs, ctx.T, routes,
             du, ddelta, None, ctx.softplus, batch, L, dim, R,
         )  # fmt: skip
+        dB, dC = _unpack_dBC(dBC, N, b_dt, c_dt)
         return (
             du,
             ddelta,
             dA[:, :N].transpose(1, 2).to(a_dt),
-            dB[..., :N].to(b_dt),
-            dC[..., :N].to(c_dt),
+            dB,
+            dC,
             dD.to(d_dt) if dD is not None else None,
             dz,
             ddb.to(db_dt) if ddb is not None else None,

@@ -368,6 +368,21 @@ def test_triton_kernel_kinds_small(kernel_kinds):
     check_routes(inputs, _random_routes(2, 7, dev), "triton", *TOL[torch.float32])
 
 
+# the other interpreter tests use N 4 (fast); Vim's N 16 fills the 32 lanes of the backward's reduce-scatter with
+# 16 rows (_lane_sum: 4 halving rounds and a pairing one, against 2 and 3 at N 4)
+@pytest.mark.parametrize(
+    "kernel_kinds",
+    ["seq/seq T4 SUBS2", "seq/seq T4 SUBS2 unrolled AHEAD2", "split/seq T4 SUBS2 FLAT AHEAD1"],
+    indirect=True,
+)
+def test_triton_kernel_kinds_16_states(kernel_kinds):
+    dev = "cuda" if CUDA else "cpu"
+    inputs = scan_inputs(1, 6, 11, 16, torch.float32, dev, seed=16)
+    check_against_ref(inputs, vk.selective_scan, *TOL[torch.float32], delta_softplus=True, return_last_state=True)
+    inputs = route_inputs(2, 1, 4, 7, 16, torch.float32, dev, seed=6)
+    check_routes(inputs, _random_routes(2, 7, dev), "triton", *TOL[torch.float32])
+
+
 def test_triton_bf16_small():
     triton_mod()
     dev = "cuda" if CUDA else "cpu"
