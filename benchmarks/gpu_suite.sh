@@ -3,6 +3,7 @@
 #   bash benchmarks/gpu_suite.sh [tests] [scan] [cross] [train] [backbones] [ddp]     (no argument: these)
 #   extra steps: kernel_tests / model_tests (one folder of the GPU tests), scan_variants (scan.py --variants),
 #   tune (the variants, then the scan table with the chosen settings, which later steps of the call use),
+#   scan_ab (the working tree's scan against AB_BASE=<a kernels/ copy of an earlier commit>, GPU time per round),
 #   vim1248 (vim_tiny vs deit_tiny at 1248 and Vim-S training: issue 9's figures alone), train_T4 (Vim-S training
 #   with T 4), TESTS_K="..." (a subset of the GPU tests, by name),
 #   profile (kernel table of vim_tiny inference at 1248), mamba (builds mamba_ssm's selective_scan_cuda from the
@@ -54,6 +55,9 @@ for step in $steps; do
       [ -f "$OUT/scan_config.json" ] && export VIM_SCAN_CONFIG="$(cat "$OUT/scan_config.json")" && echo "chosen: $VIM_SCAN_CONFIG" ;;
     scan) mamba_ready; run scan python3 benchmarks/scan.py "${mamba_args[@]}" --out "$OUT" ;;
     scan_variants) run scan_variants python3 benchmarks/scan.py --variants --no-torch --out "$OUT" ;;
+    scan_ab) # the working tree's kernels against AB_BASE, a copy of kernels/ from an earlier commit (scan_ab.py)
+      run scan_ab python3 benchmarks/scan_ab.py --kernels "base=${AB_BASE:?set AB_BASE to a kernels/ copy}" \
+        --kernels "new=$PWD/kernels" --rounds 3 --out "$OUT" ;;
     cross) run cross python3 benchmarks/cross_scan.py --out "$OUT" ;;
     train) run train python3 src/train.py "${common_train[@]}" trainer=gpu data.batch_size=128 trainer.max_steps=300 \
              trainer.max_epochs=1000 hydra.run.dir="$OUT/train_run" paths.data_dir=/tmp/data
