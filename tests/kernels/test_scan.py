@@ -359,13 +359,18 @@ def test_triton_seq_forward_routes(seq_forward):
     check_routes(inputs, _random_routes(3, 7, dev), "triton", *TOL[torch.float32])
 
 
+def check_kind_small(N, seed):
+    """One kernel pair (set by the kernel_kinds fixture) on tiny single- and multi-route inputs with N states."""
+    dev = "cuda" if CUDA else "cpu"
+    inputs = scan_inputs(1, 6, 11, N, torch.float32, dev, seed=seed)
+    check_against_ref(inputs, vk.selective_scan, *TOL[torch.float32], delta_softplus=True, return_last_state=True)
+    inputs = route_inputs(2, 1, 4, 7, N, torch.float32, dev, seed=seed + 1)
+    check_routes(inputs, _random_routes(2, 7, dev), "triton", *TOL[torch.float32])
+
+
 @pytest.mark.parametrize("kernel_kinds", list(INTERPRET_KINDS), indirect=True)
 def test_triton_kernel_kinds_small(kernel_kinds):
-    dev = "cuda" if CUDA else "cpu"
-    inputs = scan_inputs(1, 6, 11, 4, torch.float32, dev, seed=11)
-    check_against_ref(inputs, vk.selective_scan, *TOL[torch.float32], delta_softplus=True, return_last_state=True)
-    inputs = route_inputs(2, 1, 4, 7, 4, torch.float32, dev, seed=5)
-    check_routes(inputs, _random_routes(2, 7, dev), "triton", *TOL[torch.float32])
+    check_kind_small(4, seed=11)
 
 
 # the other interpreter tests use N 4 (fast); Vim's N 16 fills the 32 lanes of the backward's reduce-scatter with
@@ -376,11 +381,7 @@ def test_triton_kernel_kinds_small(kernel_kinds):
     indirect=True,
 )
 def test_triton_kernel_kinds_16_states(kernel_kinds):
-    dev = "cuda" if CUDA else "cpu"
-    inputs = scan_inputs(1, 6, 11, 16, torch.float32, dev, seed=16)
-    check_against_ref(inputs, vk.selective_scan, *TOL[torch.float32], delta_softplus=True, return_last_state=True)
-    inputs = route_inputs(2, 1, 4, 7, 16, torch.float32, dev, seed=6)
-    check_routes(inputs, _random_routes(2, 7, dev), "triton", *TOL[torch.float32])
+    check_kind_small(16, seed=16)
 
 
 def test_triton_bf16_small():
