@@ -1093,8 +1093,9 @@ def _pack(A3, B4, C4):
     NP = _np(N)
     _, batch, L, _ = B4.shape
     if N == NP:  # one op each (the host's launches are a good part of a call at Vim's shapes)
-        A2 = torch.mul(A3.transpose(1, 2), LOG2E, out=torch.empty((R, NP, dim), device=A3.device))
-        BC = torch.cat((B4, C4), -1, out=torch.empty((R, batch, L, 2 * NP), device=B4.device))
+        f32 = torch.float32
+        A2 = torch.mul(A3.transpose(1, 2), LOG2E, out=torch.empty((R, NP, dim), device=A3.device, dtype=f32))
+        BC = torch.cat((B4, C4), -1, out=torch.empty((R, batch, L, 2 * NP), device=B4.device, dtype=f32))
         return A2, BC
     A2 = torch.zeros((R, NP, dim), device=A3.device, dtype=torch.float32)
     A2[:, :N] = A3.transpose(1, 2) * LOG2E
