@@ -24,7 +24,6 @@ CHUNKS = ("auto", 8)  # the chunk length T of the saved states: "auto" (4 at the
 
 
 def child(shapes: list[tuple[int, int, int]]) -> None:
-    sys.path.insert(0, str(HERE))
     import scan  # noqa: E402  (imports vim_kernels from this process's PYTHONPATH)
 
     rows = []
