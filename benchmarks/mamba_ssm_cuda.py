@@ -102,9 +102,15 @@ def selective_scan_fn(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_
     return _SelectiveScanCuda.apply(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
 
 
-def multi_route_scan(u, delta, A, B, C, D, z, delta_bias, routes, backend=None):
+def multi_route_scan(u, delta, A, B, C, D, z, delta_bias, routes, backend=None, delta_proj=None, out=None):
     """Drop-in for vision_mamba.models.scan.multi_route_scan on mamba_ssm's kernel: route r's tokens gathered
-    into (batch, dim, L) order, scanned with silu(z) gating, scattered back, the routes averaged."""
+    into (batch, dim, L) order, scanned with silu(z) gating, scattered back, the routes averaged. delta_proj (the
+    mixer's inference path): delta is formed by a matmul first, as the official code does; out: the result is
+    copied into it."""
+    if delta_proj is not None:
+        delta = torch.matmul(delta, delta_proj.to(delta.dtype).transpose(-1, -2).unsqueeze(1))
+    if out is not None:
+        return out.copy_(multi_route_scan(u, delta, A, B, C, D, z, delta_bias, routes))
     R = u.shape[0]
     inverse = torch.argsort(routes, dim=1)
     out = 0

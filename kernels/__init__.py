@@ -1,4 +1,4 @@
-"""vim_kernels: selective-scan (S6) and route-conv kernels for Vision Mamba -- reference, PyTorch and Triton backends."""
+"""vim_kernels: selective-scan (S6), route-conv and add + RMSNorm kernels for Vision Mamba -- reference, PyTorch and Triton backends."""
 
 from .interface import (
     BACKENDS,
@@ -8,12 +8,15 @@ from .interface import (
     multi_route_selective_scan,
     selective_scan,
 )
+from .norm import add_rms_norm, add_rms_norm_ref
 from .reference import multi_route_selective_scan_ref, selective_scan_ref
 from .route_conv import route_conv1d_silu, route_conv1d_silu_ref
 from .torch_scan import multi_route_selective_scan_torch, selective_scan_torch
 
 __all__ = [
     "BACKENDS",
+    "add_rms_norm",
+    "add_rms_norm_ref",
     "available_backends",
     "best_backend",
     "bidirectional_selective_scan",

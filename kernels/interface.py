@@ -48,6 +48,10 @@ def _triton_or_raise(x: torch.Tensor):
     return mod
 
 
+def _grad_needed(*tensors) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
 def selective_scan(
     u: torch.Tensor,
     delta: torch.Tensor,
@@ -91,6 +95,8 @@ def multi_route_selective_scan(
     routes: torch.Tensor,
     delta_softplus: bool = True,
     backend: str = "triton",
+    delta_proj: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """R scans over the same L tokens, each visiting them in its own order, merged by mean and gated.
 
@@ -99,7 +105,32 @@ def multi_route_selective_scan(
     Returns (batch, L, dim) in token order = mean_r y_r (* silu(z)), where y_r is `selective_scan` (with D skip,
     without gate) of route r's inputs gathered in route order, scattered back to token order.
     The Triton backend runs all routes in one launch and reads through the index map (no permuted copies).
+
+    delta_proj (R, dim, dt_rank), optional: `delta` is then Mamba's low-rank (R, batch, L, dt_rank) input and the
+    scan's delta is delta @ delta_proj^T (delta_bias still added in the scan). Where no gradient is needed, the
+    Triton forward forms it per step in registers (no (R, batch, L, dim) delta tensor, see
+    triton_scan.can_fuse_dt_proj); otherwise it is computed here by a matmul. out (no gradient needed, Triton):
+    a contiguous (batch, L, dim) buffer the result is written into; z itself may be given when z is not needed later.
     """
+    if delta_proj is not None:
+        R, batch, L, dim = u.shape
+        rank = delta.shape[-1]
+        if tuple(delta.shape) != (R, batch, L, rank) or tuple(delta_proj.shape) != (R, dim, rank):
+            raise ValueError(
+                f"with delta_proj, delta must be (R, batch, L, dt_rank) and delta_proj (R, dim, dt_rank) with "
+                f"(R, batch, L, dim) = {(R, batch, L, dim)}; got {tuple(delta.shape)} and {tuple(delta_proj.shape)}"
+            )
+        if backend == "triton" and not _grad_needed(u, delta, A, B, C, D, z, delta_bias, delta_proj):
+            mod = _triton_or_raise(u)
+            if mod.can_fuse_dt_proj(batch, dim, R, L, A.shape[-1], rank):
+                check_route_shapes(u, u, A, B, C, D, z, delta_bias, routes)
+                return mod.multi_route_scan_forward(
+                    u, delta, A, B, C, D, z, delta_bias, routes, bool(delta_softplus), delta_proj, out
+                )
+        # (R, batch, L, dim); in delta's dtype (under autocast both are cast to its dtype anyway)
+        delta = torch.matmul(delta, delta_proj.to(delta.dtype).transpose(-1, -2).unsqueeze(1))
+    if out is not None and (backend != "triton" or _grad_needed(u, delta, A, B, C, D, z, delta_bias)):
+        raise ValueError("multi_route_selective_scan: out= is for the Triton backend without gradients")
     if backend == "ref":
         return multi_route_selective_scan_ref(u, delta, A, B, C, D, z, delta_bias, routes, delta_softplus)
     if backend == "torch":
@@ -108,6 +139,10 @@ def multi_route_selective_scan(
         raise ValueError(f"backend must be one of {BACKENDS}; got {backend!r}")
     check_route_shapes(u, delta, A, B, C, D, z, delta_bias, routes)
     mod = _triton_or_raise(u)
+    if out is not None:
+        return mod.multi_route_scan_forward(
+            u, delta, A, B, C, D, z, delta_bias, routes, bool(delta_softplus), None, out
+        )
     return mod.MultiRouteScanFn.apply(u, delta, A, B, C, D, z, delta_bias, routes, bool(delta_softplus))
 
 

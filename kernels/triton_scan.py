@@ -284,14 +284,21 @@ def _store_once(ptrs, x, mask):
 
 
 @triton.jit
-def _fwd_load(u_base, dt_base, z_base, BC_base, route_ptr, t, L, s_u_l, s_dt_l, s_z_l, dmask,
-              ROUTED: tl.constexpr, HAS_Z: tl.constexpr, NP: tl.constexpr):  # fmt: skip
-    # inputs of time step t
+def _fwd_load(u_base, dt_base, z_base, BC_base, route_ptr, Wdt, t, L, s_u_l, s_dt_l, s_z_l, dmask,
+              ROUTED: tl.constexpr, HAS_Z: tl.constexpr, NP: tl.constexpr, DTRP: tl.constexpr):  # fmt: skip
+    # inputs of time step t. A step's row of the packed small operands is [B | C] (2 NP values), or with DTRP
+    # [B | C | dt_low] (2 NP + DTRP): delta = dt_proj @ dt_low is then formed here, one dot product per channel with
+    # its (DTRP,) column of dt_proj held in registers (Wdt); the row is loaded as B and C are (every lane the same
+    # aligned vector, no layout change). The rows are float32, or 16-bit in the forward-only entry (see _pack)
     tok = _step_token(route_ptr, t, L, ROUTED)
+    row = BC_base + tok * (2 * NP + DTRP)
     u = _load_once(u_base + tok * s_u_l, dmask)
-    dt = _load_once(dt_base + tok * s_dt_l, dmask)
-    Bt = tl.load(BC_base + tok * (2 * NP) + tl.arange(0, NP))
-    Ct = tl.load(BC_base + tok * (2 * NP) + NP + tl.arange(0, NP))
+    if DTRP > 0:
+        dt = tl.sum(Wdt * tl.load(row + 2 * NP + tl.arange(0, DTRP)).to(tl.float32)[:, None], axis=0)
+    else:
+        dt = _load_once(dt_base + tok * s_dt_l, dmask)
+    Bt = tl.load(row + tl.arange(0, NP)).to(tl.float32)
+    Ct = tl.load(row + NP + tl.arange(0, NP)).to(tl.float32)
     if HAS_Z:
         zv = _load_once(z_base + tok * s_z_l, dmask)
     else:
@@ -310,16 +317,21 @@ def _l2_prefetch(ptrs, mask):
 
 
 @triton.jit
-def _fwd_prefetch(u_base, dt_base, z_base, BC_base, route_ptr, t, L, s_u_l, s_dt_l, s_z_l, dmask,
-                  ROUTED: tl.constexpr, HAS_Z: tl.constexpr, NP: tl.constexpr):  # fmt: skip
+def _fwd_prefetch(u_base, dt_base, z_base, BC_base, route_ptr, Wdt, t, L, s_u_l, s_dt_l, s_z_l, dmask,
+                  ROUTED: tl.constexpr, HAS_Z: tl.constexpr, NP: tl.constexpr, DTRP: tl.constexpr):  # fmt: skip
     # L2 prefetch of step t's rows (the one-step forward's loads run only a step or three ahead)
     tok = _step_token(route_ptr, t, L, ROUTED)
     _l2_prefetch(u_base + tok * s_u_l, dmask)
-    _l2_prefetch(dt_base + tok * s_dt_l, dmask)
+    if DTRP == 0:
+        _l2_prefetch(dt_base + tok * s_dt_l, dmask)
     if HAS_Z:
         _l2_prefetch(z_base + tok * s_z_l, dmask)
     rbc = tl.arange(0, 2 * NP)
-    _l2_prefetch(BC_base + tok * (2 * NP) + rbc, rbc >= 0)
+    row = BC_base + tok * (2 * NP + DTRP)
+    _l2_prefetch(row + rbc, rbc >= 0)
+    if DTRP > 0:
+        rk = tl.arange(0, DTRP)
+        _l2_prefetch(row + 2 * NP + rk, rk >= 0)
 
 
 @triton.jit
@@ -390,8 +402,22 @@ def _channel_block(A_ptr, D_ptr, db_ptr, pid_d, pid_r, DIM, HAS_D: tl.constexpr,
 
 
 @triton.jit
+def _delta_source(dt_ptr, wdt_ptr, pid_r, pid_b, rd, dmask, A2, DIM, s_dt_r, s_dt_b, s_dt_d,
+                  PIN: tl.constexpr, DTRP: tl.constexpr):  # fmt: skip
+    # where a forward program's deltas come from: its channels of delta (dt_ptr: (R, batch, L, dim)), or with DTRP
+    # the low-rank rows packed beside B and C (see _fwd_load) and this block's (DTRP, BD) tile of the packed dt_proj
+    # (wdt_ptr: (R, DTRP, dim) float32), laid out like the state tile (see _state_offsets); dt_ptr is then unused
+    if DTRP > 0:
+        rk = tl.arange(0, DTRP)
+        Wdt = tl.load(wdt_ptr + pid_r * DTRP * DIM + _state_offsets(rk, rd, DIM, PIN), mask=dmask[None, :], other=0.0)
+        return dt_ptr, Wdt
+    else:
+        return dt_ptr + pid_r * s_dt_r + pid_b * s_dt_b + rd * s_dt_d, A2  # A2: a stand-in, never read
+
+
+@triton.jit
 def _scan_fwd_seq_kernel(
-    u_ptr, dt_ptr, A_ptr, BC_ptr, D_ptr, db_ptr, z_ptr, out_ptr, hs_ptr, last_ptr, route_ptr,
+    u_ptr, dt_ptr, A_ptr, BC_ptr, D_ptr, db_ptr, z_ptr, out_ptr, hs_ptr, last_ptr, route_ptr, wdt_ptr,
     L, DIM, NCHUNK, BATCH,
     s_u_r, s_u_b, s_u_l, s_u_d,
     s_dt_r, s_dt_b, s_dt_l, s_dt_d,
@@ -400,7 +426,7 @@ def _scan_fwd_seq_kernel(
     HAS_D: tl.constexpr, HAS_DB: tl.constexpr, HAS_Z: tl.constexpr, SOFTPLUS: tl.constexpr,
     ROUTED: tl.constexpr, ACCUM: tl.constexpr, SAVE_LAST: tl.constexpr, SAVE_STATES: tl.constexpr,
     T: tl.constexpr, BD: tl.constexpr, NP: tl.constexpr, FAST: tl.constexpr, DEPTH: tl.constexpr,
-    PREFETCH: tl.constexpr, PIN: tl.constexpr,
+    PREFETCH: tl.constexpr, PIN: tl.constexpr, DTRP: tl.constexpr,
 ):  # fmt: skip
     # One time step at a time. The state tile is (NP, BD): channels across lanes, a channel's NP states inside one
     # thread, so <C_t, h_t> needs no shuffles and the only loop-carried dependency is one FMA per state (with
@@ -415,52 +441,52 @@ def _scan_fwd_seq_kernel(
     pid_r = tl.program_id(2).to(tl.int64)
     rd, rn, dmask, A2, Dv, dbv = _channel_block(A_ptr, D_ptr, db_ptr, pid_d, pid_r, DIM, HAS_D, HAS_DB, BD, NP, PIN)
     u_base = u_ptr + pid_r * s_u_r + pid_b * s_u_b + rd * s_u_d
-    dt_base = dt_ptr + pid_r * s_dt_r + pid_b * s_dt_b + rd * s_dt_d
+    dt_base, Wdt = _delta_source(dt_ptr, wdt_ptr, pid_r, pid_b, rd, dmask, A2, DIM, s_dt_r, s_dt_b, s_dt_d, PIN, DTRP)
     z_base = z_ptr + pid_b * s_z_b + rd * s_z_d
     o_base = out_ptr + pid_r * s_o_r + pid_b * s_o_b + rd * s_o_d
-    BC_base = BC_ptr + (pid_r * BATCH + pid_b) * L * (2 * NP)  # scalar; + rn at each load
+    BC_base = BC_ptr + (pid_r * BATCH + pid_b) * L * (2 * NP + DTRP)  # scalar; + rn at each load
     r_base = route_ptr + pid_r * L
     hs_base = hs_ptr + (pid_r * BATCH + pid_b) * NCHUNK * NP * DIM  # scalar: see the backward
     out_dtype: tl.constexpr = out_ptr.dtype.element_ty
     h = tl.zeros((NP, BD), dtype=tl.float32)
-    ld = (u_base, dt_base, z_base, BC_base, r_base)
+    ld = (u_base, dt_base, z_base, BC_base, r_base, Wdt)
     st = (s_u_l, s_dt_l, s_z_l)
     if DEPTH == 2:
-        b0 = _fwd_load(*ld, 0, L, *st, dmask, ROUTED, HAS_Z, NP)
+        b0 = _fwd_load(*ld, 0, L, *st, dmask, ROUTED, HAS_Z, NP, DTRP)
         for t in range(0, L, 2):
-            b1 = _fwd_load(*ld, t + 1, L, *st, dmask, ROUTED, HAS_Z, NP)
+            b1 = _fwd_load(*ld, t + 1, L, *st, dmask, ROUTED, HAS_Z, NP, DTRP)
             if PREFETCH > 0:
-                _fwd_prefetch(*ld, t + PREFETCH, L, *st, dmask, ROUTED, HAS_Z, NP)
-                _fwd_prefetch(*ld, t + PREFETCH + 1, L, *st, dmask, ROUTED, HAS_Z, NP)
+                _fwd_prefetch(*ld, t + PREFETCH, L, *st, dmask, ROUTED, HAS_Z, NP, DTRP)
+                _fwd_prefetch(*ld, t + PREFETCH + 1, L, *st, dmask, ROUTED, HAS_Z, NP, DTRP)
             if SAVE_STATES:
                 if t % T == 0:  # T is a multiple of DEPTH, so a saved step is always the first of an iteration
                     _store_once(hs_base + (t // T) * NP * DIM + _state_offsets(rn, rd, DIM, PIN), h, dmask[None, :])
             h = _fwd_step(h, A2, Dv, dbv, *b0, t < L, o_base, s_o_l, dmask,
                           HAS_D, HAS_DB, HAS_Z, SOFTPLUS, ACCUM, FAST, out_dtype)  # fmt: skip
-            b0 = _fwd_load(*ld, t + 2, L, *st, dmask, ROUTED, HAS_Z, NP)
+            b0 = _fwd_load(*ld, t + 2, L, *st, dmask, ROUTED, HAS_Z, NP, DTRP)
             h = _fwd_step(h, A2, Dv, dbv, *b1, t + 1 < L, o_base, s_o_l, dmask,
                           HAS_D, HAS_DB, HAS_Z, SOFTPLUS, ACCUM, FAST, out_dtype)  # fmt: skip
     else:  # DEPTH 4: three steps' inputs in flight while one computes
-        b0 = _fwd_load(*ld, 0, L, *st, dmask, ROUTED, HAS_Z, NP)
-        b1 = _fwd_load(*ld, 1, L, *st, dmask, ROUTED, HAS_Z, NP)
-        b2 = _fwd_load(*ld, 2, L, *st, dmask, ROUTED, HAS_Z, NP)
+        b0 = _fwd_load(*ld, 0, L, *st, dmask, ROUTED, HAS_Z, NP, DTRP)
+        b1 = _fwd_load(*ld, 1, L, *st, dmask, ROUTED, HAS_Z, NP, DTRP)
+        b2 = _fwd_load(*ld, 2, L, *st, dmask, ROUTED, HAS_Z, NP, DTRP)
         for t in range(0, L, 4):
-            b3 = _fwd_load(*ld, t + 3, L, *st, dmask, ROUTED, HAS_Z, NP)
+            b3 = _fwd_load(*ld, t + 3, L, *st, dmask, ROUTED, HAS_Z, NP, DTRP)
             if PREFETCH > 0:
                 for k in tl.static_range(4):
-                    _fwd_prefetch(*ld, t + PREFETCH + k, L, *st, dmask, ROUTED, HAS_Z, NP)
+                    _fwd_prefetch(*ld, t + PREFETCH + k, L, *st, dmask, ROUTED, HAS_Z, NP, DTRP)
             if SAVE_STATES:
                 if t % T == 0:
                     _store_once(hs_base + (t // T) * NP * DIM + _state_offsets(rn, rd, DIM, PIN), h, dmask[None, :])
             h = _fwd_step(h, A2, Dv, dbv, *b0, t < L, o_base, s_o_l, dmask,
                           HAS_D, HAS_DB, HAS_Z, SOFTPLUS, ACCUM, FAST, out_dtype)  # fmt: skip
-            b0 = _fwd_load(*ld, t + 4, L, *st, dmask, ROUTED, HAS_Z, NP)
+            b0 = _fwd_load(*ld, t + 4, L, *st, dmask, ROUTED, HAS_Z, NP, DTRP)
             h = _fwd_step(h, A2, Dv, dbv, *b1, t + 1 < L, o_base, s_o_l, dmask,
                           HAS_D, HAS_DB, HAS_Z, SOFTPLUS, ACCUM, FAST, out_dtype)  # fmt: skip
-            b1 = _fwd_load(*ld, t + 5, L, *st, dmask, ROUTED, HAS_Z, NP)
+            b1 = _fwd_load(*ld, t + 5, L, *st, dmask, ROUTED, HAS_Z, NP, DTRP)
             h = _fwd_step(h, A2, Dv, dbv, *b2, t + 2 < L, o_base, s_o_l, dmask,
                           HAS_D, HAS_DB, HAS_Z, SOFTPLUS, ACCUM, FAST, out_dtype)  # fmt: skip
-            b2 = _fwd_load(*ld, t + 6, L, *st, dmask, ROUTED, HAS_Z, NP)
+            b2 = _fwd_load(*ld, t + 6, L, *st, dmask, ROUTED, HAS_Z, NP, DTRP)
             h = _fwd_step(h, A2, Dv, dbv, *b3, t + 3 < L, o_base, s_o_l, dmask,
                           HAS_D, HAS_DB, HAS_Z, SOFTPLUS, ACCUM, FAST, out_dtype)  # fmt: skip
     if SAVE_LAST:
@@ -493,7 +519,7 @@ def _fold_segment(x, rec_ptr, dtsum_ptr, rec, A2, rn, rd, dmask, DIM, NP: tl.con
 @triton.jit
 def _scan_fwd_split_kernel(
     u_ptr, dt_ptr, A_ptr, BC_ptr, D_ptr, db_ptr, z_ptr, out_ptr, hs_ptr, last_ptr, route_ptr, hend_ptr, dtsum_ptr,
-    L, DIM, NCHUNK, BATCH, NSEG,
+    wdt_ptr, L, DIM, NCHUNK, BATCH, NSEG,
     s_u_r, s_u_b, s_u_l, s_u_d,
     s_dt_r, s_dt_b, s_dt_l, s_dt_d,
     s_z_b, s_z_l, s_z_d,
@@ -501,7 +527,7 @@ def _scan_fwd_split_kernel(
     HAS_D: tl.constexpr, HAS_DB: tl.constexpr, HAS_Z: tl.constexpr, SOFTPLUS: tl.constexpr,
     ROUTED: tl.constexpr, ACCUM: tl.constexpr, SAVE_LAST: tl.constexpr, SAVE_STATES: tl.constexpr,
     T: tl.constexpr, BD: tl.constexpr, NP: tl.constexpr, FAST: tl.constexpr, PREFETCH: tl.constexpr,
-    SEG: tl.constexpr, FINAL: tl.constexpr, PIN: tl.constexpr,
+    SEG: tl.constexpr, FINAL: tl.constexpr, PIN: tl.constexpr, DTRP: tl.constexpr,
 ):  # fmt: skip
     # L split into NSEG segments of SEG steps, one program per (channel block, batch, route, segment): NSEG times
     # the programs of the one-step forward, for grids that have too few (long L, small batch). Two launches:
@@ -516,10 +542,10 @@ def _scan_fwd_split_kernel(
     pid_r, seg = _segment_program(NSEG)
     rd, rn, dmask, A2, Dv, dbv = _channel_block(A_ptr, D_ptr, db_ptr, pid_d, pid_r, DIM, HAS_D, HAS_DB, BD, NP, PIN)
     u_base = u_ptr + pid_r * s_u_r + pid_b * s_u_b + rd * s_u_d
-    dt_base = dt_ptr + pid_r * s_dt_r + pid_b * s_dt_b + rd * s_dt_d
+    dt_base, Wdt = _delta_source(dt_ptr, wdt_ptr, pid_r, pid_b, rd, dmask, A2, DIM, s_dt_r, s_dt_b, s_dt_d, PIN, DTRP)
     z_base = z_ptr + pid_b * s_z_b + rd * s_z_d
     o_base = out_ptr + pid_r * s_o_r + pid_b * s_o_b + rd * s_o_d
-    BC_base = BC_ptr + (pid_r * BATCH + pid_b) * L * (2 * NP)
+    BC_base = BC_ptr + (pid_r * BATCH + pid_b) * L * (2 * NP + DTRP)
     r_base = route_ptr + pid_r * L
     hs_base = hs_ptr + (pid_r * BATCH + pid_b) * NCHUNK * NP * DIM
     rb = (pid_r * BATCH + pid_b) * NSEG  # this (route, batch)'s first segment record
@@ -531,21 +557,21 @@ def _scan_fwd_split_kernel(
         for k in range(0, seg):
             h = _fold_segment(h, hend_ptr, dtsum_ptr, rb + k, A2, rn, rd, dmask, DIM, NP, PIN)
     dts = tl.zeros((BD,), dtype=tl.float32)
-    ld = (u_base, dt_base, z_base, BC_base, r_base)
+    ld = (u_base, dt_base, z_base, BC_base, r_base, Wdt)
     st = (s_u_l, s_dt_l, s_z_l)
-    b0 = _fwd_load(*ld, t0, L, *st, dmask, ROUTED, HAS_Z, NP)
+    b0 = _fwd_load(*ld, t0, L, *st, dmask, ROUTED, HAS_Z, NP, DTRP)
     for t in range(t0, t1, 2):  # SEG is a multiple of T, T of 2: saved steps are the first of a pair
-        b1 = _fwd_load(*ld, t + 1, L, *st, dmask, ROUTED, HAS_Z, NP)
+        b1 = _fwd_load(*ld, t + 1, L, *st, dmask, ROUTED, HAS_Z, NP, DTRP)
         if PREFETCH > 0:
-            _fwd_prefetch(*ld, t + PREFETCH, L, *st, dmask, ROUTED, HAS_Z, NP)
-            _fwd_prefetch(*ld, t + PREFETCH + 1, L, *st, dmask, ROUTED, HAS_Z, NP)
+            _fwd_prefetch(*ld, t + PREFETCH, L, *st, dmask, ROUTED, HAS_Z, NP, DTRP)
+            _fwd_prefetch(*ld, t + PREFETCH + 1, L, *st, dmask, ROUTED, HAS_Z, NP, DTRP)
         if FINAL:
             if SAVE_STATES:
                 if t % T == 0:
                     _store_once(hs_base + (t // T) * NP * DIM + _state_offsets(rn, rd, DIM, PIN), h, dmask[None, :])
             h = _fwd_step(h, A2, Dv, dbv, *b0, t < t1, o_base, s_o_l, dmask,
                           HAS_D, HAS_DB, HAS_Z, SOFTPLUS, ACCUM, FAST, out_dtype)  # fmt: skip
-            b0 = _fwd_load(*ld, t + 2, L, *st, dmask, ROUTED, HAS_Z, NP)
+            b0 = _fwd_load(*ld, t + 2, L, *st, dmask, ROUTED, HAS_Z, NP, DTRP)
             h = _fwd_step(h, A2, Dv, dbv, *b1, t + 1 < t1, o_base, s_o_l, dmask,
                           HAS_D, HAS_DB, HAS_Z, SOFTPLUS, ACCUM, FAST, out_dtype)  # fmt: skip
         else:
@@ -555,7 +581,7 @@ def _scan_fwd_split_kernel(
                 h = tl.exp2(dt[None, :] * A2) * h + Bt[:, None] * (dt * u.to(tl.float32))[None, :]
                 dts += dt
                 if k == 0:
-                    b0 = _fwd_load(*ld, t + 2, L, *st, dmask, ROUTED, HAS_Z, NP)
+                    b0 = _fwd_load(*ld, t + 2, L, *st, dmask, ROUTED, HAS_Z, NP, DTRP)
     if FINAL:
         if SAVE_LAST:
             if seg == NSEG - 1:
@@ -1085,23 +1111,32 @@ def _opt(t, dtype=torch.float32):
     return t.contiguous().to(dtype) if t is not None else None
 
 
-def _pack(A3, B4, C4):
+def _pack(A3, B4, C4, dt_low=None, bc_dtype=torch.float32):
     """Kernel layouts of the small operands: A (R, dim, N) -> (R, NP, dim) float32 times log2(e) (exp(dt A) is then
     one exp2), zero-padded states; B, C (R, batch, L, N), any strides and dtype -> one float32 (R, batch, L, 2 NP)
-    tensor [B | C]: a step's B and C rows are then two aligned 16-state vectors that every lane loads at once."""
+    tensor [B | C]: a step's B and C rows are then two aligned 16-state vectors that every lane loads at once.
+    With dt_low (R, batch, L, rank) (the fused dt_proj), the rows are [B | C | dt_low zero-padded to _np(rank)].
+    bc_dtype: the rows' dtype (the forward-only entry keeps 16-bit inputs 16-bit: exact, half the bytes)."""
     R, dim, N = A3.shape
     NP = _np(N)
     _, batch, L, _ = B4.shape
+    rank = dt_low.shape[-1] if dt_low is not None else 0
+    P = _np(rank) if dt_low is not None else 0
+    f32 = torch.float32
     if N == NP:  # one op each (the host's launches are a good part of a call at Vim's shapes)
-        f32 = torch.float32
         A2 = torch.mul(A3.transpose(1, 2), LOG2E, out=torch.empty((R, NP, dim), device=A3.device, dtype=f32))
-        BC = torch.cat((B4, C4), -1, out=torch.empty((R, batch, L, 2 * NP), device=B4.device, dtype=f32))
+        parts = (B4, C4)
+        if dt_low is not None:
+            parts += (dt_low,) + ((dt_low.new_zeros(()).expand(R, batch, L, P - rank),) if P > rank else ())
+        BC = torch.cat(parts, -1, out=torch.empty((R, batch, L, 2 * NP + P), device=B4.device, dtype=bc_dtype))
         return A2, BC
-    A2 = torch.zeros((R, NP, dim), device=A3.device, dtype=torch.float32)
+    A2 = torch.zeros((R, NP, dim), device=A3.device, dtype=f32)
     A2[:, :N] = A3.transpose(1, 2) * LOG2E
-    BC = torch.zeros((R, batch, L, 2 * NP), device=B4.device, dtype=torch.float32)
+    BC = torch.zeros((R, batch, L, 2 * NP + P), device=B4.device, dtype=bc_dtype)
     BC[..., :N] = B4
     BC[..., NP : NP + N] = C4
+    if dt_low is not None:
+        BC[..., 2 * NP : 2 * NP + rank] = dt_low
     return A2, BC
 
 
@@ -1127,7 +1162,9 @@ def _check_T(T: int) -> None:
         raise ValueError(f"vim_kernels: the chunk length T must be even and >= 2; got {T}")
 
 
-def _launch_fwd(u4, dt4, A2, BC, D, db, z3, out4, routes, softplus, accum, save_last, save_states, batch, L, dim, R):
+def _launch_fwd(u4, dt4, A2, BC, D, db, z3, out4, routes, softplus, accum, save_last, save_states, batch, L, dim, R,
+                wdt=None):  # fmt: skip
+    # wdt: dt_proj packed by _pack_dt_proj; BC's rows then end with the low-rank rows (_pack) and dt4 is unused
     cfg = _fwd_config(batch, dim, R, L, A2.shape[1])
     T, BD = cfg["T"], cfg["BD"]
     _check_T(T)
@@ -1147,6 +1184,9 @@ def _launch_fwd(u4, dt4, A2, BC, D, db, z3, out4, routes, softplus, accum, save_
     grid = (triton.cdiv(dim, BD), batch, R)
     # options of the seq-family kernels (PIN: see _state_offsets; no inline PTX under the interpreter)
     seq_opts = dict(FAST=not _INTERPRET, PIN=cfg.get("PIN", True), PREFETCH=0 if _INTERPRET else cfg.get("PREFETCH", 0))
+    seq_opts["DTRP"] = wdt.shape[1] if wdt is not None else 0
+    if wdt is not None and cfg["kind"] not in ("split", "seq"):
+        raise ValueError(f"vim_kernels: a fused dt_proj needs the seq or split forward; the config has {cfg['kind']!r}")
     if cfg["kind"] == "split":
         seg_len = cfg["SEG"]
         if seg_len % T:
@@ -1156,13 +1196,14 @@ def _launch_fwd(u4, dt4, A2, BC, D, db, z3, out4, routes, softplus, accum, save_
         dtsum = torch.empty((R, batch, nseg, dim), device=dev, dtype=torch.float32)
         for final in (False, True):
             _scan_fwd_split_kernel[(triton.cdiv(dim, BD), batch, R * nseg)](
-                u4, dt4, A2, BC, *opt, zz, out4, hs, last, r, hend, dtsum, L, dim, nchunk, batch, nseg,
+                u4, dt4, A2, BC, *opt, zz, out4, hs, last, r, hend, dtsum, wdt if wdt is not None else A2, L, dim,
+                nchunk, batch, nseg,
                 *u4.stride(), *dt4.stride(), *zz.stride(), *out4.stride(), SEG=seg_len, FINAL=final, **seq_opts,
                 **common,
             )  # fmt: skip
     elif cfg["kind"] == "seq":
         _scan_fwd_seq_kernel[grid](
-            u4, dt4, A2, BC, *opt, zz, out4, hs, last, r, L, dim, nchunk, batch,
+            u4, dt4, A2, BC, *opt, zz, out4, hs, last, r, wdt if wdt is not None else A2, L, dim, nchunk, batch,
             *u4.stride(), *dt4.stride(), *zz.stride(), *out4.stride(), DEPTH=cfg.get("DEPTH", 2), **seq_opts,
             **common,
         )  # fmt: skip
@@ -1313,27 +1354,75 @@ class SelectiveScanFn(torch.autograd.Function):
 _MERGE_BLOCK = 1024
 
 
+# The forward-only entry forms delta from dt_proj and its low-rank input in the kernel up to this rank (vim_tiny: 12;
+# each lane then holds a (rank, 1) column of dt_proj and a step's low-rank row in registers). A forward config's
+# "DT_PROJ_MAX_RANK" overrides it (VIM_SCAN_CONFIG='{"fwd": {"DT_PROJ_MAX_RANK": 0}}' turns the fusion off)
+DT_PROJ_MAX_RANK = 16
+
+
+def _pack_dt_proj(dt_proj):
+    """dt_proj (R, dim, dt_rank) -> (R, DTRP, dim) float32, zero-padded to a power of two: the kernels' tile."""
+    R, dim, dtr = dt_proj.shape
+    w = torch.zeros((R, _np(dtr), dim), device=dt_proj.device, dtype=torch.float32)
+    w[:, :dtr] = dt_proj.transpose(1, 2)
+    return w
+
+
+def _multi_route_forward(u, delta, A, B, C, D, z, delta_bias, routes, softplus, train, dt_proj=None, out=None):
+    # the shared forward of MultiRouteScanFn and multi_route_scan_forward: every route adds into one float32 buffer,
+    # then one kernel takes the mean and the gate. Returns the output and what the backward needs
+    R, batch, L, dim = u.shape
+    Df, dbf = _opt(D), _opt(delta_bias)
+    dt_low = delta if dt_proj is not None else None
+    # forward only, 16-bit B, C (and dt_low) stay 16-bit in the packed rows (the backward kernels read float32 rows)
+    half = {B.dtype, C.dtype} | ({dt_low.dtype} if dt_low is not None else set())
+    bc_dtype = half.pop() if not train and len(half) == 1 and B.dtype in (torch.bfloat16, torch.float16) else None
+    A2, BC = _pack(A.float(), B, C, dt_low, bc_dtype or torch.float32)
+    routes = routes.contiguous()
+    acc = torch.zeros((batch, L, dim), device=u.device, dtype=torch.float32)
+    wdt = _pack_dt_proj(dt_proj) if dt_proj is not None else None
+    hs, _, T = _launch_fwd(
+        u, u if wdt is not None else delta, A2, BC, Df, dbf, None, acc.unsqueeze(0).expand(R, batch, L, dim),
+        routes, softplus, True, False, train, batch, L, dim, R, wdt=wdt,
+    )  # fmt: skip
+    zc = z.contiguous() if z is not None else None
+    if out is None:
+        out = _empty((batch, L, dim), device=u.device, dtype=u.dtype)
+    n = out.numel()
+    # out may be z itself: each element of z is read before the same program writes that element of out
+    _merge_fwd_kernel[(triton.cdiv(n, _MERGE_BLOCK),)](
+        acc, zc if zc is not None else acc, out, n, 1.0 / R, HAS_Z=zc is not None, BLOCK=_MERGE_BLOCK
+    )
+    return out, (A2, BC, Df, zc, dbf, routes, hs, acc), T
+
+
+def can_fuse_dt_proj(batch: int, dim: int, R: int, L: int, N: int, dt_rank: int) -> bool:
+    """Whether multi_route_scan_forward forms delta in the kernel at this shape (a rank up to DT_PROJ_MAX_RANK, and
+    the seq or split forward: what the GPU's "auto" config picks)."""
+    cfg = _fwd_config(batch, dim, R, L, _np(N))
+    return dt_rank <= cfg.get("DT_PROJ_MAX_RANK", DT_PROJ_MAX_RANK) and cfg["kind"] in ("seq", "split")
+
+
+def multi_route_scan_forward(u, delta, A, B, C, D, z, delta_bias, routes, softplus, dt_proj=None, out=None):
+    """MultiRouteScanFn's forward alone (no autograd graph, nothing saved). With dt_proj (R, dim, dt_rank), delta
+    is the low-rank (R, batch, L, dt_rank) input, packed beside B and C, and each step's delta, dt_proj @ that row,
+    is formed in registers: no (R, batch, L, dim) delta tensor (see can_fuse_dt_proj). out: a (batch, L, dim)
+    contiguous buffer for the result (z itself is allowed)."""
+    if out is not None and (not out.is_contiguous() or tuple(out.shape) != (u.shape[1], u.shape[2], u.shape[3])):
+        raise ValueError(f"out must be a contiguous (batch, L, dim) tensor; got {tuple(out.shape)}")
+    y, _, _ = _multi_route_forward(u, delta, A, B, C, D, z, delta_bias, routes, softplus, False, dt_proj, out)
+    return y
+
+
 class MultiRouteScanFn(torch.autograd.Function):
     """R routes in token order, one launch: u, delta (R, batch, L, dim); routes (R, L); see the functional API."""
 
     @staticmethod
     def forward(ctx, u, delta, A, B, C, D, z, delta_bias, routes, delta_softplus):
-        R, batch, L, dim = u.shape
         N = A.shape[2]
-        Df, dbf = _opt(D), _opt(delta_bias)
-        A2, BC = _pack(A.float(), B, C)
-        routes = routes.contiguous()
-        acc = torch.zeros((batch, L, dim), device=u.device, dtype=torch.float32)
         train = _needs_grad(ctx, 8)
-        hs, _, ctx.T = _launch_fwd(
-            u, delta, A2, BC, Df, dbf, None, acc.unsqueeze(0).expand(R, batch, L, dim), routes,
-            delta_softplus, True, False, train, batch, L, dim, R,
-        )  # fmt: skip
-        zc = z.contiguous() if z is not None else None
-        out = _empty((batch, L, dim), device=u.device, dtype=u.dtype)
-        n = out.numel()
-        _merge_fwd_kernel[(triton.cdiv(n, _MERGE_BLOCK),)](
-            acc, zc if zc is not None else acc, out, n, 1.0 / R, HAS_Z=zc is not None, BLOCK=_MERGE_BLOCK
+        out, (A2, BC, Df, zc, dbf, routes, hs, acc), ctx.T = _multi_route_forward(
+            u, delta, A, B, C, D, z, delta_bias, routes, delta_softplus, train
         )
         if train:
             ctx.save_for_backward(u, delta, A2, BC, Df, zc, dbf, routes, hs, acc)

@@ -401,7 +401,75 @@ def test_triton_multi_route_small(R):
     check_routes(inputs, routes, "triton", *TOL[torch.float32])
 
 
+def check_fused_dt_proj(R, batch, dim, L, N, rank, dtype, device, tol, seed=0):
+    """The forward-only multi-route scan with dt_proj formed in the kernel (and its output written over z) against
+    the reference fed delta = dt_low @ dt_proj^T; the interface must pick the fused path (can_fuse_dt_proj)."""
+    mod = triton_mod()
+    inputs = route_inputs(R, batch, dim, L, N, dtype, device, seed=seed)
+    g = torch.Generator().manual_seed(seed + 100)
+    # the low-rank input is a view of x_proj's wider output in the model: a non-unit row stride
+    dt_low = (torch.randn(R, batch, L, rank + 2 * N, generator=g) * 0.3).to(device=device, dtype=dtype)[..., :rank]
+    dt_proj = (torch.randn(R, dim, rank, generator=g) * rank**-0.5).to(device)
+    routes = _bidir_routes(L, device) if R == 2 else _random_routes(R, L, device, seed=seed)
+    assert mod.can_fuse_dt_proj(batch, dim, R, L, N, rank)
+    ref_in = {k: v.float() for k, v in inputs.items()}
+    ref_in["delta"] = dt_low.float() @ dt_proj.transpose(1, 2).unsqueeze(1)
+    ref = vk.multi_route_selective_scan_ref(**ref_in, routes=routes, delta_softplus=True)
+    with torch.no_grad():
+        args = {k: v for k, v in inputs.items() if k != "delta"}
+        z = args.pop("z")
+        zc = z.clone()
+        out = vk.multi_route_selective_scan(
+            **args, z=zc, delta=dt_low, routes=routes, delta_proj=dt_proj, out=zc, backend="triton"
+        )
+        unfused = vk.multi_route_selective_scan(
+            **args, z=z, delta=dt_low, routes=routes, delta_proj=dt_proj, backend="torch"
+        )
+    assert out.data_ptr() == zc.data_ptr() and out.dtype == dtype
+    assert rel_err(out, ref) < tol
+    assert rel_err(unfused, ref) < tol  # the matmul path of the same API
+
+
+@pytest.mark.parametrize("kernel_kinds", ["seq/seq T4 SUBS2", "seq D4/seq T4", "split/seq T4"], indirect=True)
+def test_triton_fused_dt_proj_small(kernel_kinds):
+    dev = "cuda" if CUDA else "cpu"
+    check_fused_dt_proj(2, 1, 5, 11, 4, 3, torch.float32, dev, TOL[torch.float32][0], seed=7)
+
+
+def test_triton_fused_dt_proj_bf16_and_odd_states(seq_forward):
+    # bf16 activations with a float32 dt_proj (the model's dtypes under autocast); N 3: padded states and rows
+    dev = "cuda" if CUDA else "cpu"
+    check_fused_dt_proj(2, 1, 5, 9, 3, 5, torch.bfloat16, dev, TOL[torch.bfloat16][0], seed=9)
+
+
+def test_fused_dt_proj_falls_back_to_a_matmul_with_gradients():
+    # gradients needed: delta is formed by a matmul and the autograd scan runs (torch backend here); same values
+    inputs = route_inputs(2, 1, 5, 9, 4, torch.float32, "cpu", seed=3)
+    dt_low = torch.randn(2, 1, 9, 3).requires_grad_()
+    dt_proj = torch.randn(2, 5, 3)
+    routes = _bidir_routes(9, "cpu")
+    args = {k: v for k, v in inputs.items() if k != "delta"}
+    out = vk.multi_route_selective_scan(**args, delta=dt_low, routes=routes, delta_proj=dt_proj, backend="torch")
+    ref = vk.multi_route_selective_scan_ref(**args, delta=dt_low @ dt_proj.transpose(1, 2).unsqueeze(1), routes=routes)
+    assert rel_err(out, ref) < 1e-5
+    out.sum().backward()
+    assert dt_low.grad is not None and torch.isfinite(dt_low.grad).all()
+    with pytest.raises(ValueError, match="delta_proj"):
+        vk.multi_route_selective_scan(**args, delta=dt_low, routes=routes, delta_proj=dt_proj[:, :4], backend="torch")
+    with pytest.raises(ValueError, match="out= is for the Triton backend"):
+        vk.multi_route_selective_scan(**inputs, routes=routes, out=inputs["z"], backend="torch")
+
+
 # ---- real shapes on the GPU ----------------------------------------------------------------------------------
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("batch", [2, 48])  # a small grid (split L) and a large one (one-step forward)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_triton_gpu_fused_dt_proj(batch, dtype):
+    # vim_tiny's mixer: E 384, N 16, dt_rank 12, both directions; L 785 splits into segments on the small grid
+    check_fused_dt_proj(2, batch, 384, 785, 16, 12, dtype, "cuda", TOL[dtype][0], seed=batch)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

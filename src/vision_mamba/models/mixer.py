@@ -276,6 +276,8 @@ class MultiRouteMamba(nn.Module):
             raise ValueError(
                 f"got {routes.num_routes} routes for a {self.pattern.name!r} mixer ({self.pattern.num_routes} routes)"
             )
+        if self.path == "fused" and not torch.is_grad_enabled():
+            return self.out_proj(self._scan_inference(hidden, routes))
         x, z = self.in_proj(hidden).chunk(2, dim=-1)  # (batch, L, E) each, channel-last
         y = self._scan_fused(x, z, routes) if self.path == "fused" else self._scan_reference(x, z, routes)
         return self.out_proj(y)
@@ -293,10 +295,12 @@ class MultiRouteMamba(nn.Module):
         out = F.conv1d(xr, conv.weight, conv.bias, padding=k - 1, groups=self.d_inner)[..., :length]
         return out[:, :, routes.inverse[r]]
 
-    def _scan_fused(self, x: torch.Tensor, z: torch.Tensor, routes: ScanRoutes) -> torch.Tensor:
+    def _conv_and_project(self, x: torch.Tensor, routes: ScanRoutes):
+        """Every route's conv + SiLU, then x_proj: u (R, batch, L, E) in token order, channel-last, and the
+        low-rank dt, B, C (R, batch, L, dt_rank | N | N) views of x_proj's output."""
         num_routes = self.pattern.num_routes
         params = [self.route_params(r) for r in range(num_routes)]
-        # (R, batch, L, E), channel-last. Triton: one kernel gathers every route's conv taps through its index map
+        # Triton: one kernel gathers every route's conv taps through its index map
         u = scan.route_conv_silu(
             x,
             torch.stack([p[0].weight.squeeze(1) for p in params]),
@@ -309,14 +313,47 @@ class MultiRouteMamba(nn.Module):
             xt = x.transpose(1, 2)
             u = F.silu(torch.stack([self._route_conv(xt, r, routes).transpose(1, 2) for r in range(num_routes)]))
         w_x = torch.stack([p[1].weight for p in params]).unsqueeze(1)  # (R, 1, dt_rank + 2N, E)
-        w_dt = torch.stack([p[2].weight for p in params]).unsqueeze(1)  # (R, 1, E, dt_rank)
         x_dbl = torch.matmul(u, w_x.transpose(-1, -2))  # (R, batch, L, dt_rank + 2N)
-        dt, b, c = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1)
-        delta = torch.matmul(dt, w_dt.transpose(-1, -2))  # (R, batch, L, E); bias goes in as delta_bias
+        return u, *torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1)
+
+    def _ssm_params(self):
+        """Stacked over routes: A = -exp(A_log), D, delta_bias (float32) and dt_proj's weight (R, E, dt_rank)."""
+        params = [self.route_params(r) for r in range(self.pattern.num_routes)]
         a = -torch.exp(torch.stack([p[3] for p in params]).float())
         d = torch.stack([p[4] for p in params]).float()
         delta_bias = torch.stack([p[2].bias for p in params]).float()
+        return a, d, delta_bias, torch.stack([p[2].weight for p in params])
+
+    def _scan_fused(self, x: torch.Tensor, z: torch.Tensor, routes: ScanRoutes) -> torch.Tensor:
+        u, dt, b, c = self._conv_and_project(x, routes)
+        a, d, delta_bias, w_dt = self._ssm_params()
+        delta = torch.matmul(dt, w_dt.unsqueeze(1).transpose(-1, -2))  # (R, batch, L, E); bias: delta_bias
         return scan.multi_route_scan(u, delta, a, b, c, d, z, delta_bias, routes.index, backend=self.scan_backend)
+
+    def _scan_inference(self, hidden: torch.Tensor, routes: ScanRoutes) -> torch.Tensor:
+        """The fused path without autograd, ordered for peak memory (vim_tiny at 1248 px, batch 16: see
+        benchmarks/README.md): x and z from the two halves of in_proj, x dropped once the convs have read it and z
+        formed last; dt_proj handed to the scan, which forms delta per step in registers where its kernels can (no
+        (R, batch, L, E) delta tensor); with Triton the gated output is written over z."""
+        e = self.d_inner
+        u, dt, b, c = self._conv_and_project(F.linear(hidden, self.in_proj.weight[:e]), routes)
+        a, d, delta_bias, w_dt = self._ssm_params()
+        z = F.linear(hidden, self.in_proj.weight[e:])
+        into_z = scan.resolve_backend(self.scan_backend, z.device) == "triton"
+        return scan.multi_route_scan(
+            u,
+            dt,
+            a,
+            b,
+            c,
+            d,
+            z,
+            delta_bias,
+            routes.index,
+            self.scan_backend,
+            delta_proj=w_dt,
+            out=z if into_z else None,
+        )
 
     def _scan_reference(self, x: torch.Tensor, z: torch.Tensor, routes: ScanRoutes) -> torch.Tensor:
         length, k = x.shape[1], self.d_conv

@@ -40,11 +40,15 @@ def resolve_backend(name: str, device: torch.device) -> str:
     return _kernels().best_backend(device) if name == "auto" else name
 
 
-def multi_route_scan(u, delta, A, B, C, D, z, delta_bias, routes, backend: str = "auto") -> torch.Tensor:
+def multi_route_scan(
+    u, delta, A, B, C, D, z, delta_bias, routes, backend: str = "auto", delta_proj=None, out=None
+) -> torch.Tensor:
     """All routes of one mixer in a single call (token-order inputs, see vim_kernels.multi_route_selective_scan).
 
     u, delta: (R, batch, L, dim); B, C: (R, batch, L, N); A: (R, dim, N); D, delta_bias: (R, dim);
     z: (batch, L, dim) or None; routes: (R, L) int64. Returns (batch, L, dim) = mean_r y_r * silu(z).
+    With delta_proj (R, dim, dt_rank), delta is the low-rank (R, batch, L, dt_rank) input; out: a buffer for the
+    result where no gradient is needed (Triton only).
     """
     return _kernels().multi_route_selective_scan(
         u,
@@ -58,6 +62,8 @@ def multi_route_scan(u, delta, A, B, C, D, z, delta_bias, routes, backend: str =
         routes,
         delta_softplus=True,
         backend=resolve_backend(backend, u.device),
+        delta_proj=delta_proj,
+        out=out,
     )
 
 
@@ -87,3 +93,9 @@ def route_conv_silu(x, weight, bias, index, inverse, backend: str = "auto") -> t
     if resolve_backend(backend, x.device) != "triton":
         return None
     return _kernels().route_conv1d_silu(x, weight, bias, index, inverse, backend="triton")
+
+
+def add_rms_norm(hidden, residual, weight, eps, out_dtype, inplace: bool = False, backend: str = "torch"):
+    """A block's residual add + RMSNorm in one pass, without autograd (vim_kernels.add_rms_norm):
+    (normed in out_dtype, new float32 residual)."""
+    return _kernels().add_rms_norm(hidden, residual, weight, eps, out_dtype, inplace=inplace, backend=backend)

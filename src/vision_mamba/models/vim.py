@@ -13,9 +13,10 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from timm.models._features import feature_take_indices
 from torch.utils.checkpoint import checkpoint
 
+from vision_mamba.models import scan
 from vision_mamba.models.checkpoints import checkpoint_filter_fn, load_pretrained, resize_pos_embed
 from vision_mamba.models.mixer import MultiRouteMamba, ScanRoutes, get_scan_pattern
-from vision_mamba.models.scan import check_backend
+from vision_mamba.models.scan import add_rms_norm, check_backend
 
 __all__ = ["VisionMamba", "PatchEmbed", "RMSNorm", "MambaBlock", "checkpoint_filter_fn"]
 
@@ -89,9 +90,21 @@ class MambaBlock(nn.Module):
         self.norm = RMSNorm(dim, eps=norm_eps)
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
-    def forward(self, hidden: torch.Tensor, residual: torch.Tensor | None, routes: ScanRoutes):
-        residual = hidden.float() if residual is None else residual + self.drop_path(hidden).float()
-        return self.mixer(self.norm(residual), routes), residual
+    def forward(self, hidden: torch.Tensor, residual: torch.Tensor | None, routes: ScanRoutes, inplace: bool = False):
+        """inplace (no gradients only): the new residual may be written over `residual` and the normed input over
+        `hidden` (the caller keeps neither)."""
+        if torch.is_grad_enabled() or (self.training and not isinstance(self.drop_path, nn.Identity)):
+            residual = hidden.float() if residual is None else residual + self.drop_path(hidden).float()
+            return self.mixer(self.norm(residual), routes), residual
+        # inference: the add and the norm in one pass (vim_kernels.add_rms_norm), the output already in the dtype the
+        # mixer's in_proj takes under autocast (same values: it would cast the float32 norm to it)
+        dev = hidden.device.type
+        out_dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else torch.float32
+        backend = "triton" if scan.resolve_backend(self.mixer.scan_backend, hidden.device) == "triton" else "torch"
+        normed, residual = add_rms_norm(
+            hidden, residual, self.norm.weight, self.norm.eps, out_dtype, inplace=inplace, backend=backend
+        )
+        return self.mixer(normed, routes), residual
 
 
 class VisionMamba(nn.Module):
@@ -224,10 +237,10 @@ class VisionMamba(nn.Module):
         routes = self.scan_pattern.routes(grid[0], grid[1], mid, x.device)
         return self.pos_drop(x), grid, routes
 
-    def _block(self, i: int, hidden, residual, routes):
+    def _block(self, i: int, hidden, residual, routes, inplace: bool = False):
         if self.grad_checkpointing and torch.is_grad_enabled() and not torch.jit.is_scripting():
             return checkpoint(self.layers[i], hidden, residual, routes, use_reentrant=False)
-        return self.layers[i](hidden, residual, routes)
+        return self.layers[i](hidden, residual, routes, inplace=inplace)
 
     def _block_output(self, k: int, hidden, residual) -> torch.Tensor:
         """Output of block k - 1 when blocks 0..k-1 ran: what block k (or the final add) would compute."""
@@ -239,7 +252,7 @@ class VisionMamba(nn.Module):
         hidden, _, routes = self._embed(x)
         residual = None
         for i in range(len(self.layers)):
-            hidden, residual = self._block(i, hidden, residual, routes)
+            hidden, residual = self._block(i, hidden, residual, routes, inplace=True)
         return self.norm_f(self._block_output(len(self.layers), hidden, residual))
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
@@ -274,7 +287,8 @@ class VisionMamba(nn.Module):
         num_blocks = max_index + 1 if (stop_early or intermediates_only) else len(self.layers)
         outputs, residual = [], None
         for i in range(num_blocks):
-            hidden, residual = self._block(i, hidden, residual, routes)
+            # block i may overwrite its input residual (block i - 2's output) unless that was taken
+            hidden, residual = self._block(i, hidden, residual, routes, inplace=i - 2 not in take)
             if i - 1 in take:
                 outputs.append(residual)  # block i's input residual is block i-1's output
         last = self._block_output(num_blocks, hidden, residual)
