@@ -22,7 +22,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import peak_memory_gib, time_ms, write_result  # noqa: E402
 
-import vision_mamba.models  # noqa: E402,F401  (registers the Vim variants)
+from vision_mamba.models import CudaGraphInference  # noqa: E402  (importing it registers the Vim variants)
 
 RESOLUTIONS = (224, 512, 736, 1024, 1248)
 INFER_MODELS = {
@@ -103,12 +103,24 @@ def bench_inference(key: str, img_size: int, device, args) -> dict:
                 latency_ms_batch1=time_ms(lambda: run(x1), warmup=args.warmup, iters=args.iters, latency=True),
                 peak_mem_gib=peak_memory_gib(lambda: run(x)),
             )
+            if device.type == "cuda":
+                row.update(graphed_latency(model, x1, args))
     except torch.OutOfMemoryError:
         row.update(error="out of memory")
     finally:
         model = None
         free()
     return row
+
+
+def graphed_latency(model, x1, args) -> dict:
+    """Batch-1 latency with the forward replayed from one CUDA graph (vision_mamba.models.CudaGraphInference):
+    the host's launches out of the way, what a latency-bound deployment would run."""
+    try:
+        graphed = CudaGraphInference(model, x1)
+    except RuntimeError as e:  # a model that cannot be captured costs the column, not the run
+        return {"graph_error": f"{type(e).__name__}: {str(e)[:200]}"}
+    return {"latency_ms_batch1_graph": time_ms(lambda: graphed(x1), warmup=args.warmup, iters=args.iters, latency=True)}
 
 
 def bench_training(key: str, device, args) -> dict:
@@ -208,11 +220,12 @@ def main() -> None:
     result = {"rows": rows, "summary": summary(rows), "quick": args.quick}
     path = write_result(args.result_name + ("_quick" if args.quick else ""), result, args.out)
 
-    print(f"\nwritten {path}\n{'model':<18}{'mode':<10}{'size':>6}{'batch':>6}{'img/s':>10}{'lat1 ms':>9}{'GiB':>8}")
+    print(f"\nwritten {path}\n{'model':<18}{'mode':<10}{'size':>6}{'batch':>6}{'img/s':>10}{'lat1 ms':>9}{'graph':>7}{'GiB':>8}")
     for r in rows:
         print(
             f"{r['model']:<18}{r['mode']:<10}{r['img_size']:>6}{r.get('batch', 0):>6}{r.get('images_per_s', float('nan')):>10.1f}"
-            f"{r.get('latency_ms_batch1') or float('nan'):>9.2f}{r.get('peak_mem_gib') or float('nan'):>8.2f} {r.get('error', '')}"
+            f"{r.get('latency_ms_batch1') or float('nan'):>9.2f}{r.get('latency_ms_batch1_graph') or float('nan'):>7.2f}"
+            f"{r.get('peak_mem_gib') or float('nan'):>8.2f} {r.get('error', '')}{r.get('graph_error', '')}"
         )
     for k, v in result["summary"].items():
         print(f"{k}: {v}")

@@ -64,3 +64,21 @@ def test_long_sequence_inference_matches_torch_backend():
         model.set_scan_backend("triton")
         out = model(x).float()
     torch.testing.assert_close(out, ref, rtol=3e-2, atol=3e-2)
+
+
+def test_cuda_graph_inference_replays_the_model():
+    # one captured graph per input shape: its replays give the eager outputs for new inputs, a wrong shape is refused
+    from vision_mamba.models import CudaGraphInference
+
+    torch.manual_seed(0)
+    model = timm.create_model("vim_tiny_patch16_224", depth=2).cuda()
+    x = torch.randn(1, 3, 224, 224, device="cuda")
+    graphed = CudaGraphInference(model, x)
+    for _ in range(2):
+        x = torch.randn(1, 3, 224, 224, device="cuda")
+        with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16):
+            ref = model(x).float()
+        out = graphed(x)
+        torch.testing.assert_close(out.float(), ref, rtol=1e-2, atol=1e-2)
+    with pytest.raises(ValueError, match="captured for inputs"):
+        graphed(torch.randn(2, 3, 224, 224, device="cuda"))

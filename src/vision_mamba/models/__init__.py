@@ -7,11 +7,13 @@ from vision_mamba.models.checkpoints import (
     load_safetensors,
     save_safetensors,
 )
+from vision_mamba.models.cuda_graph import CudaGraphInference
 from vision_mamba.models.mixer import SCAN_PATTERNS, MultiRouteMamba, ScanPattern, register_scan_pattern
 from vision_mamba.models.vim import VisionMamba
 
 __all__ = [
     "VisionMamba",
+    "CudaGraphInference",
     "MultiRouteMamba",
     "ScanPattern",
     "SCAN_PATTERNS",
