@@ -1,19 +1,24 @@
 """Where a backbone's inference time goes: the GPU kernels of a few forward passes (torch.profiler), largest first.
 
-python benchmarks/profile_backbone.py --model vim_tiny_patch16_224 --img-size 1248 --batch 16
+python benchmarks/profile_backbone.py --model vim_tiny_patch16_224 --img-size 1248 --batch 16 [--memory] [--out DIR]
+
+writes profile_<model>_<size>_<card>.json (model without "_patch16_224") with the card, versions, command and date.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import sys
 from pathlib import Path
 
 import timm
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-import vision_mamba.models  # noqa: F401  (registers the Vim variants)
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import write_result  # noqa: E402
+
+import vision_mamba.models  # noqa: E402,F401  (registers the Vim variants)
 
 
 def _our_frame(frames: list[dict]) -> str:
@@ -107,8 +112,8 @@ def main() -> None:
     if args.memory:
         result["memory_at_peak"] = memory_at_peak(run)
     if args.out:
-        path = Path(args.out) / f"profile_{args.model}_{args.img_size}.json"
-        path.write_text(json.dumps(result, indent=2))
+        name = f"profile_{args.model.removesuffix('_patch16_224')}_{args.img_size}"
+        print("written", write_result(name, result, Path(args.out)))
 
 
 if __name__ == "__main__":
