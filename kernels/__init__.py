@@ -1,4 +1,4 @@
-"""vim_kernels: selective-scan (S6), route-conv and add + RMSNorm kernels for Vision Mamba -- reference, PyTorch and Triton backends."""
+"""vim_kernels: selective-scan (S6), route-conv and add + RMSNorm kernels for Vision Mamba (ref, torch, Triton)."""
 
 from .interface import (
     BACKENDS,

@@ -27,7 +27,8 @@ def add_rms_norm(hidden, residual, weight, eps: float, out_dtype=None, inplace: 
 
     hidden: (..., dim) any float dtype; residual: float32 like hidden, or None (the residual is then hidden in
     float32: hidden itself when it is float32 already); weight: (dim,). inplace: the new residual may be written
-    into `residual`, and the normed output into `hidden` when it has out_dtype (neither old value is kept). Returns (normed in out_dtype (default float32), new residual float32).
+    into `residual`, and the normed output into `hidden` when it has out_dtype (neither old value is kept).
+    Returns (normed in out_dtype (default float32), new residual float32).
     backend "triton": the kernel (CUDA, or CPU under TRITON_INTERPRET=1); "torch": add_rms_norm_ref.
     """
     if residual is not None and (residual.dtype != torch.float32 or residual.shape != hidden.shape):
