@@ -39,8 +39,10 @@ def best_backend(device: torch.device | str | None = None) -> str:
     return "triton" if "triton" in available_backends(device) else "torch"
 
 
-def _triton_or_raise(x: torch.Tensor):
-    mod = triton_module()
+def _triton_or_raise(x: torch.Tensor, name: str = "triton_scan"):
+    """vim_kernels.<name> for tensors like x, or a clear error: no Triton here, or x is on the CPU without the
+    interpreter (the route-conv and norm entry points use it too)."""
+    mod = triton_module(name)
     if mod is None:
         raise RuntimeError("backend='triton' needs the triton package, which cannot be imported here")
     if x.device.type != "cuda" and not mod._INTERPRET:

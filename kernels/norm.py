@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .interface import triton_module
+from .interface import _triton_or_raise
 
 
 def add_rms_norm_ref(hidden, residual, weight, eps: float, out_dtype=None):
@@ -46,9 +46,5 @@ def add_rms_norm(hidden, residual, weight, eps: float, out_dtype=None, inplace: 
         return out, res
     if backend != "triton":
         raise ValueError(f"backend must be 'triton', 'torch' or 'ref'; got {backend!r}")
-    mod = triton_module("triton_norm")
-    if mod is None:
-        raise RuntimeError("backend='triton' needs the triton package, which cannot be imported here")
-    if hidden.device.type != "cuda" and not mod._INTERPRET:
-        raise RuntimeError("backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1); use backend='torch' on CPU")
+    mod = _triton_or_raise(hidden, "triton_norm")
     return mod.add_rms_norm(hidden, residual, weight, eps, out_dtype or torch.float32, inplace)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .interface import triton_module
+from .interface import _triton_or_raise
 
 
 def route_conv1d_silu_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, index: torch.Tensor):
@@ -44,11 +44,7 @@ def route_conv1d_silu(x, weight, bias, index, inverse=None, backend: str = "trit
         return route_conv1d_silu_ref(x, weight, bias, index)
     if backend != "triton":
         raise ValueError(f"backend must be 'triton', 'torch' or 'ref'; got {backend!r}")
-    mod = triton_module("triton_route_conv")
-    if mod is None:
-        raise RuntimeError("backend='triton' needs the triton package, which cannot be imported here")
-    if x.device.type != "cuda" and not mod._INTERPRET:
-        raise RuntimeError("backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1); use backend='torch' on CPU")
+    mod = _triton_or_raise(x, "triton_route_conv")
     if x.stride(-1) != 1:
         x = x.contiguous()
     if inverse is None:
