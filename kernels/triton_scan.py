@@ -1375,9 +1375,9 @@ def _multi_route_forward(u, delta, A, B, C, D, z, delta_bias, routes, softplus, 
     Df, dbf = _opt(D), _opt(delta_bias)
     dt_low = delta if dt_proj is not None else None
     # forward only, 16-bit B, C (and dt_low) stay 16-bit in the packed rows (the backward kernels read float32 rows)
-    half = {B.dtype, C.dtype} | ({dt_low.dtype} if dt_low is not None else set())
-    bc_dtype = half.pop() if not train and len(half) == 1 and B.dtype in (torch.bfloat16, torch.float16) else None
-    A2, BC = _pack(A.float(), B, C, dt_low, bc_dtype or torch.float32)
+    dtypes = {B.dtype, C.dtype} | ({dt_low.dtype} if dt_low is not None else set())
+    same_16bit = len(dtypes) == 1 and B.dtype in (torch.bfloat16, torch.float16)
+    A2, BC = _pack(A.float(), B, C, dt_low, B.dtype if same_16bit and not train else torch.float32)
     routes = routes.contiguous()
     acc = torch.zeros((batch, L, dim), device=u.device, dtype=torch.float32)
     wdt = _pack_dt_proj(dt_proj) if dt_proj is not None else None

@@ -95,7 +95,8 @@ def route_conv_silu(x, weight, bias, index, inverse, backend: str = "auto") -> t
     return _kernels().route_conv1d_silu(x, weight, bias, index, inverse, backend="triton")
 
 
-def add_rms_norm(hidden, residual, weight, eps, out_dtype, inplace: bool = False, backend: str = "torch"):
-    """A block's residual add + RMSNorm in one pass, without autograd (vim_kernels.add_rms_norm):
-    (normed in out_dtype, new float32 residual)."""
+def add_rms_norm(hidden, residual, weight, eps, out_dtype, inplace: bool = False, backend: str = "auto"):
+    """A block's residual add + RMSNorm in one pass, without autograd (vim_kernels.add_rms_norm), on the block's
+    scan backend: (normed in out_dtype, new float32 residual)."""
+    backend = resolve_backend(backend, hidden.device)
     return _kernels().add_rms_norm(hidden, residual, weight, eps, out_dtype, inplace=inplace, backend=backend)

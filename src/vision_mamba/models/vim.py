@@ -16,7 +16,7 @@ from torch.utils.checkpoint import checkpoint
 from vision_mamba.models import scan
 from vision_mamba.models.checkpoints import checkpoint_filter_fn, load_pretrained, resize_pos_embed
 from vision_mamba.models.mixer import MultiRouteMamba, ScanRoutes, get_scan_pattern
-from vision_mamba.models.scan import add_rms_norm, check_backend
+from vision_mamba.models.scan import check_backend
 
 __all__ = ["VisionMamba", "PatchEmbed", "RMSNorm", "MambaBlock", "checkpoint_filter_fn"]
 
@@ -100,9 +100,8 @@ class MambaBlock(nn.Module):
         # mixer's in_proj takes under autocast (same values: it would cast the float32 norm to it)
         dev = hidden.device.type
         out_dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else torch.float32
-        backend = "triton" if scan.resolve_backend(self.mixer.scan_backend, hidden.device) == "triton" else "torch"
-        normed, residual = add_rms_norm(
-            hidden, residual, self.norm.weight, self.norm.eps, out_dtype, inplace=inplace, backend=backend
+        normed, residual = scan.add_rms_norm(
+            hidden, residual, self.norm.weight, self.norm.eps, out_dtype, inplace, self.mixer.scan_backend
         )
         return self.mixer(normed, routes), residual
 
