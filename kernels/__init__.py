@@ -6,6 +6,7 @@ from .interface import (
     best_backend,
     bidirectional_selective_scan,
     multi_route_selective_scan,
+    project_scan_inputs,
     selective_scan,
 )
 from .norm import add_rms_norm, add_rms_norm_ref
@@ -23,6 +24,7 @@ __all__ = [
     "multi_route_selective_scan",
     "multi_route_selective_scan_ref",
     "multi_route_selective_scan_torch",
+    "project_scan_inputs",
     "route_conv1d_silu",
     "route_conv1d_silu_ref",
     "selective_scan",

@@ -517,45 +517,14 @@ def _fold_segment(x, rec_ptr, dtsum_ptr, rec, A2, rn, rd, dmask, DIM, NP: tl.con
 
 
 @triton.jit
-def _scan_fwd_split_kernel(
-    u_ptr, dt_ptr, A_ptr, BC_ptr, D_ptr, db_ptr, z_ptr, out_ptr, hs_ptr, last_ptr, route_ptr, hend_ptr, dtsum_ptr,
-    wdt_ptr, L, DIM, NCHUNK, BATCH, NSEG,
-    s_u_r, s_u_b, s_u_l, s_u_d,
-    s_dt_r, s_dt_b, s_dt_l, s_dt_d,
-    s_z_b, s_z_l, s_z_d,
-    s_o_r, s_o_b, s_o_l, s_o_d,
-    HAS_D: tl.constexpr, HAS_DB: tl.constexpr, HAS_Z: tl.constexpr, SOFTPLUS: tl.constexpr,
-    ROUTED: tl.constexpr, ACCUM: tl.constexpr, SAVE_LAST: tl.constexpr, SAVE_STATES: tl.constexpr,
-    T: tl.constexpr, BD: tl.constexpr, NP: tl.constexpr, FAST: tl.constexpr, PREFETCH: tl.constexpr,
-    SEG: tl.constexpr, FINAL: tl.constexpr, PIN: tl.constexpr, DTRP: tl.constexpr,
-):  # fmt: skip
-    # L split into NSEG segments of SEG steps, one program per (channel block, batch, route, segment): NSEG times
-    # the programs of the one-step forward, for grids that have too few (long L, small batch). Two launches:
-    # FINAL False: each segment's scan from a zero state; stores its end state and the sum of its deltas (its
-    #   total decay is exp(A * that sum)); no output.
-    # FINAL True: each segment's start state from the earlier segments' pairs, h = exp(A sum_k) h + hend_k for
-    #   k < s (NSEG is small), then the segment again from that state, writing y (and the saved chunk states)
-    #   exactly as the one-step forward does. Twice the exponentials of the one-step forward.
-    # The small-grid default ("auto", L > SEG).
-    pid_d = tl.program_id(0)
-    pid_b = tl.program_id(1).to(tl.int64)
-    pid_r, seg = _segment_program(NSEG)
-    rd, rn, dmask, A2, Dv, dbv = _channel_block(A_ptr, D_ptr, db_ptr, pid_d, pid_r, DIM, HAS_D, HAS_DB, BD, NP, PIN)
-    u_base = u_ptr + pid_r * s_u_r + pid_b * s_u_b + rd * s_u_d
-    dt_base, Wdt = _delta_source(dt_ptr, wdt_ptr, pid_r, pid_b, rd, dmask, A2, DIM, s_dt_r, s_dt_b, s_dt_d, PIN, DTRP)
-    z_base = z_ptr + pid_b * s_z_b + rd * s_z_d
-    o_base = out_ptr + pid_r * s_o_r + pid_b * s_o_b + rd * s_o_d
-    BC_base = BC_ptr + (pid_r * BATCH + pid_b) * L * (2 * NP + DTRP)
-    r_base = route_ptr + pid_r * L
-    hs_base = hs_ptr + (pid_r * BATCH + pid_b) * NCHUNK * NP * DIM
-    rb = (pid_r * BATCH + pid_b) * NSEG  # this (route, batch)'s first segment record
-    out_dtype: tl.constexpr = out_ptr.dtype.element_ty
-    t0 = seg * SEG
-    t1 = tl.minimum(t0 + SEG, L)
-    h = tl.zeros((NP, BD), dtype=tl.float32)
-    if FINAL:
-        for k in range(0, seg):
-            h = _fold_segment(h, hend_ptr, dtsum_ptr, rb + k, A2, rn, rd, dmask, DIM, NP, PIN)
+def _segment_scan(h, A2, Dv, dbv, u_base, dt_base, z_base, BC_base, r_base, Wdt, s_u_l, s_dt_l, s_z_l,
+                  t0, t1, L, o_base, s_o_l, hs_base, rn, rd, dmask, DIM,
+                  HAS_D: tl.constexpr, HAS_DB: tl.constexpr, HAS_Z: tl.constexpr, SOFTPLUS: tl.constexpr,
+                  ROUTED: tl.constexpr, ACCUM: tl.constexpr, SAVE_STATES: tl.constexpr, T: tl.constexpr,
+                  BD: tl.constexpr, NP: tl.constexpr, FAST: tl.constexpr, PREFETCH: tl.constexpr, PIN: tl.constexpr,
+                  DTRP: tl.constexpr, WRITE: tl.constexpr, out_dtype: tl.constexpr):  # fmt: skip
+    # steps t0 .. t1 - 1 of a split program from state h: WRITE, writing y (and the saved chunk states) exactly as
+    # the one-step forward does; else only the state and the sum of the deltas (returned; 0 when WRITE)
     dts = tl.zeros((BD,), dtype=tl.float32)
     ld = (u_base, dt_base, z_base, BC_base, r_base, Wdt)
     st = (s_u_l, s_dt_l, s_z_l)
@@ -565,7 +534,7 @@ def _scan_fwd_split_kernel(
         if PREFETCH > 0:
             _fwd_prefetch(*ld, t + PREFETCH, L, *st, dmask, ROUTED, HAS_Z, NP, DTRP)
             _fwd_prefetch(*ld, t + PREFETCH + 1, L, *st, dmask, ROUTED, HAS_Z, NP, DTRP)
-        if FINAL:
+        if WRITE:
             if SAVE_STATES:
                 if t % T == 0:
                     _store_once(hs_base + (t // T) * NP * DIM + _state_offsets(rn, rd, DIM, PIN), h, dmask[None, :])
@@ -582,7 +551,57 @@ def _scan_fwd_split_kernel(
                 dts += dt
                 if k == 0:
                     b0 = _fwd_load(*ld, t + 2, L, *st, dmask, ROUTED, HAS_Z, NP, DTRP)
+    return h, dts
+
+
+@triton.jit
+def _scan_fwd_split_kernel(
+    u_ptr, dt_ptr, A_ptr, BC_ptr, D_ptr, db_ptr, z_ptr, out_ptr, hs_ptr, last_ptr, route_ptr, hend_ptr, dtsum_ptr,
+    wdt_ptr, L, DIM, NCHUNK, BATCH, NSEG,
+    s_u_r, s_u_b, s_u_l, s_u_d,
+    s_dt_r, s_dt_b, s_dt_l, s_dt_d,
+    s_z_b, s_z_l, s_z_d,
+    s_o_r, s_o_b, s_o_l, s_o_d,
+    HAS_D: tl.constexpr, HAS_DB: tl.constexpr, HAS_Z: tl.constexpr, SOFTPLUS: tl.constexpr,
+    ROUTED: tl.constexpr, ACCUM: tl.constexpr, SAVE_LAST: tl.constexpr, SAVE_STATES: tl.constexpr,
+    T: tl.constexpr, BD: tl.constexpr, NP: tl.constexpr, FAST: tl.constexpr, PREFETCH: tl.constexpr,
+    SEG: tl.constexpr, FINAL: tl.constexpr, PIN: tl.constexpr, DTRP: tl.constexpr,
+):  # fmt: skip
+    # L split into NSEG >= 2 segments of SEG steps, one program per (channel block, batch, route, segment): about
+    # NSEG times the programs of the one-step forward, for grids that have too few (long L, small batch). Two
+    # launches, each over NSEG - 1 segments (grid axis 2: route * (NSEG - 1) + its program):
+    # FINAL False, segments 0 .. NSEG - 2: each segment's scan from a zero state; stores its end state and the sum
+    #   of its deltas (its total decay is exp(A * that sum)). Segment 0 starts from the true (zero) state, so it
+    #   writes its output here, as the second launch would. The last segment's end state is never needed.
+    # FINAL True, segments 1 .. NSEG - 1: each segment's start state from the earlier segments' pairs,
+    #   h = exp(A sum_k) h + hend_k for k < s (NSEG is small), then the segment again from that state, writing y
+    #   (and the saved chunk states) exactly as the one-step forward does.
+    # Twice the exponentials of the one-step forward, less two segments' worth (vim_tiny at 1248: 24 segments).
+    # The small-grid default ("auto", L > SEG).
+    pid_d = tl.program_id(0)
+    pid_b = tl.program_id(1).to(tl.int64)
+    pid_r, seg = _segment_program(NSEG - 1)
+    seg += FINAL
+    rd, rn, dmask, A2, Dv, dbv = _channel_block(A_ptr, D_ptr, db_ptr, pid_d, pid_r, DIM, HAS_D, HAS_DB, BD, NP, PIN)
+    u_base = u_ptr + pid_r * s_u_r + pid_b * s_u_b + rd * s_u_d
+    dt_base, Wdt = _delta_source(dt_ptr, wdt_ptr, pid_r, pid_b, rd, dmask, A2, DIM, s_dt_r, s_dt_b, s_dt_d, PIN, DTRP)
+    z_base = z_ptr + pid_b * s_z_b + rd * s_z_d
+    o_base = out_ptr + pid_r * s_o_r + pid_b * s_o_b + rd * s_o_d
+    BC_base = BC_ptr + (pid_r * BATCH + pid_b) * L * (2 * NP + DTRP)
+    r_base = route_ptr + pid_r * L
+    hs_base = hs_ptr + (pid_r * BATCH + pid_b) * NCHUNK * NP * DIM
+    rb = (pid_r * BATCH + pid_b) * NSEG  # this (route, batch)'s first segment record
+    out_dtype: tl.constexpr = out_ptr.dtype.element_ty
+    t0 = seg * SEG
+    t1 = tl.minimum(t0 + SEG, L)
+    h = tl.zeros((NP, BD), dtype=tl.float32)
+    ld = (u_base, dt_base, z_base, BC_base, r_base, Wdt, s_u_l, s_dt_l, s_z_l)
+    where = (o_base, s_o_l, hs_base, rn, rd, dmask, DIM)
     if FINAL:
+        for k in range(0, seg):
+            h = _fold_segment(h, hend_ptr, dtsum_ptr, rb + k, A2, rn, rd, dmask, DIM, NP, PIN)
+        h, _ = _segment_scan(h, A2, Dv, dbv, *ld, t0, t1, L, *where, HAS_D, HAS_DB, HAS_Z, SOFTPLUS, ROUTED, ACCUM,
+                             SAVE_STATES, T, BD, NP, FAST, PREFETCH, PIN, DTRP, True, out_dtype)  # fmt: skip
         if SAVE_LAST:
             if seg == NSEG - 1:
                 tl.store(
@@ -590,6 +609,12 @@ def _scan_fwd_split_kernel(
                     mask=dmask[None, :],
                 )  # fmt: skip
     else:
+        if seg == 0:  # its delta sum is never read: the fold starts from a zero state
+            h, dts = _segment_scan(h, A2, Dv, dbv, *ld, t0, t1, L, *where, HAS_D, HAS_DB, HAS_Z, SOFTPLUS, ROUTED,
+                                   ACCUM, SAVE_STATES, T, BD, NP, FAST, PREFETCH, PIN, DTRP, True, out_dtype)  # fmt: skip
+        else:
+            h, dts = _segment_scan(h, A2, Dv, dbv, *ld, t0, t1, L, *where, HAS_D, HAS_DB, HAS_Z, SOFTPLUS, ROUTED,
+                                   ACCUM, SAVE_STATES, T, BD, NP, FAST, PREFETCH, PIN, DTRP, False, out_dtype)  # fmt: skip
         _store_segment(hend_ptr, dtsum_ptr, rb + seg, h, dts, rn, rd, dmask, DIM, NP, PIN)
 
 
@@ -1111,12 +1136,48 @@ def _opt(t, dtype=torch.float32):
     return t.contiguous().to(dtype) if t is not None else None
 
 
+def packed_row_offsets(N: int) -> tuple[int, int]:
+    """Where C and dt_low start in a packed row [B | C | dt_low] (see _pack)."""
+    return _np(N), 2 * _np(N)
+
+
+def packed_projection_weight(weight, N: int, rank: int):
+    """x_proj's weight (R, rank + 2 N, E), rows [dt | B | C] (Mamba's order), reordered and zero-padded to the scan's
+    packed rows [B | C | dt_low] (see _pack): (R, 2 NP + _np(rank), E). x_proj with it writes the rows the
+    forward-only scan reads, so they need no packing copy (vim_tiny at 1248: the copy took 1.0 ms of 51 a pass)."""
+    R, _, E = weight.shape
+    NP, P = _np(N), _np(rank)
+    w = weight.new_zeros((R, 2 * NP + P, E))
+    w[:, :N] = weight[:, rank : rank + N]
+    w[:, NP : NP + N] = weight[:, rank + N :]
+    w[:, 2 * NP : 2 * NP + rank] = weight[:, :rank]
+    return w
+
+
+def _packed_rows(B4, C4, dt_low, NP: int, P: int, dtype):
+    # the (R, batch, L, 2 NP + P) tensor B, C and dt_low are views of when x_proj wrote them in the packed layout
+    # (packed_projection_weight), else None. Only without state padding (N == NP): padded B / C columns would be
+    # read as states. dt_low's padding meets zero rows of the packed dt_proj (_pack_dt_proj), so it adds nothing
+    if dt_low is None or B4.shape[-1] != NP or any(t.dtype != dtype for t in (B4, C4, dt_low)):
+        return None
+    R, batch, L, _ = B4.shape
+    row = 2 * NP + P
+    strides = (batch * L * row, L * row, row, 1)
+    e = B4.element_size()
+    if any(t.stride() != strides for t in (B4, C4, dt_low)) or not (
+        C4.data_ptr() == B4.data_ptr() + NP * e and dt_low.data_ptr() == B4.data_ptr() + 2 * NP * e
+    ):
+        return None
+    return B4.as_strided((R, batch, L, row), strides)
+
+
 def _pack(A3, B4, C4, dt_low=None, bc_dtype=torch.float32):
     """Kernel layouts of the small operands: A (R, dim, N) -> (R, NP, dim) float32 times log2(e) (exp(dt A) is then
     one exp2), zero-padded states; B, C (R, batch, L, N), any strides and dtype -> one float32 (R, batch, L, 2 NP)
     tensor [B | C]: a step's B and C rows are then two aligned 16-state vectors that every lane loads at once.
     With dt_low (R, batch, L, rank) (the fused dt_proj), the rows are [B | C | dt_low zero-padded to _np(rank)].
-    bc_dtype: the rows' dtype (the forward-only entry keeps 16-bit inputs 16-bit: exact, half the bytes)."""
+    bc_dtype: the rows' dtype (the forward-only entry keeps 16-bit inputs 16-bit: exact, half the bytes). Rows that
+    x_proj already wrote in this layout (packed_projection_weight) are taken as they are."""
     R, dim, N = A3.shape
     NP = _np(N)
     _, batch, L, _ = B4.shape
@@ -1125,6 +1186,9 @@ def _pack(A3, B4, C4, dt_low=None, bc_dtype=torch.float32):
     f32 = torch.float32
     if N == NP:  # one op each (the host's launches are a good part of a call at Vim's shapes)
         A2 = torch.mul(A3.transpose(1, 2), LOG2E, out=torch.empty((R, NP, dim), device=A3.device, dtype=f32))
+        rows = _packed_rows(B4, C4, dt_low, NP, P, bc_dtype)
+        if rows is not None:
+            return A2, rows
         parts = (B4, C4)
         if dt_low is not None:
             parts += (dt_low,) + ((dt_low.new_zeros(()).expand(R, batch, L, P - rank),) if P > rank else ())
@@ -1195,7 +1259,7 @@ def _launch_fwd(u4, dt4, A2, BC, D, db, z3, out4, routes, softplus, accum, save_
         hend = torch.empty((R, batch, nseg, NP, dim), device=dev, dtype=torch.float32)
         dtsum = torch.empty((R, batch, nseg, dim), device=dev, dtype=torch.float32)
         for final in (False, True):
-            _scan_fwd_split_kernel[(triton.cdiv(dim, BD), batch, R * nseg)](
+            _scan_fwd_split_kernel[(triton.cdiv(dim, BD), batch, R * (nseg - 1))](
                 u4, dt4, A2, BC, *opt, zz, out4, hs, last, r, hend, dtsum, wdt if wdt is not None else A2, L, dim,
                 nchunk, batch, nseg,
                 *u4.stride(), *dt4.stride(), *zz.stride(), *out4.stride(), SEG=seg_len, FINAL=final, **seq_opts,
@@ -1379,8 +1443,8 @@ def _multi_route_forward(u, delta, A, B, C, D, z, delta_bias, routes, softplus, 
     same_16bit = len(dtypes) == 1 and B.dtype in (torch.bfloat16, torch.float16)
     A2, BC = _pack(A.float(), B, C, dt_low, B.dtype if same_16bit and not train else torch.float32)
     routes = routes.contiguous()
-    acc = torch.zeros((batch, L, dim), device=u.device, dtype=torch.float32)
     wdt = _pack_dt_proj(dt_proj) if dt_proj is not None else None
+    acc = torch.zeros((batch, L, dim), device=u.device, dtype=torch.float32)
     hs, _, T = _launch_fwd(
         u, u if wdt is not None else delta, A2, BC, Df, dbf, None, acc.unsqueeze(0).expand(R, batch, L, dim),
         routes, softplus, True, False, train, batch, L, dim, R, wdt=wdt,

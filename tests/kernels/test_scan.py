@@ -442,6 +442,50 @@ def test_triton_fused_dt_proj_bf16_and_odd_states(seq_forward):
     check_fused_dt_proj(2, 1, 5, 9, 3, 5, torch.bfloat16, dev, TOL[torch.bfloat16][0], seed=9)
 
 
+def check_projected(R, batch, dim, L, N, rank, dtype, device, tol, seed=0):
+    """The mixer's inference path: x_proj through project_scan_inputs (rows written in the scan's packed layout,
+    taken without a copy when N is a power of two), then the fused dt_proj scan with its output over z, against the
+    reference fed the same projections."""
+    mod = triton_mod()
+    inputs = route_inputs(R, batch, dim, L, N, dtype, device, seed=seed)
+    g = torch.Generator().manual_seed(seed + 200)
+    w_x = (torch.randn(R, rank + 2 * N, dim, generator=g) * dim**-0.5).to(device=device, dtype=dtype)
+    dt_proj = (torch.randn(R, dim, rank, generator=g) * rank**-0.5).to(device)
+    routes = _bidir_routes(L, device) if R == 2 else _random_routes(R, L, device, seed=seed)
+    u = inputs["u"]
+    with torch.no_grad():
+        dt_low, B, C = vk.project_scan_inputs(u, w_x, rank, N, backend="triton")
+        # the views carry x_proj's values ([dt | B | C] in Mamba's row order)...
+        x_dbl = torch.matmul(u.float(), w_x.float().transpose(1, 2).unsqueeze(1))
+        for got, want in zip((dt_low, B, C), torch.split(x_dbl, [rank, N, N], dim=-1)):
+            torch.testing.assert_close(got.float(), want, rtol=tol, atol=tol)
+        # ...and are the scan's packed rows themselves when no state padding is needed
+        rows = mod._pack(inputs["A"].float(), B, C, dt_low, dtype)[1]
+        assert (rows.data_ptr() == B.data_ptr()) == (N == mod._np(N))
+        args = {k: v for k, v in inputs.items() if k not in ("delta", "B", "C", "z")}
+        z = inputs["z"].clone()
+        out = vk.multi_route_selective_scan(
+            **args, z=z, delta=dt_low, B=B, C=C, routes=routes, delta_proj=dt_proj, out=z, backend="triton"
+        )
+    assert out.data_ptr() == z.data_ptr() and out.dtype == dtype
+    ref_in = {k: v.float() for k, v in inputs.items()}
+    ref_in.update(B=B.float(), C=C.float(), delta=dt_low.float() @ dt_proj.transpose(1, 2).unsqueeze(1))
+    ref = vk.multi_route_selective_scan_ref(**ref_in, routes=routes, delta_softplus=True)
+    assert rel_err(out, ref) < tol
+
+
+@pytest.mark.parametrize("kernel_kinds", ["seq D4/seq T4", "split/seq T4"], indirect=True)
+def test_triton_projected_rows_small(kernel_kinds):
+    dev = "cuda" if CUDA else "cpu"
+    check_projected(2, 1, 5, 11, 4, 3, torch.float32, dev, TOL[torch.float32][0], seed=5)
+
+
+def test_triton_projected_rows_odd_states_bf16(seq_forward):
+    # N 3: the rows need state padding, so the scan packs a copy; bf16 as under autocast
+    dev = "cuda" if CUDA else "cpu"
+    check_projected(2, 1, 5, 7, 3, 2, torch.bfloat16, dev, TOL[torch.bfloat16][0], seed=6)
+
+
 def test_fused_dt_proj_falls_back_to_a_matmul_with_gradients():
     # gradients needed: delta is formed by a matmul and the autograd scan runs (torch backend here); same values
     inputs = route_inputs(2, 1, 5, 9, 4, torch.float32, "cpu", seed=3)
@@ -468,6 +512,15 @@ def test_fused_dt_proj_falls_back_to_a_matmul_with_gradients():
 def test_triton_gpu_fused_dt_proj(batch, dtype):
     # vim_tiny's mixer: E 384, N 16, dt_rank 12, both directions; L 785 splits into segments on the small grid
     check_fused_dt_proj(2, batch, 384, 785, 16, 12, dtype, "cuda", TOL[dtype][0], seed=batch)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("batch", [2, 48])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_triton_gpu_projected_rows(batch, dtype):
+    # the mixer's inference path at vim_tiny's shapes (L 785: segments on the small grid, 4 of them)
+    check_projected(2, batch, 384, 785, 16, 12, dtype, "cuda", TOL[dtype][0], seed=batch)
 
 
 @pytest.mark.gpu

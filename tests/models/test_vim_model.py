@@ -10,7 +10,7 @@ import torch
 from timm.optim import param_groups_layer_decay
 
 import vision_mamba.models  # noqa: F401  (registers the variants)
-from vision_mamba.models.vim import VisionMamba
+from vision_mamba.models.vim import PatchEmbed, VisionMamba
 
 VARIANTS = {  # name: (embed_dim, patch stride, grid side at 224)
     "vim_tiny_patch16_224": (192, 16, 14),
@@ -181,14 +181,17 @@ def test_inference_path_equals_the_autograd_forward():
 @pytest.mark.skipif(
     not (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"), reason="needs CUDA or the interpreter"
 )
-def test_triton_inference_path_equals_the_torch_backend():
-    # the Triton inference path end to end: add_rms_norm kernel, route conv, the one-step forward forming delta from
-    # dt_proj in registers, the gated output written over z (tiny grid; the interpreter runs it on CPU)
+def test_triton_inference_path_equals_the_torch_backend(monkeypatch):
+    # the Triton inference path end to end: add_rms_norm kernel, route conv, x_proj writing the scan's packed rows,
+    # the one-step forward forming delta from dt_proj in registers, the gated output written over z (tiny grid;
+    # the interpreter runs it on CPU)
     from vim_kernels import triton_scan
 
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     saved = dict(triton_scan.CONFIG["fwd"])
     triton_scan.CONFIG["fwd"].update(kind="seq", T=4, BD=32, num_warps=1)
+    packed_rows, taken = triton_scan._packed_rows, []
+    monkeypatch.setattr(triton_scan, "_packed_rows", lambda *a: taken.append(packed_rows(*a)) or taken[-1])
     try:
         torch.manual_seed(0)
         model = tiny(depth=2).to(dev).eval()
@@ -201,6 +204,22 @@ def test_triton_inference_path_equals_the_torch_backend():
     finally:
         triton_scan.CONFIG["fwd"] = saved
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+    assert len(taken) == 2 and all(rows is not None for rows in taken)  # both blocks' rows taken without a copy
+
+
+@pytest.mark.parametrize("size", [(32, 32), (32, 48)])
+def test_patch_embed_equals_its_conv(size):
+    # non-overlapping patches run as one GEMM over the flattened patches; the conv defines the result
+    embed = PatchEmbed(32, 8, 8, 3, 16)
+    x = torch.randn(2, 3, *size)
+    tokens, grid = embed(x)
+    assert grid == (size[0] // 8, size[1] // 8)
+    torch.testing.assert_close(tokens, embed.proj(x).flatten(2).transpose(1, 2), rtol=1e-5, atol=1e-5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        tokens, _ = embed(x)
+        conv = embed.proj(x).flatten(2).transpose(1, 2)
+    assert tokens.dtype == conv.dtype == torch.bfloat16
+    torch.testing.assert_close(tokens.float(), conv.float(), rtol=2e-2, atol=2e-2)
 
 
 def test_features_only_through_timm():

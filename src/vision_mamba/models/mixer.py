@@ -277,7 +277,7 @@ class MultiRouteMamba(nn.Module):
                 f"got {routes.num_routes} routes for a {self.pattern.name!r} mixer ({self.pattern.num_routes} routes)"
             )
         if self.path == "fused" and not torch.is_grad_enabled():
-            return self.out_proj(self._scan_inference(hidden, routes))
+            return self._forward_inference(hidden, routes)
         x, z = self.in_proj(hidden).chunk(2, dim=-1)  # (batch, L, E) each, channel-last
         y = self._scan_fused(x, z, routes) if self.path == "fused" else self._scan_reference(x, z, routes)
         return self.out_proj(y)
@@ -312,9 +312,8 @@ class MultiRouteMamba(nn.Module):
         if u is None:  # torch: F.conv1d per route (the stack writes the transposed outputs contiguously)
             xt = x.transpose(1, 2)
             u = F.silu(torch.stack([self._route_conv(xt, r, routes).transpose(1, 2) for r in range(num_routes)]))
-        w_x = torch.stack([p[1].weight for p in params]).unsqueeze(1)  # (R, 1, dt_rank + 2N, E)
-        x_dbl = torch.matmul(u, w_x.transpose(-1, -2))  # (R, batch, L, dt_rank + 2N)
-        return u, *torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1)
+        w_x = torch.stack([p[1].weight for p in params])  # (R, dt_rank + 2N, E)
+        return u, *scan.project_scan_inputs(u, w_x, self.dt_rank, self.d_state, backend=self.scan_backend)
 
     def _ssm_params(self):
         """Stacked over routes: A = -exp(A_log), D, delta_bias (float32) and dt_proj's weight (R, E, dt_rank)."""
@@ -330,30 +329,21 @@ class MultiRouteMamba(nn.Module):
         delta = torch.matmul(dt, w_dt.unsqueeze(1).transpose(-1, -2))  # (R, batch, L, E); bias: delta_bias
         return scan.multi_route_scan(u, delta, a, b, c, d, z, delta_bias, routes.index, backend=self.scan_backend)
 
-    def _scan_inference(self, hidden: torch.Tensor, routes: ScanRoutes) -> torch.Tensor:
+    def _forward_inference(self, hidden: torch.Tensor, routes: ScanRoutes) -> torch.Tensor:
         """The fused path without autograd, ordered for peak memory (vim_tiny at 1248 px, batch 16: see
         benchmarks/README.md): x and z from the two halves of in_proj, x dropped once the convs have read it and z
         formed last; dt_proj handed to the scan, which forms delta per step in registers where its kernels can (no
-        (R, batch, L, E) delta tensor); with Triton the gated output is written over z."""
+        (R, batch, L, E) delta tensor). With Triton, x_proj writes the rows the scan reads (no packing copy) and the
+        gated output is written over z."""
         e = self.d_inner
         u, dt, b, c = self._conv_and_project(F.linear(hidden, self.in_proj.weight[:e]), routes)
         a, d, delta_bias, w_dt = self._ssm_params()
         z = F.linear(hidden, self.in_proj.weight[e:])
         into_z = scan.resolve_backend(self.scan_backend, z.device) == "triton"
-        return scan.multi_route_scan(
-            u,
-            dt,
-            a,
-            b,
-            c,
-            d,
-            z,
-            delta_bias,
-            routes.index,
-            self.scan_backend,
-            delta_proj=w_dt,
-            out=z if into_z else None,
+        y = scan.multi_route_scan(
+            u, dt, a, b, c, d, z, delta_bias, routes.index, self.scan_backend, delta_proj=w_dt, out=z if into_z else None
         )
+        return self.out_proj(y)
 
     def _scan_reference(self, x: torch.Tensor, z: torch.Tensor, routes: ScanRoutes) -> torch.Tensor:
         length, k = x.shape[1], self.d_conv

@@ -67,6 +67,12 @@ def multi_route_scan(
     )
 
 
+def project_scan_inputs(u, weight, dt_rank: int, d_state: int, backend: str = "auto"):
+    """x_proj of every route: u (R, batch, L, E), weight (R, dt_rank + 2N, E) -> views dt_low, B, C. On the Triton
+    backend without gradients they are views of the rows the scan reads (vim_kernels.project_scan_inputs)."""
+    return _kernels().project_scan_inputs(u, weight, dt_rank, d_state, backend=resolve_backend(backend, u.device))
+
+
 def single_scan(u, delta, A, B, C, D, z, delta_bias, backend: str = "auto") -> torch.Tensor:
     """One route in mamba_ssm layout: u, delta, z (batch, dim, L); B, C (batch, N, L). Returns (batch, dim, L)."""
     return _kernels().selective_scan(
