@@ -7,7 +7,7 @@
 #   vim1248 (vim_tiny vs deit_tiny at 1248 and Vim-S training: issue 9's figures alone), train_T4 (Vim-S training
 #   with T 4), TESTS_K="..." (a subset of the GPU tests, by name),
 #   profile (kernel table of vim_tiny inference at 1248, and the tensors alive at its memory peak), crossover
-#   (vim_tiny vs fused-attention deit_tiny from 1248 to 2560 px), long_scan (the long-L forward's variants), mamba (builds mamba_ssm's selective_scan_cuda from the
+#   (vim_tiny vs fused-attention deit_tiny from 2048 to 3072 px), long_scan (the long-L forward's variants), mamba (builds mamba_ssm's selective_scan_cuda from the
 #   sdist carried in .whl/, in the background: the scan and mamba_side steps wait for it and time it beside ours).
 #   The third session's figures: bash benchmarks/gpu_suite.sh mamba model_tests profile backbones mamba_side scan
 # Needs the offline wheels (`../shared/offline-wheels.sh .whl`, carried as .whl). Results land in $OUT.
@@ -48,7 +48,7 @@ for step in $steps; do
              > "$OUT/mamba.log" 2>&1 & mamba_pid=$! ;;
     profile) run profile python3 benchmarks/profile_backbone.py --memory --out "$OUT" ;;
     crossover) run crossover python3 benchmarks/backbones.py --models vim_tiny deit_tiny_fused \
-                 --resolutions 1248 1536 1792 2048 2304 2560 --train-models --iters 5 --result-name backbones_crossover --out "$OUT" ;;
+                 --resolutions 2048 2304 2560 3072 --train-models --iters 5 --result-name backbones_crossover --out "$OUT" ;;
     long_scan) run long_scan python3 benchmarks/long_scan.py --out "$OUT" ;;
     tests) run tests python3 -m pytest -q -m gpu tests/kernels tests/models -p no:cacheprovider "${tests_k[@]}" ;;
     kernel_tests) run kernel_tests python3 -m pytest -q -m gpu tests/kernels -p no:cacheprovider "${tests_k[@]}" ;;
