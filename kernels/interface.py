@@ -113,7 +113,6 @@ def multi_route_selective_scan(
     Triton forward forms it per step in registers (no (R, batch, L, dim) delta tensor, see
     triton_scan.can_fuse_dt_proj); otherwise it is computed here by a matmul. out (no gradient needed, Triton):
     a contiguous (batch, L, dim) buffer the result is written into; z itself may be given when z is not needed later.
-
     """
     if delta_proj is not None:
         R, batch, L, dim = u.shape
@@ -152,15 +151,19 @@ def multi_route_selective_scan(
 def project_scan_inputs(u: torch.Tensor, weight: torch.Tensor, dt_rank: int, d_state: int, backend: str = "triton"):
     """Mamba's x_proj for every route: u (R, batch, L, E) @ weight (R, dt_rank + 2 N, E)^T (rows [dt | B | C]).
 
-    Returns the views dt_low (R, batch, L, dt_rank), B and C (R, batch, L, N). With the Triton backend and no
-    gradient needed, the matmul writes the scan's packed row layout directly (triton_scan.packed_projection_weight)
-    and the forward-only `multi_route_selective_scan(..., delta_proj=...)` then reads these views with no copy.
+    Returns the views dt_low (R, batch, L, dt_rank), B and C (R, batch, L, N). With the Triton backend, no gradient
+    needed and a shape whose forward forms delta in the kernel (triton_scan.can_fuse_dt_proj), the matmul writes the
+    scan's packed row layout directly (triton_scan.packed_projection_weight) and the forward-only
+    `multi_route_selective_scan(..., delta_proj=...)` then reads these views with no copy.
     """
     if backend == "triton" and not _grad_needed(u, weight):
         mod = _triton_or_raise(u)
-        rows = torch.matmul(u, mod.packed_projection_weight(weight, d_state, dt_rank).unsqueeze(1).transpose(-1, -2))
-        c0, dt0 = mod.packed_row_offsets(d_state)
-        return rows[..., dt0 : dt0 + dt_rank], rows[..., :d_state], rows[..., c0 : c0 + d_state]
+        R, batch, L, E = u.shape
+        if mod.can_fuse_dt_proj(batch, E, R, L, d_state, dt_rank):
+            w = mod.packed_projection_weight(weight, d_state, dt_rank)
+            rows = torch.matmul(u, w.unsqueeze(1).transpose(-1, -2))
+            c0, dt0 = mod.packed_row_offsets(d_state)
+            return rows[..., dt0 : dt0 + dt_rank], rows[..., :d_state], rows[..., c0 : c0 + d_state]
     x_dbl = torch.matmul(u, weight.unsqueeze(1).transpose(-1, -2))
     return torch.split(x_dbl, [dt_rank, d_state, d_state], dim=-1)
 

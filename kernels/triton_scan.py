@@ -1443,8 +1443,8 @@ def _multi_route_forward(u, delta, A, B, C, D, z, delta_bias, routes, softplus, 
     same_16bit = len(dtypes) == 1 and B.dtype in (torch.bfloat16, torch.float16)
     A2, BC = _pack(A.float(), B, C, dt_low, B.dtype if same_16bit and not train else torch.float32)
     routes = routes.contiguous()
-    wdt = _pack_dt_proj(dt_proj) if dt_proj is not None else None
     acc = torch.zeros((batch, L, dim), device=u.device, dtype=torch.float32)
+    wdt = _pack_dt_proj(dt_proj) if dt_proj is not None else None
     hs, _, T = _launch_fwd(
         u, u if wdt is not None else delta, A2, BC, Df, dbf, None, acc.unsqueeze(0).expand(R, batch, L, dim),
         routes, softplus, True, False, train, batch, L, dim, R, wdt=wdt,

@@ -453,6 +453,7 @@ def check_projected(R, batch, dim, L, N, rank, dtype, device, tol, seed=0):
     dt_proj = (torch.randn(R, dim, rank, generator=g) * rank**-0.5).to(device)
     routes = _bidir_routes(L, device) if R == 2 else _random_routes(R, L, device, seed=seed)
     u = inputs["u"]
+    assert mod.can_fuse_dt_proj(batch, dim, R, L, N, rank)
     with torch.no_grad():
         dt_low, B, C = vk.project_scan_inputs(u, w_x, rank, N, backend="triton")
         # the views carry x_proj's values ([dt | B | C] in Mamba's row order)...
@@ -478,6 +479,20 @@ def check_projected(R, batch, dim, L, N, rank, dtype, device, tol, seed=0):
 def test_triton_projected_rows_small(kernel_kinds):
     dev = "cuda" if CUDA else "cpu"
     check_projected(2, 1, 5, 11, 4, 3, torch.float32, dev, TOL[torch.float32][0], seed=5)
+
+
+def test_projected_rows_only_where_the_scan_reads_them(seq_forward):
+    # a rank above DT_PROJ_MAX_RANK (delta formed by a matmul), or gradients: x_proj's plain [dt | B | C] output
+    mod = triton_mod()
+    dev = "cuda" if CUDA else "cpu"
+    N, u = 4, torch.randn(2, 1, 5, 8, device=dev)
+    for rank, grad in ((mod.DT_PROJ_MAX_RANK + 1, False), (3, True)):
+        w_x = torch.randn(2, rank + 2 * N, 8, device=dev, requires_grad=grad)
+        want = torch.split(torch.matmul(u, w_x.transpose(1, 2).unsqueeze(1)), [rank, N, N], dim=-1)
+        got = vk.project_scan_inputs(u, w_x, rank, N, backend="triton")
+        assert got[1].stride(-2) == rank + 2 * N  # rows of x_proj's own width: not packed
+        for g, w in zip(got, want):
+            torch.testing.assert_close(g, w)
 
 
 def test_triton_projected_rows_odd_states_bf16(seq_forward):
