@@ -451,21 +451,10 @@ def _scan_fwd_seq_kernel(
     h = tl.zeros((NP, BD), dtype=tl.float32)
     ld = (u_base, dt_base, z_base, BC_base, r_base, Wdt)
     st = (s_u_l, s_dt_l, s_z_l)
-    if DEPTH == 2:
-        b0 = _fwd_load(*ld, 0, L, *st, dmask, ROUTED, HAS_Z, NP, DTRP)
-        for t in range(0, L, 2):
-            b1 = _fwd_load(*ld, t + 1, L, *st, dmask, ROUTED, HAS_Z, NP, DTRP)
-            if PREFETCH > 0:
-                _fwd_prefetch(*ld, t + PREFETCH, L, *st, dmask, ROUTED, HAS_Z, NP, DTRP)
-                _fwd_prefetch(*ld, t + PREFETCH + 1, L, *st, dmask, ROUTED, HAS_Z, NP, DTRP)
-            if SAVE_STATES:
-                if t % T == 0:  # T is a multiple of DEPTH, so a saved step is always the first of an iteration
-                    _store_once(hs_base + (t // T) * NP * DIM + _state_offsets(rn, rd, DIM, PIN), h, dmask[None, :])
-            h = _fwd_step(h, A2, Dv, dbv, *b0, t < L, o_base, s_o_l, dmask,
-                          HAS_D, HAS_DB, HAS_Z, SOFTPLUS, ACCUM, FAST, out_dtype)  # fmt: skip
-            b0 = _fwd_load(*ld, t + 2, L, *st, dmask, ROUTED, HAS_Z, NP, DTRP)
-            h = _fwd_step(h, A2, Dv, dbv, *b1, t + 1 < L, o_base, s_o_l, dmask,
-                          HAS_D, HAS_DB, HAS_Z, SOFTPLUS, ACCUM, FAST, out_dtype)  # fmt: skip
+    if DEPTH == 2:  # the split forward's writing loop over the whole sequence (see _segment_scan)
+        h, _ = _segment_scan(h, A2, Dv, dbv, *ld, *st, 0, L, L, o_base, s_o_l, hs_base, rn, rd, dmask, DIM, HAS_D,
+                             HAS_DB, HAS_Z, SOFTPLUS, ROUTED, ACCUM, SAVE_STATES, T, BD, NP, FAST, PREFETCH, PIN,
+                             DTRP, True, out_dtype)  # fmt: skip
     else:  # DEPTH 4: three steps' inputs in flight while one computes
         b0 = _fwd_load(*ld, 0, L, *st, dmask, ROUTED, HAS_Z, NP, DTRP)
         b1 = _fwd_load(*ld, 1, L, *st, dmask, ROUTED, HAS_Z, NP, DTRP)
@@ -529,7 +518,7 @@ def _segment_scan(h, A2, Dv, dbv, u_base, dt_base, z_base, BC_base, r_base, Wdt,
     ld = (u_base, dt_base, z_base, BC_base, r_base, Wdt)
     st = (s_u_l, s_dt_l, s_z_l)
     b0 = _fwd_load(*ld, t0, L, *st, dmask, ROUTED, HAS_Z, NP, DTRP)
-    for t in range(t0, t1, 2):  # SEG is a multiple of T, T of 2: saved steps are the first of a pair
+    for t in range(t0, t1, 2):  # t0 (0 or a segment start) a multiple of T, T of 2: saved steps come first in a pair
         b1 = _fwd_load(*ld, t + 1, L, *st, dmask, ROUTED, HAS_Z, NP, DTRP)
         if PREFETCH > 0:
             _fwd_prefetch(*ld, t + PREFETCH, L, *st, dmask, ROUTED, HAS_Z, NP, DTRP)
