@@ -22,11 +22,11 @@ install: $(STAMP)  ## create .venv and install the project with its dev tools
 train: $(STAMP)  ## train the default (a small Vim on the embedded digits, CPU); extra Hydra args: make train ARGS="..."
 	$(PY) src/train.py $(ARGS)
 
-test: $(STAMP)  ## run the test suite (CPU; GPU tests skip without CUDA)
-	$(PY) -m pytest $(PYTEST_ARGS)
+test: $(STAMP)  ## run the test suite (CPU; GPU tests skip without CUDA), two worker processes
+	$(PY) -m pytest -n 2 $(PYTEST_ARGS)
 
 test-fast: $(STAMP)  ## the test suite without the slow learning checks
-	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+	$(PY) -m pytest -n 2 -m "not slow" $(PYTEST_ARGS)
 
 lint: $(STAMP)  ## ruff check
 	$(PY) -m ruff check src kernels tests benchmarks
