@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from functools import partial
 from typing import Any
 
@@ -11,6 +12,9 @@ from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
 from vision_mamba.tasks.optim import build_param_groups, warmup_schedule
+from vision_mamba.utils.pylogger import RankedLogger
+
+log = RankedLogger(__name__, rank_zero_only=True)
 
 
 class VisionTask(LightningModule):
@@ -19,6 +23,12 @@ class VisionTask(LightningModule):
     The learning rate is ``base_lr * global_batch / base_batch_size`` (the DeiT/Vim linear scaling rule) when
     ``base_batch_size`` is set. The schedule is stepped every optimiser step: linear warm-up over
     ``warmup_epochs`` (or ``warmup_steps``), then ``schedule.kind`` decay.
+
+    ``compile``: ``auto`` (on when training on CUDA), ``true`` or ``false``: the network runs through torch.compile
+    (its parameters keep their names), with CUDA graphs by default on CUDA (``compile_mode``, default
+    ``reduce-overhead`` on CUDA: the launches of a step replayed as one graph per input shape); the first step's
+    time, compilation included, is logged. Subclasses whose network sees varying shapes compile only the part that
+    does not (``modules_to_compile``).
     """
 
     def __init__(
@@ -30,7 +40,8 @@ class VisionTask(LightningModule):
         weight_decay: float = 0.05,
         layer_decay: float | None = None,
         schedule: dict[str, Any] | None = None,
-        compile: bool = False,
+        compile: bool | str = "auto",
+        compile_mode: str | None = None,
         optimized_metric: str | None = None,
         monitor: str | None = None,
         monitor_mode: str = "max",
@@ -42,9 +53,42 @@ class VisionTask(LightningModule):
         self.optimizer_factory = optimizer or partial(torch.optim.AdamW, betas=(0.9, 0.999), eps=1e-8)
         self.schedule_cfg = dict(schedule or {})
 
-    def setup(self, stage: str) -> None:
-        if self.hparams.get("compile") and stage == "fit":
-            self.net = torch.compile(self.net)
+    cuda_graphs = True  # the compiled modules see fixed shapes: CUDA graphs by default on CUDA
+
+    def compile_enabled(self) -> bool:
+        setting = str(self.hparams.get("compile", "auto")).lower()
+        if setting not in ("auto", "true", "false"):
+            raise ValueError(f"task.compile must be auto, true or false; got {self.hparams.compile!r}")
+        if setting == "auto":
+            return self.trainer is not None and self.trainer.strategy.root_device.type == "cuda"
+        return setting == "true"
+
+    def modules_to_compile(self) -> list[nn.Module]:
+        """The modules torch.compile compiles in place (the whole network by default)."""
+        return [self.net]
+
+    def configure_model(self) -> None:
+        if getattr(self, "_compiled", False) or not self.compile_enabled():
+            return
+        cuda = self.trainer.strategy.root_device.type == "cuda"
+        mode = self.hparams.get("compile_mode") or ("reduce-overhead" if cuda and self.cuda_graphs else None)
+        for module in self.modules_to_compile():
+            module.compile(mode=mode)
+        self._compiled = True
+        self._first_step_start = None
+        log.info(f"torch.compile ({mode or 'default'} mode): the first step includes the compilation")
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        if getattr(self, "_compiled", False) and self._first_step_start is None:
+            self._first_step_start = time.perf_counter()
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        start = getattr(self, "_first_step_start", None)
+        if start is not None and start > 0:
+            seconds = time.perf_counter() - start
+            self._first_step_start = -1.0  # reported once
+            log.info(f"first training step (torch.compile included): {seconds:.1f} s")
+            self.log("compile/first_step_s", seconds, rank_zero_only=True)
 
     def global_batch_size(self) -> int | None:
         dm = getattr(self.trainer, "datamodule", None)
@@ -83,9 +127,7 @@ class VisionTask(LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1}}
 
     def print_lr_summary(self, lr: float, total: int, warmup: int) -> None:
-        from vision_mamba.utils.pylogger import RankedLogger
-
-        RankedLogger(__name__).info(
+        log.info(
             f"optimiser: lr {lr:.3g} (base {self.hparams.base_lr:g} x batch {self.global_batch_size()} / "
             f"{self.hparams.base_batch_size}), {total} steps, {warmup} warm-up"
         )

@@ -70,6 +70,7 @@ class ClassificationTask(VisionTask):
         return loss
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        super().on_train_batch_end(outputs, batch, batch_idx)
         if self.ema is not None:
             self.ema.update(self.net, step=self.global_step)
 

@@ -94,6 +94,14 @@ class DetectionTask(VisionTask):
         self._results: list[dict] = []
         self._drawn: tuple[torch.Tensor, dict] | None = None
 
+    # torchvision's detection heads have data-dependent shapes (proposals, detections per image): only the backbone,
+    # which sees the fixed square batch of SquarePadTransform, is compiled, without CUDA graphs (its outputs feed
+    # the eager heads)
+    cuda_graphs = False
+
+    def modules_to_compile(self) -> list[nn.Module]:
+        return [self.net.backbone]
+
     def forward(self, images: list[torch.Tensor], targets: list[dict] | None = None):
         return self.net(images, targets)
 
