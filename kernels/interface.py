@@ -3,6 +3,8 @@ backend (docs/DESIGN.md, "Contract: vim_kernels")."""
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from .backends import require_triton
@@ -19,6 +21,11 @@ def _needs_grad(*tensors) -> bool:
 @torch.compiler.assume_constant_result
 def _default_config(batch: int, dim: int, routes: int, length: int, d_state: int, needs_grad: bool, device) -> str:
     # a constant to torch.compile: the launch choice is made once, while tracing, and kept in the graph
+    return _encoded_default(batch, dim, routes, length, d_state, needs_grad, torch.device(device))
+
+
+@functools.lru_cache(maxsize=256)
+def _encoded_default(batch, dim, routes, length, d_state, needs_grad, device) -> str:
     return select_config(batch, dim, routes, length, d_state, needs_grad, device).encode()
 
 
