@@ -1,4 +1,4 @@
-"""Every config composes, and the default ones instantiate into working objects."""
+"""Every config composes, passes the up-front checks and (the defaults) instantiates; each config mistake is named."""
 
 from __future__ import annotations
 
@@ -233,6 +233,7 @@ def test_the_metric_names_checked_are_the_ones_the_task_logs(overrides, tmp_path
     cfg = make_fast(compose_config("train.yaml", [*overrides, "model.scan_backend=torch"]), tmp_path, data_dir)
     with open_dict(cfg):
         cfg.trainer.limit_train_batches = cfg.trainer.limit_val_batches = cfg.trainer.limit_test_batches = 1
-        cfg.data.root = str(tmp_path / "data")
+        if "num_train" in cfg.data:  # the embedded shapes at a test size: written for this test alone
+            cfg.data.root = str(tmp_path / "shapes")
     metrics = run_train(cfg)
     assert set(metrics) == logged_metrics(cfg)
