@@ -10,6 +10,7 @@ import lightning as L
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from vision_mamba.callbacks import AtomicCheckpointIO
+from vision_mamba.config_checks import check_config
 from vision_mamba.utils import RankedLogger, UserError, extras, instantiate_loggers, log_hyperparameters, task_wrapper
 from vision_mamba.utils.banner import run_banner
 from vision_mamba.utils.utils import exit_on_user_error
@@ -44,6 +45,7 @@ def adopt_run_config(cfg: DictConfig) -> None:
 @task_wrapper
 def evaluate(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     """Test a checkpoint on the datamodule's test split (the validation split for ImageNet)."""
+    check_config(cfg)
     if cfg.get("seed") is not None:
         L.seed_everything(cfg.seed, workers=True)
     datamodule = hydra.utils.instantiate(cfg.data)

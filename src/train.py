@@ -14,6 +14,7 @@ from lightning.pytorch.loggers import Logger
 from omegaconf import DictConfig
 
 from vision_mamba.callbacks import AtomicCheckpointIO
+from vision_mamba.config_checks import check_config
 from vision_mamba.utils import (
     RankedLogger,
     UserError,
@@ -57,6 +58,7 @@ def build_trainer(cfg: DictConfig, callbacks: list[Callback], logger: list[Logge
 def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     """Fit the task, then test the best checkpoint. Returns the metrics and the objects it built."""
     check_ckpt_path(cfg.get("ckpt_path"), cfg.paths.get("output_dir"))
+    check_config(cfg)
     if cfg.get("seed") is not None:
         L.seed_everything(cfg.seed, workers=True)
 

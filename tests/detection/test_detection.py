@@ -303,7 +303,7 @@ def test_shapes_det_is_written_once_as_a_coco_layout(tmp_path) -> None:
 
 # ---- end to end through src/train.py -------------------------------------------------------------------------------
 def test_fit_and_test_through_train_py_on_a_coco_layout(coco_root, tmp_path, data_dir) -> None:
-    cfg = compose_config("train.yaml", ["task=detection", "data=coco", f"data.root={coco_root}", "data.num_classes=3",
+    cfg = compose_config("train.yaml", ["experiment=shapes_det", "data=coco", f"data.root={coco_root}", "data.num_classes=3",
                                         "data.img_size=64", "data.batch_size=2", "task.write_results=true",
                                         "model.embed_dim=32", "model.depth=2", *SMALL_HEADS])
     assert cfg.hydra.runtime.choices.recipe == "coco" and cfg.task.layer_decay == pytest.approx(0.837)
@@ -338,8 +338,8 @@ def test_fit_and_test_through_train_py_on_a_coco_layout(coco_root, tmp_path, dat
     assert "detector" not in ckpt["hyper_parameters"]
 
 
-def test_default_detection_config_is_the_embedded_shapes() -> None:
-    cfg = compose_config("train.yaml", ["task=detection"])
+def test_shapes_det_experiment_is_the_embedded_shapes() -> None:
+    cfg = compose_config("train.yaml", ["experiment=shapes_det"])
     choices = cfg.hydra.runtime.choices
     assert (choices.data, choices.model, choices.recipe) == ("shapes_det", "vim_det_shapes", "shapes_det")
     assert cfg.optimized_metric == "val/bbox_mAP_best" and cfg.task.monitor == "val/bbox_mAP"

@@ -4,8 +4,8 @@ dataset once, atomically."""
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -61,7 +61,9 @@ def write_dataset_once(root: str | Path, write: Callable[[Path], str]) -> Path:
     if (root / MARKER).exists():
         return root
     root.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}-", dir=root.parent))
+    # a unique sibling made by mkdir, which honours the umask (mkdtemp would make it 0700 whatever the umask)
+    tmp = root.parent / f".{root.name}-{os.getpid()}-{secrets.token_hex(4)}"
+    tmp.mkdir()
     try:
         summary = write(tmp)
         (tmp / MARKER).write_text(summary + "\n")
