@@ -106,6 +106,7 @@ MISTAKES = [
     ("digits", {"task__base_batch_size": 0}, ["task.base_batch_size=0"]),
     ("digits", {"model__scan": "zigzag"}, ["model.scan=zigzag is not a scan pattern", "bidirectional, cross"]),
     ("digits", {"model__scan_backend": "cuda"}, ["model.scan_backend=cuda", "auto, triton, torch, ref"]),
+    ("digits", {"task__compile": "yes"}, ["task.compile=yes must be auto, true or false"]),
     ("digits", {"model__drop_path_rate": 1.0}, ["model.drop_path_rate=1.0 must be in [0, 1)"]),
     ("digits", {"task__label_smoothing": -0.1}, ["task.label_smoothing=-0.1"]),
     ("imagenet", {"task__mixup__prob": 1.5}, ["task.mixup.prob=1.5 must be a probability in [0, 1]"]),

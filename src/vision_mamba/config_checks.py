@@ -192,6 +192,9 @@ def scan_choices(cfg: DictConfig) -> Iterator[str]:
         yield f"model.scan={scan} is not a scan pattern: use one of {', '.join(sorted(SCAN_PATTERNS))}"
     if backend is not None and backend not in BACKENDS:
         yield f"model.scan_backend={backend} is not a scan backend: use one of {', '.join(BACKENDS)}"
+    compile_setting = select(cfg, "task.compile")
+    if compile_setting is not None and str(compile_setting).lower() not in ("auto", "true", "false"):
+        yield f"task.compile={compile_setting} must be auto, true or false"
 
 
 def schedule_options(cfg: DictConfig) -> Iterator[str]:
