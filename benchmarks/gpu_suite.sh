@@ -2,6 +2,7 @@
 # The GPU suite: the GPU tests and the benchmarks, on any CUDA machine with the project installed (pip install -e .).
 #
 #   OUT=DIR bash benchmarks/gpu_suite.sh [STEP ...]        no STEP: every step below, in this order
+#   a backbones step may name its models: train224:vim_small, res1248:vim_tiny,deit_tiny_fused
 #
 #   tests     pytest -m gpu: every GPU-marked test
 #   mamba     build mamba_ssm's selective_scan_cuda (tools/mamba_ssm_cuda.py) from MAMBA_SDIST (default: the
@@ -46,9 +47,10 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | 
 card=$("$PY" -c "import sys; sys.path.insert(0, 'benchmarks'); import common; print(common.card_tag())")
 cp -n benchmarks/results/*_"$card".json "$OUT"/ 2>/dev/null
 
-declare -A status
+declare -A status; order=()
 run() {  # name, command...: output appended to the log, its tail shown
   local name=$1 t0=$SECONDS; shift
+  order+=("$name")
   echo "== $name: $*" >> "$LOG"
   "$@" > "$OUT/.step.log" 2>&1
   status[$name]="rc=$? $((SECONDS - t0))s"
@@ -60,7 +62,10 @@ train=(src/train.py data=digits data.img_size=224 data.num_workers=8 model=vim_s
   callbacks=default_with_throughput extras.print_config=false test=false paths.data_dir=/tmp/vim_data
   trainer.max_steps=120 trainer.max_epochs=1000 trainer.limit_val_batches=0 optimized_metric=null)
 for step in $steps; do
-  case $step in
+  name=${step%%:*}; models=()
+  [ "$name" != "$step" ] && IFS=, read -ra models <<< "${step#*:}"
+  pick() { if [ ${#models[@]} -gt 0 ]; then echo "${models[@]}"; else echo "$@"; fi; }  # the step's models
+  case $name in
     tests) run tests "$PY" -m pytest -q -m gpu tests -p no:cacheprovider ;;
     mamba) sdist=${MAMBA_SDIST:-$(ls .whl/mamba_ssm-*.tar.gz 2>/dev/null | head -n 1)}
       if [ -n "$sdist" ]; then
@@ -69,13 +74,13 @@ for step in $steps; do
     scan) if [ -n "$mamba_pid" ]; then wait "$mamba_pid"; status[mamba]="rc=$?"; mamba_pid=""; fi
       [ -f /tmp/mamba_build/CHECKED ] && mamba_args=(--mamba-build /tmp/mamba_build)
       run scan "$PY" benchmarks/scan.py --out "$OUT" "${mamba_args[@]}" ;;
-    train224) run train224 "${bb[@]}" --models vim_tiny vim_small --resolutions 224 --parts train lightning \
+    train224) run "$step" "${bb[@]}" --models $(pick vim_tiny vim_small) --resolutions 224 --parts train lightning \
                 --modes eager compiled compiled-cudagraphs ;;
-    infer224) run infer224 "${bb[@]}" --models vim_tiny vim_small deit_tiny_fused --resolutions 224 \
+    infer224) run "$step" "${bb[@]}" --models $(pick vim_tiny vim_small deit_tiny_fused) --resolutions 224 \
                 --parts infer latency --modes eager compiled compiled-cudagraphs ;;
-    res1248) run res1248 "${bb[@]}" --models vim_tiny deit_tiny_fused deit_tiny_plain --resolutions 1248 \
+    res1248) run "$step" "${bb[@]}" --models $(pick vim_tiny deit_tiny_fused deit_tiny_plain) --resolutions 1248 \
                --parts infer latency --modes eager compiled ;;
-    sweep) run sweep "${bb[@]}" --models vim_tiny deit_tiny_fused deit_tiny_plain --resolutions 224 512 736 1024 1248 \
+    sweep) run "$step" "${bb[@]}" --models $(pick vim_tiny deit_tiny_fused deit_tiny_plain) --resolutions 224 512 736 1024 1248 \
              --parts infer --modes eager compiled --iters 10 ;;
     profile) run profile_infer "$PY" benchmarks/profiler.py --model vim_tiny --img-size 1248 --batch 16 --memory --out "$OUT"
       run profile_train "$PY" benchmarks/profiler.py --model vim_small --img-size 224 --batch 128 --train --memory \
@@ -94,5 +99,6 @@ for step in $steps; do
   esac
 done
 [ -n "$mamba_pid" ] && wait "$mamba_pid"
+declare -A shown
 echo; echo "== GPU suite summary ($OUT)" | tee -a "$LOG"
-for k in "${!status[@]}"; do printf '%-14s %s\n' "$k" "${status[$k]}" | tee -a "$LOG"; done
+for k in "${order[@]}" "${!status[@]}"; do [ -n "${shown[$k]:-}" ] && continue; shown[$k]=1; printf '%-14s %s\n' "$k" "${status[$k]}" | tee -a "$LOG"; done
