@@ -225,9 +225,10 @@ def test_records_merge_only_on_the_same_code_and_machine(tmp_path, monkeypatch) 
 
 def test_quick_runs_never_write_into_the_results(monkeypatch, tmp_path) -> None:
     common = script("common")
-    monkeypatch.setattr(common.tempfile, "gettempdir", lambda: str(tmp_path))
+    monkeypatch.setattr(common.tempfile, "gettempdir", lambda: str(tmp_path / "tmp"))
+    monkeypatch.setattr(common, "RESULTS_DIR", tmp_path / "results")
     path = common.write_result("x", [{"k": 1}], quick=True)
-    assert path.parent == tmp_path / "vim_benchmarks_quick" and not (common.RESULTS_DIR / "x_cpu.json").exists()
+    assert path.parent == tmp_path / "tmp" / "vim_benchmarks_quick" and not (tmp_path / "results").exists()
 
 
 def test_a_stamped_copy_knows_its_commit_and_its_changes(tmp_path) -> None:
