@@ -14,8 +14,9 @@ with the parts asked for (--parts):
   train      images/s of the training step (forward, cross-entropy, backward, AdamW), peak memory, first-step seconds;
   latency    milliseconds of one synchronised batch-1 forward (the host's share included);
   lightning  the training step as `src/train.py` runs it: the ClassificationTask built from the composed Hydra
-             config (model=<vim model>, data=imagenet's recipe: Mixup/CutMix, label smoothing, EMA, metrics) in a
-             Lightning Trainer of trainer=gpu (bf16-mixed), fed synthetic batches already on the device;
+             config (model=<vim model>, data=imagenet's recipe: Mixup/CutMix, label smoothing, EMA, metrics), with
+             the config's seed, threads, callbacks (progress bar, checkpointing, non-finite check, LR monitor) and
+             CSV logger, in the Trainer of trainer=gpu (bf16-mixed), fed synthetic batches already on the device;
              `compiled` is task.compile=true; other compiled modes have no such row.
 Peak memory is the allocator's peak over one call, weights, optimiser state and inputs included. deit_tiny_fused
 and deit_tiny_plain differ in their attention (scaled_dot_product_attention or the explicit softmax), the
@@ -196,8 +197,9 @@ class SyntheticBatches(torch.utils.data.Dataset):
         return self.images, self.labels
 
 
-def lightning_config(key: str, img_size: int, batch: int, mode: str, device, args):
-    """The training config as `python src/train.py model=<key> data=imagenet trainer=gpu task.compile=...` composes it."""
+def lightning_config(key: str, img_size: int, batch: int, mode: str, device, output_dir: str, args):
+    """The training config as `python src/train.py model=<key> data=imagenet trainer=gpu task.compile=...` composes
+    it, with its outputs (checkpoints, CSV logs) in `output_dir`."""
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
@@ -205,7 +207,8 @@ def lightning_config(key: str, img_size: int, batch: int, mode: str, device, arg
         f"model={HYDRA_MODELS[key]}", "data=imagenet", "data.root=unused", f"data.img_size={img_size}",
         f"data.batch_size={batch}", f"trainer={'gpu' if device.type == 'cuda' else 'cpu'}",
         f"task.compile={'true' if mode == 'compiled' else 'false'}", f"model.scan_backend={args.scan_backend}",
-        *(f"++model.{k}={v}" for k, v in args.model_kwargs.items()), *args.hydra_overrides,
+        f"paths.output_dir={output_dir}", *(f"++model.{k}={v}" for k, v in args.model_kwargs.items()),
+        *args.hydra_overrides,
     ]  # fmt: skip
     GlobalHydra.instance().clear()
     with initialize_config_dir(version_base="1.3", config_dir=str(ROOT / "conf")):
@@ -213,24 +216,35 @@ def lightning_config(key: str, img_size: int, batch: int, mode: str, device, arg
 
 
 def bench_lightning(key: str, img_size: int, mode: str, batch: int, device, args) -> dict:
+    """train.py's fit on synthetic batches: its seed and threads, the task, callbacks, loggers and trainer of the
+    composed config (no validation), timed by StepTimer."""
     import hydra
+    from lightning import seed_everything
 
-    cfg = lightning_config(key, img_size, batch, mode, device, args)
-    task = hydra.utils.instantiate(cfg.task, net=hydra.utils.instantiate(cfg.model))
-    timer = StepTimer(args.warmup, args.iters)
+    from vision_mamba.utils import instantiate_callbacks, instantiate_loggers
+
     steps = args.warmup + args.iters + 1
-    images = torch.randn(batch, 3, img_size, img_size, device=device)
-    labels = torch.randint(0, cfg.data.num_classes, (batch,), device=device)
-    cudnn_benchmark = torch.backends.cudnn.benchmark  # the trainer sets it process-wide
+    timer = StepTimer(args.warmup, args.iters)
+    threads, cudnn_benchmark = torch.get_num_threads(), torch.backends.cudnn.benchmark  # process-wide: restored
     with tempfile.TemporaryDirectory() as tmp:
+        cfg = lightning_config(key, img_size, batch, mode, device, tmp, args)
+        seed_everything(cfg.seed, workers=True, verbose=False)
+        if cfg.extras.get("cpu_threads"):
+            torch.set_num_threads(int(cfg.extras.cpu_threads))
+        task = hydra.utils.instantiate(cfg.task, net=hydra.utils.instantiate(cfg.model))
+        images = torch.randn(batch, 3, img_size, img_size, device=device)
+        labels = torch.randint(0, cfg.data.num_classes, (batch,), device=device)
         trainer = hydra.utils.instantiate(
-            cfg.trainer, callbacks=[timer], logger=False, default_root_dir=tmp, max_steps=steps, max_epochs=1,
-            limit_val_batches=0, num_sanity_val_steps=0, enable_checkpointing=False, enable_progress_bar=False,
-            enable_model_summary=False,
+            cfg.trainer, callbacks=[*instantiate_callbacks(cfg.get("callbacks")), timer],
+            logger=instantiate_loggers(cfg.get("logger")), max_steps=steps, max_epochs=1, limit_val_batches=0,
+            num_sanity_val_steps=0,
         )  # fmt: skip
         loader = torch.utils.data.DataLoader(SyntheticBatches(images, labels, steps), batch_size=None)
-        trainer.fit(task, train_dataloaders=loader)
-    torch.backends.cudnn.benchmark = cudnn_benchmark
+        try:
+            trainer.fit(task, train_dataloaders=loader)
+        finally:
+            torch.set_num_threads(threads)
+            torch.backends.cudnn.benchmark = cudnn_benchmark
     return {"lightning_first_step_s": timer.first_step_s, "lightning_ms": timer.ms,
             "lightning_images_per_s": batch * 1e3 / timer.ms, "lightning_peak_mem_gib": timer.peak_mem_gib}  # fmt: skip
 
