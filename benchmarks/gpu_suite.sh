@@ -43,7 +43,7 @@ if ! "$PY" -c "import vision_mamba, vim_kernels" 2>/dev/null; then  # not instal
   export PYTHONPATH="$PWD/src:/tmp/vim_pkg${PYTHONPATH:+:$PYTHONPATH}"
 fi
 [ -e .git ] || [ -f COMMIT ] || echo "warning: no .git and no COMMIT file: records will not name their commit" | tee -a "$LOG"
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee -a "$LOG"
+command -v nvidia-smi > /dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee -a "$LOG"
 card=$("$PY" -c "import sys; sys.path.insert(0, 'benchmarks'); import common; print(common.card_tag())")
 cp -n benchmarks/results/*_"$card".json "$OUT"/ 2>/dev/null
 

@@ -251,6 +251,30 @@ def test_card_tags(name, tag) -> None:
     assert script("common").card_tag(name) == tag
 
 
+def test_gpu_suite_runs_each_step_with_its_models(tmp_path) -> None:
+    # a stand-in Python that logs the commands the suite gives it; the suite's own questions get fixed answers
+    calls = tmp_path / "calls"
+    stub = tmp_path / "python"
+    stub.write_text(f"""#!/usr/bin/env bash
+if [ "$1" = -c ]; then case "$2" in *card_tag*) echo h100;; *device_count*) echo 1;; esac; exit 0; fi
+echo "$*" >> {calls}
+""")
+    stub.chmod(0o755)
+    env = {**os.environ, "PYTHON": str(stub), "OUT": str(tmp_path / "out")}
+    env.pop("AB_BASE", None)
+    steps = ["train224:vim_small", "res1248:vim_tiny,deit_tiny_plain", "ab", "ddp", "nonsense"]
+    proc = subprocess.run(["bash", str(BENCH / "gpu_suite.sh"), *steps], env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    lines = calls.read_text().splitlines()
+    assert len(lines) == 2
+    assert lines[0].startswith("benchmarks/backbones.py") and "--models vim_small --resolutions 224" in lines[0]
+    assert "--models vim_tiny deit_tiny_plain --resolutions 1248" in lines[1]
+    summary = proc.stdout.split("GPU suite summary")[1]
+    for step, status in (("ab", "skipped: set AB_BASE"), ("ddp", "skipped: one GPU"), ("nonsense", "unknown step")):
+        assert any(line.startswith(step) and status in line for line in summary.splitlines()), summary
+    assert (tmp_path / "out" / "suite.log").is_file()
+
+
 def test_workers_needed_is_the_fewest_that_feed_the_training_rate() -> None:
     report = script("report")
     env = {"card": "H100"}
