@@ -17,6 +17,7 @@ over `--batches` batches after the first max(2, W) + 1, which include the worker
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import sys
 import tempfile
@@ -103,7 +104,8 @@ def measure(dm, workers: int, batches: int) -> dict:
         x, _ = next(it)
         images += x.shape[0]
     seconds = time.perf_counter() - t0
-    del it  # ends the workers
+    del it, loader  # ends the (persistent) workers before the next count starts its own
+    gc.collect()
     return {"first_batch_s": first_s, "images_per_s": images / seconds, "images": images}
 
 
