@@ -4,9 +4,9 @@
 #   OUT=DIR bash benchmarks/gpu_suite.sh [STEP ...]        no STEP: every step below, in this order
 #   a backbones step may name its models: train224:vim_small, res1248:vim_tiny,deit_tiny_fused
 #
-#   tests     pytest -m gpu: every GPU-marked test
 #   mamba     build mamba_ssm's selective_scan_cuda (tools/mamba_ssm_cuda.py) from MAMBA_SDIST (default: the
-#             mamba_ssm-*.tar.gz in .whl/) in the background, for `scan`; skipped where there is none
+#             mamba_ssm-*.tar.gz in .whl/) in the background while `tests` runs, for `scan`; skipped where none
+#   tests     pytest -m gpu: every GPU-marked test
 #   scan      scan.py: the scan table (ours, torch, and mamba_ssm's kernel where it imports or `mamba` built it)
 #   train224  backbones.py: vim_tiny, vim_small training at 224 px batch 128, eager / compiled / CUDA graphs, and
 #             the LightningModule's step (eager and task.compile=true)
@@ -31,7 +31,7 @@ OUT=${OUT:-/tmp/gpu_suite}
 PY=${PYTHON:-python3}
 mkdir -p "$OUT"
 LOG="$OUT/suite.log"
-steps=${*:-tests mamba scan train224 infer224 res1248 sweep profile ab loader ddp}
+steps=${*:-mamba tests scan train224 infer224 res1248 sweep profile ab loader ddp}
 export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 
 wheels=${WHEELS:-}
