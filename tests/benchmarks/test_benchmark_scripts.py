@@ -4,6 +4,7 @@ draws them."""
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import json
 import os
@@ -122,14 +123,24 @@ def test_scan_route_index_is_the_models_pattern() -> None:
     assert index[1].tolist() == index[0].flip(0).tolist() and index[2].tolist() != index[0].tolist()
 
 
-def test_scan_config_variant_is_passed_to_the_kernels(tmp_path) -> None:
+def test_scan_config_variant_is_passed_to_the_kernels(monkeypatch) -> None:
+    # --config chunk=8: both launch configs (forward-only and training) are select_config's with chunk replaced,
+    # and the scan call receives them as config=
+    import torch
     import vim_kernels
 
     if not hasattr(vim_kernels, "ScanConfig"):
         pytest.skip("these kernels choose their launch internally (no vim_kernels.ScanConfig)")
-    data = record(script("scan").main(["--device", "cpu", "--quick", "--backends", "triton", "--routes", "1",
-                                       "--shapes", "1,8,17", "--config", "chunk=8", "--out", str(tmp_path)]), "scan")  # fmt: skip
-    assert [r["config"]["fwd_bwd"]["chunk"] for r in data["rows"]] == [8]
+    scan = script("scan")
+    configs = scan.launch_configs(scan.parse_config("chunk=8"), 2, 128, 384, 197, torch.device("cuda"))
+    for phase, grad in (("fwd", False), ("fwd_bwd", True)):
+        default = vim_kernels.select_config(128, 384, 2, 197, scan.N_STATE, grad, torch.device("cuda"))
+        assert isinstance(configs[phase], vim_kernels.ScanConfig) and configs[phase].chunk == 8
+        assert configs[phase] == dataclasses.replace(default, chunk=8)
+    seen = {}
+    monkeypatch.setattr(vim_kernels, "multi_route_selective_scan", lambda **kw: seen.update(kw))
+    scan.ours("triton", 2, "routes", configs["fwd_bwd"])(u="u")
+    assert seen["config"] is configs["fwd_bwd"] and seen["routes"] == "routes" and seen["backend"] == "triton"
 
 
 def test_backbones_rows_per_model_resolution_and_mode(records) -> None:
