@@ -1,24 +1,23 @@
 """mamba_ssm's CUDA selective scan, compiled from its source distribution, for side-by-side timings with ours.
 
 mamba_ssm publishes sources only and its full build (every architecture, every op) takes the better part of an
-hour. The benchmarks need one thing from it, the `selective_scan_cuda` extension, so this compiles just that for
-the local GPU's architecture (a few minutes with 16 cores) from an unpacked sdist:
+hour. The scan benchmark needs one thing from it, the `selective_scan_cuda` extension, so this compiles just that
+for the local GPU's architecture (a few minutes with 16 cores) from an unpacked sdist (the source archive
+`mamba_ssm-<version>.tar.gz` of https://pypi.org/project/mamba-ssm/#files):
 
-    python benchmarks/mamba_ssm_cuda.py --src mamba_ssm-2.3.2.post1 --build /tmp/mamba_build   # build + check
+    python tools/mamba_ssm_cuda.py --src mamba_ssm-2.3.2.post1.tar.gz --build /tmp/mamba_build   # build + check
 
-and `load(build_dir)` imports it afterwards (benchmarks/scan.py and backbones.py take `--mamba-build DIR`).
-`selective_scan_fn` drives the extension as mamba_ssm's own interface does (same argument order, same saved
-tensors, B/C given as one group); `multi_route_scan` puts it in place of ours inside the Vim mixer, one call per
-route, with the copies its layout needs: the kernel reads (batch, dim, L) with L contiguous (Vim's flips), ours
-reads the channel-last activations the projections produce.
+`scan_fn(build_dir)` then returns mamba_ssm's selective scan: the installed package's when `mamba_ssm` imports,
+else the checked build in `build_dir` (benchmarks/scan.py takes `--mamba-build DIR`). `selective_scan_fn` drives
+the extension as mamba_ssm's own interface does (same argument order, same saved tensors, B/C given as one group).
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import sys
+import tarfile
 import time
 from pathlib import Path
 
@@ -102,43 +101,16 @@ def selective_scan_fn(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_
     return _SelectiveScanCuda.apply(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
 
 
-def multi_route_scan(u, delta, A, B, C, D, z, delta_bias, routes, backend=None, delta_proj=None, out=None):
-    """Drop-in for vision_mamba.models.scan.multi_route_scan on mamba_ssm's kernel: route r's tokens gathered
-    into (batch, dim, L) order, scanned with silu(z) gating, scattered back, the routes averaged. delta_proj (the
-    mixer's inference path): delta is formed by a matmul first, as the official code does; out: the result is
-    copied into it."""
-    if delta_proj is not None:
-        delta = torch.matmul(delta, delta_proj.to(delta.dtype).transpose(-1, -2).unsqueeze(1))
-    if out is not None:
-        return out.copy_(multi_route_scan(u, delta, A, B, C, D, z, delta_bias, routes))
-    R = u.shape[0]
-    inverse = torch.argsort(routes, dim=1)
-    out = 0
-    for r in range(R):
-        idx = routes[r]
-
-        def seq(t, idx=idx):  # (batch, L, c) token order -> (batch, c, L) route order, L contiguous
-            return t[:, idx].transpose(1, 2).contiguous()
-
-        y = selective_scan_fn(
-            seq(u[r]), seq(delta[r]), A[r], seq(B[r]), seq(C[r]), D[r], seq(z) if z is not None else None,
-            delta_bias[r], delta_softplus=True,
-        )  # fmt: skip
-        out = out + y.transpose(1, 2)[:, inverse[r]]
-    return out / R
-
-
-@contextlib.contextmanager
-def in_place_of_ours():
-    """Within the block, every Vim mixer's fused path scans with mamba_ssm's kernel instead of vim_kernels'."""
-    from vision_mamba.models import scan
-
-    saved = scan.multi_route_scan
-    scan.multi_route_scan = multi_route_scan
+def scan_fn(build_dir: str | Path | None = None, wait_s: float = 0.0):
+    """mamba_ssm's `selective_scan_fn(u, delta, A, B, C, D, z, delta_bias, delta_softplus)`: from an installed
+    mamba_ssm, else from the checked build in `build_dir`; None when neither is there."""
     try:
-        yield
-    finally:
-        scan.multi_route_scan = saved
+        from mamba_ssm.ops.selective_scan_interface import selective_scan_fn as installed
+
+        return installed
+    except Exception:  # noqa: BLE001 - not installed, or an install that does not import: none
+        pass
+    return selective_scan_fn if load(build_dir, wait_s) is not None else None
 
 
 def _check() -> float:
@@ -163,10 +135,15 @@ def _check() -> float:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--src", required=True, help="unpacked mamba_ssm sdist (has csrc/selective_scan)")
+    p.add_argument("--src", required=True, help="the mamba_ssm sdist: its .tar.gz or the folder it unpacks to")
     p.add_argument("--build", required=True, help="build folder (reused by later calls)")
     args = p.parse_args()
-    build(args.src, args.build, verbose=True)
+    src = Path(args.src)
+    if src.is_file():  # the archive: unpacked into the build folder
+        with tarfile.open(src) as archive:
+            archive.extractall(Path(args.build) / "src", filter="data")
+        src = next((Path(args.build) / "src").glob("mamba_ssm-*"))
+    build(src, args.build, verbose=True)
     err = _check()
     print(f"mamba_ssm selective_scan_cuda built in {args.build}; max rel. error vs vim_kernels' reference {err:.2e}")
     if not err < 1e-3:
