@@ -73,9 +73,9 @@ class ScanConfig:
 
 @functools.lru_cache(maxsize=16)
 def _multiprocessors(device: torch.device) -> int:
-    if device.type == "cuda":
+    if device.type == "cuda" and torch.cuda.is_available():
         return torch.cuda.get_device_properties(device).multi_processor_count
-    return 132  # the interpreter (CPU tensors) takes the choices of an H100 or H200
+    return 132  # the interpreter (CPU tensors), or a plan made without the GPU: the choices of an H100 or H200
 
 
 def next_pow2(n: int) -> int:
