@@ -9,7 +9,8 @@ import hydra
 import lightning as L
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from vision_mamba.checkpointing import SafeCheckpointIO, check_checkpoint_file
+from vision_mamba.checkpointing import check_checkpoint_file
+from vision_mamba.trainer import build_trainer
 from vision_mamba.utils import RankedLogger, UserError, extras, instantiate_loggers, log_hyperparameters, task_wrapper
 from vision_mamba.utils.banner import run_banner
 from vision_mamba.utils.utils import exit_on_user_error
@@ -50,7 +51,7 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     net = hydra.utils.instantiate(cfg.model)
     model = hydra.utils.instantiate(cfg.task, net=net)
     logger = instantiate_loggers(cfg.get("logger"))
-    trainer = hydra.utils.instantiate(cfg.trainer, logger=logger, plugins=[SafeCheckpointIO()])
+    trainer = build_trainer(cfg, logger=logger)
     object_dict = {"cfg": cfg, "datamodule": datamodule, "model": model, "logger": logger, "trainer": trainer}
     if logger:
         log_hyperparameters(object_dict)

@@ -9,11 +9,11 @@ from typing import Any
 import hydra
 import lightning as L
 import torch
-from lightning import Callback, LightningDataModule, LightningModule, Trainer
-from lightning.pytorch.loggers import Logger
+from lightning import LightningDataModule, LightningModule, Trainer
 from omegaconf import DictConfig
 
-from vision_mamba.checkpointing import SafeCheckpointIO, check_checkpoint_file
+from vision_mamba.checkpointing import check_checkpoint_file
+from vision_mamba.trainer import build_trainer
 from vision_mamba.utils import (
     RankedLogger,
     UserError,
@@ -51,12 +51,6 @@ def check_ckpt_path(ckpt_path: str | None, output_dir: str | None = None) -> Non
             )
         for path in last:
             check_checkpoint_file(path)
-
-
-def build_trainer(cfg: DictConfig, callbacks: list[Callback], logger: list[Logger], **extra: Any) -> Trainer:
-    # trainer configs may add plugins (e.g. trainer=slurm's SLURMEnvironment); the safe checkpoint IO is always on
-    plugins = [SafeCheckpointIO(), *(hydra.utils.instantiate(p) for p in cfg.trainer.get("plugins") or [])]
-    return hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=logger, plugins=plugins, **extra)
 
 
 @task_wrapper

@@ -177,6 +177,40 @@ def test_scale_configs_compose(monkeypatch) -> None:
         assert compose_config("train.yaml", ["hparams_search=digits_optuna"]).hydra.sweeper.direction == "maximize"
 
 
+def test_eval_builds_its_trainer_like_train(tmp_path, data_dir, monkeypatch) -> None:
+    """eval.py's trainer gets the plugins of the trainer config (trainer=slurm's SLURMEnvironment, here with SIGUSR2
+    so that Lightning's own SLURM detection cannot stand in for it) and the safe checkpoint IO, like train.py's
+    (both through vision_mamba.trainer.build_trainer)."""
+    import lightning
+    from helpers import as_job, compose_config, make_fast
+    from lightning.pytorch.plugins.environments import SLURMEnvironment
+
+    from eval import evaluate
+    from vision_mamba.checkpointing import SafeCheckpointIO
+
+    for key, value in {"SLURM_NTASKS_PER_NODE": "1", "SLURM_JOB_NUM_NODES": "1", "SLURM_NTASKS": "1",
+                       "SLURM_JOB_ID": "77", "SLURM_JOB_NAME": "vim", "SLURM_PROCID": "0", "SLURM_LOCALID": "0",
+                       "SLURM_NODEID": "0"}.items():
+        monkeypatch.setenv(key, value)
+
+    class Built(Exception):
+        pass
+
+    def capture(trainer, *args, **kwargs):
+        raise Built(trainer)
+
+    monkeypatch.setattr(lightning.Trainer, "test", capture)
+    overrides = ["trainer=slurm", "trainer.plugins.0.requeue_signal.value=12", "ckpt_path=x.ckpt", "data.img_size=16"]
+    cfg = make_fast(compose_config("eval.yaml", overrides), tmp_path, data_dir)
+    with pytest.raises(Built) as built:
+        evaluate(as_job(cfg))
+    trainer = built.value.args[0]
+    environment = trainer._accelerator_connector.cluster_environment
+    assert isinstance(environment, SLURMEnvironment) and environment.auto_requeue
+    assert environment.requeue_signal == signal.SIGUSR2
+    assert isinstance(trainer.strategy.checkpoint_io, SafeCheckpointIO)
+
+
 def test_multirun_summary_callback_writes_rows(tmp_path) -> None:
     from types import SimpleNamespace
 
