@@ -85,7 +85,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     train_metrics = dict(trainer.callback_metrics)
 
     if cfg.get("test"):
-        ckpt_path = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+        ckpt_path = saved_checkpoint(trainer, "best_model_path")
         if not ckpt_path:
             log.warning("Best ckpt not found! Using current weights for testing...")
             ckpt_path = None
@@ -111,13 +111,18 @@ def end_distributed(trainer: Trainer) -> None:
             os.environ.pop(key, None)
 
 
+def saved_checkpoint(trainer: Trainer, attribute: str) -> str:
+    """The best (``best_model_path``) or last (``last_model_path``) checkpoint any checkpoint callback saved."""
+    return next((path for c in trainer.checkpoint_callbacks if (path := getattr(c, attribute, ""))), "")
+
+
 def summarize(cfg: DictConfig, trainer: Trainer, metrics: dict[str, Any]) -> None:
     """Tell the user where everything went and the headline numbers."""
-    ckpt = trainer.checkpoint_callback
     shown = {k: float(v) for k, v in metrics.items() if k.startswith(("val/", "test/")) and getattr(v, "numel", lambda: 1)() == 1}
     log.info("Run finished. Output folder: " + str(cfg.paths.output_dir))
-    if ckpt is not None:
-        log.info(f"  checkpoints: best {ckpt.best_model_path or '-'} | last {ckpt.last_model_path or '-'}")
+    if trainer.checkpoint_callbacks:
+        best, last = saved_checkpoint(trainer, "best_model_path"), saved_checkpoint(trainer, "last_model_path")
+        log.info(f"  checkpoints: best {best or '-'} | last {last or '-'}")
     for lg in trainer.loggers:
         log.info(f"  {type(lg).__name__}: {lg.log_dir or lg.save_dir}")
     if shown:

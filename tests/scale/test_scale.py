@@ -28,8 +28,9 @@ FAST = [
     "trainer.deterministic=true", "data.num_workers=0", "data.persistent_workers=false", "data.img_size=16",
     "data.batch_size=32", "data.train_transform.scale=[1,1]", "data.train_transform.ratio=[1,1]",
     "model.scan_backend=torch", "extras.print_config=false", "test=false", "callbacks.model_summary=null",
-    "callbacks.rich_progress_bar=null", "callbacks.model_checkpoint.every_n_train_steps=1",
+    "callbacks.rich_progress_bar=null",
 ]
+# 2 epochs of 4 steps: global steps 1-4 are epoch 0, 5-8 epoch 1
 
 
 def env() -> dict[str, str]:
@@ -128,7 +129,7 @@ def test_non_finite_loss_stops_with_a_clear_message() -> None:
 
     trainer = SimpleNamespace(
         world_size=1, global_step=41, current_epoch=2, fit_loop=SimpleNamespace(epoch_loop=SimpleNamespace(batch_idx=6)),
-        checkpoint_callback=SimpleNamespace(last_model_path="/runs/x/checkpoints/last.ckpt"),
+        checkpoint_callbacks=[SimpleNamespace(best_model_path="", last_model_path="/runs/x/checkpoints/last.ckpt")],
     )
     cb = StopOnNonFiniteLoss()
     cb.on_before_backward(trainer, None, torch.tensor(2.3))  # finite: nothing happens
@@ -259,33 +260,102 @@ def test_ddp_two_cpu_processes_match_one_process(tmp_path, data_dir, reference_r
     assert ddp["val/loss"] == pytest.approx(single["val/loss"], abs=2e-3)
 
 
-@pytest.mark.slow
-def test_sigkill_mid_epoch_then_resume_ends_like_the_uninterrupted_run(tmp_path, data_dir, reference_run) -> None:
-    run = tmp_path / "run"
-    cmd = [*TRAIN, f"paths.log_dir={tmp_path}", f"paths.data_dir={data_dir}", *FAST, "logger=csv", f"hydra.run.dir={run}"]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    last = run / "checkpoints" / "last.ckpt"
-    deadline = time.time() + 240
-    try:
-        while time.time() < deadline:  # wait until a checkpoint from the middle of epoch 1 exists (step 5 of 8)
-            if last.is_file() and load_checkpoint(last)["global_step"] >= 5:
-                break
-            time.sleep(0.2)
-    finally:
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
-    ckpt = load_checkpoint(last)
-    loader_state = ckpt["loops"]["fit_loop"]["state_dict"]["combined_loader"][0]
-    assert 5 <= ckpt["global_step"] < 8 and loader_state["epoch"] == 1 and 0 < loader_state["consumed"] < 4, (
-        "the kill should land mid-epoch", ckpt["global_step"], loader_state)
+def start(tmp: Path, data_dir: Path, run: Path, *overrides: str) -> subprocess.Popen:
+    cmd = [*TRAIN, f"paths.log_dir={tmp}", f"paths.data_dir={data_dir}", *FAST, f"hydra.run.dir={run}", *overrides]
+    return subprocess.Popen(cmd, cwd=ROOT, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
-    train(tmp_path, data_dir, "logger=csv", f"hydra.run.dir={run}", "ckpt_path=last")
+
+def wait_for(proc: subprocess.Popen, condition, what: str, timeout: float = 240) -> None:
+    deadline = time.time() + timeout
+    while not condition():
+        if proc.poll() is not None or time.time() > deadline:
+            proc.kill()
+            raise AssertionError(f"never saw {what} (exit {proc.wait()}): {proc.stderr.read()[-3000:]}")
+        time.sleep(0.05)
+
+
+def steps_logged(run: Path) -> int:
+    """Training steps the newest CSV log of the run holds (train/loss_step is logged at every step)."""
+    logs = sorted(run.glob("csv/version_*/metrics.csv"), key=lambda p: int(p.parent.name.split("_")[1]))
+    if not logs:
+        return 0
+    rows = [row for row in csv.DictReader(open(logs[-1])) if row.get("train/loss_step")]
+    return max((int(row["step"]) + 1 for row in rows), default=0)
+
+
+def first_step_logged(run: Path, version: int) -> int:
+    rows = [row for row in csv.DictReader(open(run / "csv" / f"version_{version}" / "metrics.csv")) if row.get("train/loss_step")]
+    return min(int(row["step"]) for row in rows) + 1
+
+
+def assert_ends_like(run: Path, reference_run: Path) -> None:
+    last = run / "checkpoints" / "last.ckpt"
     resumed, uninterrupted = weights(last), weights(reference_run / "checkpoints" / "last.ckpt")
     assert load_checkpoint(last)["global_step"] == 8
     for name, tensor in uninterrupted.items():
         torch.testing.assert_close(resumed[name], tensor, rtol=0, atol=0, msg=f"{name} differs after resume")
     assert final_val(run)["val/acc1"] == final_val(reference_run)["val/acc1"]
     assert final_val(run)["val/loss"] == final_val(reference_run)["val/loss"]
+
+
+@pytest.mark.slow
+def test_sigkill_mid_epoch_then_resume_ends_like_the_uninterrupted_run(tmp_path, data_dir, reference_run) -> None:
+    """last.ckpt every 3 steps and at epoch ends; killed -9 after step 6 (mid-epoch 1), the resume starts at step 7."""
+    run = tmp_path / "run"
+    last = run / "checkpoints" / "last.ckpt"
+    proc = start(tmp_path, data_dir, run, "logger=csv", "callbacks.last_checkpoint.every_n_train_steps=3")
+    wait_for(proc, lambda: last.is_file() and load_checkpoint(last)["global_step"] >= 6, "last.ckpt at step 6")
+    proc.kill()
+    proc.wait()
+    ckpt = load_checkpoint(last)
+    loader_state = ckpt["loops"]["fit_loop"]["state_dict"]["combined_loader"][0]
+    assert ckpt["global_step"] == 6 and loader_state == {"epoch": 1, "consumed": 2, "exhausted": False}, (
+        "the kill should land mid-epoch 1, after the step-6 interval save", ckpt["global_step"], loader_state)
+
+    train(tmp_path, data_dir, "logger=csv", f"hydra.run.dir={run}", "ckpt_path=last")
+    assert first_step_logged(run, version=1) == 7, "the resumed run must not redo steps the checkpoint holds"
+    assert_ends_like(run, reference_run)
+
+
+@pytest.mark.slow
+def test_sigterm_mid_epoch_saves_the_last_step_exits_143_and_resumes_exactly(tmp_path, data_dir, reference_run) -> None:
+    """No interval saves: last.ckpt mid-epoch can only come from SIGTERM. The step running when it arrives finishes
+    and is in the checkpoint (the CSV log, flushed every step, says how many steps ran)."""
+    run = tmp_path / "run"
+    proc = start(tmp_path, data_dir, run, "logger=csv", "+logger.csv.flush_logs_every_n_steps=1",
+                 "callbacks.last_checkpoint.every_n_train_steps=null", "callbacks.last_checkpoint.train_time_interval=null")
+    wait_for(proc, lambda: steps_logged(run) >= 6, "step 6 in the CSV log")
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=120) == 143, proc.stderr.read()[-3000:]
+    ckpt = load_checkpoint(run / "checkpoints" / "last.ckpt")
+    assert ckpt["global_step"] == steps_logged(run), "the checkpoint must hold every step that ran"
+    assert 4 < ckpt["global_step"] < 8, f"SIGTERM should land mid-epoch 1, got step {ckpt['global_step']}"
+    assert ckpt["loops"]["fit_loop"]["state_dict"]["combined_loader"][0]["consumed"] == ckpt["global_step"] - 4
+
+    train(tmp_path, data_dir, "logger=csv", f"hydra.run.dir={run}", "ckpt_path=last")
+    assert first_step_logged(run, version=1) == ckpt["global_step"] + 1
+    assert_ends_like(run, reference_run)
+
+
+def test_last_ckpt_is_rewritten_at_every_epoch_end_without_a_top_k_save(tmp_path, data_dir, monkeypatch) -> None:
+    """With no top-k checkpoint ever saved (save_top_k=0; likewise a metric that stopped improving), last.ckpt still
+    holds the end of the previous epoch when the next one starts."""
+    from helpers import compose_config, make_fast, run_train
+    from omegaconf import open_dict
+
+    from vision_mamba.callbacks.resume import ExactResume
+
+    seen = []
+    monkeypatch.setattr(ExactResume, "on_train_epoch_start", lambda self, trainer, module: seen.append(
+        load_checkpoint(trainer.default_root_dir + "/checkpoints/last.ckpt")["global_step"] if trainer.current_epoch else 0))
+    cfg = make_fast(compose_config("train.yaml", ["data.img_size=16", "model.scan_backend=torch",
+                                                  "callbacks.model_checkpoint.save_top_k=0"]), tmp_path, data_dir)
+    with open_dict(cfg):
+        cfg.trainer.max_epochs = 3
+        cfg.test = False
+    run_train(cfg)
+    assert seen == [0, 2, 4] and load_checkpoint(tmp_path / "checkpoints" / "last.ckpt")["global_step"] == 6
+    assert not list((tmp_path / "checkpoints").glob("epoch_*.ckpt"))
 
 
 def test_resume_from_a_folder_without_checkpoints_is_a_user_error(tmp_path) -> None:
