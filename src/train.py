@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +13,7 @@ import torch
 from lightning import LightningDataModule, LightningModule, Trainer
 from omegaconf import DictConfig
 
-from vision_mamba.checkpointing import check_checkpoint_file
+from vision_mamba.checkpointing import LIGHTNING_CKPT_KEYWORDS, check_checkpoint_file, resume_argv
 from vision_mamba.trainer import build_trainer
 from vision_mamba.utils import (
     RankedLogger,
@@ -30,7 +31,7 @@ from vision_mamba.utils.utils import exit_on_user_error
 
 log = RankedLogger(__name__, rank_zero_only=True)
 
-LIGHTNING_CKPT_KEYWORDS = ("last", "best", "hpc", "registry")
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "conf"
 
 
 def check_ckpt_path(ckpt_path: str | None, output_dir: str | None = None) -> None:
@@ -57,6 +58,8 @@ def check_ckpt_path(ckpt_path: str | None, output_dir: str | None = None) -> Non
 def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     """Fit the task, then test the best checkpoint. Returns the metrics and the objects it built."""
     check_ckpt_path(cfg.get("ckpt_path"), cfg.paths.get("output_dir"))
+    if cfg.get("ckpt_path"):
+        log_resume(cfg.ckpt_path)
     if cfg.get("seed") is not None:
         L.seed_everything(cfg.seed, workers=True)
 
@@ -111,6 +114,14 @@ def end_distributed(trainer: Trainer) -> None:
             os.environ.pop(key, None)
 
 
+def log_resume(ckpt_path: str) -> None:
+    from hydra.core.hydra_config import HydraConfig
+
+    if HydraConfig.initialized():
+        overrides = " ".join(HydraConfig.get().overrides.task)
+        log.info(f"Resuming from ckpt_path={ckpt_path} with the overrides (the run's recorded ones first): {overrides}")
+
+
 def saved_checkpoint(trainer: Trainer, attribute: str) -> str:
     """The best (``best_model_path``) or last (``last_model_path``) checkpoint any checkpoint callback saved."""
     return next((path for c in trainer.checkpoint_callbacks if (path := getattr(c, attribute, ""))), "")
@@ -140,4 +151,5 @@ def main(cfg: DictConfig) -> float | None:
 
 if __name__ == "__main__":
     pin_run_id_from_launcher()  # torchrun/srun processes must agree on one run folder before Hydra names it
+    sys.argv = resume_argv(sys.argv, CONFIG_DIR)  # a resume composes the run's own config (vision_mamba.checkpointing)
     main()

@@ -337,6 +337,38 @@ def test_sigterm_mid_epoch_saves_the_last_step_exits_143_and_resumes_exactly(tmp
     assert_ends_like(run, reference_run)
 
 
+@pytest.mark.slow
+def test_sigint_then_resume_with_only_the_run_folder_keeps_the_run(tmp_path, data_dir) -> None:
+    """A run with non-default sizes, stopped by Ctrl+C (exit 130, last step saved), resumes from `hydra.run.dir=<run>
+    ckpt_path=last` alone: the run's recorded config is composed again (the default one would not fit the
+    checkpoint), its .hydra record stays byte-identical, and eval.py on the run reports the final validation."""
+    run = tmp_path / "run"
+    proc = start(tmp_path, data_dir, run, "logger=csv", "+logger.csv.flush_logs_every_n_steps=1", "+model.depth=2",
+                 "task.base_lr=4e-3")
+    wait_for(proc, lambda: steps_logged(run) >= 6, "step 6 in the CSV log")
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=120) == 130, proc.stderr.read()[-3000:]
+    assert load_checkpoint(run / "checkpoints" / "last.ckpt")["global_step"] == steps_logged(run)
+    record = {p.name: p.read_bytes() for p in (run / ".hydra").iterdir()}
+
+    resumed = subprocess.run([*TRAIN, f"hydra.run.dir={run}", "ckpt_path=last"], cwd=ROOT, env=env(),
+                             capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    ckpt = load_checkpoint(run / "checkpoints" / "last.ckpt")
+    assert ckpt["global_step"] == 8 and ckpt["hyper_parameters"]["base_lr"] == 4e-3
+    assert {p.name: p.read_bytes() for p in (run / ".hydra").iterdir() if p.is_file()} == record
+    assert len(list((run / ".hydra").glob("resume_*/overrides.yaml"))) == 1
+
+    evaluation = subprocess.run(
+        [sys.executable, str(ROOT / "src" / "eval.py"), f"ckpt_path={run}/checkpoints/last.ckpt", "logger=csv",
+         f"paths.data_dir={data_dir}", f"hydra.run.dir={tmp_path}/eval", "trainer.accelerator=cpu",
+         "data.num_workers=0", "data.persistent_workers=false", "extras.print_config=false"],
+        cwd=tmp_path, env=env(), capture_output=True, text=True, timeout=300)
+    assert evaluation.returncode == 0, evaluation.stderr[-3000:]
+    tested = next(csv.DictReader(open(tmp_path / "eval" / "csv" / "version_0" / "metrics.csv")))
+    assert float(tested["test/acc1"]) == final_val(run)["val/acc1"]
+
+
 def test_last_ckpt_is_rewritten_at_every_epoch_end_without_a_top_k_save(tmp_path, data_dir, monkeypatch) -> None:
     """With no top-k checkpoint ever saved (save_top_k=0; likewise a metric that stopped improving), last.ckpt still
     holds the end of the previous epoch when the next one starts."""
@@ -366,7 +398,7 @@ def test_resume_from_a_folder_without_checkpoints_is_a_user_error(tmp_path) -> N
     with pytest.raises(UserError, match="hydra.run.dir=<the run folder> ckpt_path=last"):
         check_ckpt_path("last", str(tmp_path))
     (tmp_path / "checkpoints").mkdir()
-    (tmp_path / "checkpoints" / "last.ckpt").write_bytes(b"")
+    torch.save({"global_step": 0}, tmp_path / "checkpoints" / "last.ckpt")
     check_ckpt_path("last", str(tmp_path))
 
 
