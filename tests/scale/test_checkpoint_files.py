@@ -120,6 +120,27 @@ def test_hostile_checkpoint_never_runs(entry: str, name: str, hostile, tmp_path,
         assert "Instantiating datamodule" not in proc.stdout + proc.stderr, "refused only after building the run"
 
 
+@pytest.mark.parametrize("kind", ["text", "truncated", "other variant"])
+@pytest.mark.parametrize("script", ["train.py", "eval.py"])
+def test_a_checkpoint_that_does_not_fit_is_one_line(script: str, kind: str, run_checkpoint, tmp_path, data_dir) -> None:
+    path = tmp_path / "given.ckpt"
+    args = [f"ckpt_path={path}"]
+    if kind == "text":
+        path.write_text("not a checkpoint\n")
+        needles = ["given.ckpt: not a readable torch checkpoint: a text file (it begins 'not a checkpoint')"]
+    elif kind == "truncated":
+        data = run_checkpoint.read_bytes()
+        path.write_bytes(data[: len(data) // 2])
+        needles = ["given.ckpt: not a readable torch checkpoint: truncated or damaged"]
+    else:  # the checkpoint is a depth-2 vim_digits with embed 64; this run builds depth 4 with embed 32
+        shutil.copy(run_checkpoint, path)
+        args.append("+model.embed_dim=32")
+        needles = ["given.ckpt: checkpoint of a vim_digits (embed 64, depth 2, 10 classes), this run builds a "
+                   "vim_digits (embed 32, depth 4, 10 classes):", "tensors differ in shape, e.g. net.", "missing"]
+    line = assert_one_error_line(run_script(script, args, tmp_path, data_dir), *needles)
+    assert len(line) < 1000, "one readable line, not a list of every tensor"
+
+
 # --- the loader itself -------------------------------------------------------------------------------------------
 
 
