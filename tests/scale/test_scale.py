@@ -369,6 +369,38 @@ def test_sigint_then_resume_with_only_the_run_folder_keeps_the_run(tmp_path, dat
     assert float(tested["test/acc1"]) == final_val(run)["val/acc1"]
 
 
+def test_slurm_requeue_keeps_working_and_resumes_from_the_step_boundary(tmp_path, data_dir, monkeypatch) -> None:
+    """trainer=slurm's auto-requeue, in-process: SIGUSR1 makes Lightning save hpc_ckpt_1 and run `scontrol requeue
+    <job>`; the SIGTERM that follows (SLURM ending the job) saves last.ckpt and, for the requeued job, hpc_ckpt_2 at
+    the step boundary, and the process exits with 143."""
+    from helpers import compose_config, make_fast, run_train
+    from omegaconf import open_dict
+
+    from vision_mamba.callbacks.resume import ExactResume
+
+    (tmp_path / "bin").mkdir()
+    scontrol = tmp_path / "bin" / "scontrol"
+    scontrol.write_text(f"#!/bin/sh\necho \"$@\" >> {tmp_path}/scontrol.log\n")
+    scontrol.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}:{os.environ['PATH']}")
+    for key, value in {"SLURM_JOB_ID": "77", "SLURM_NTASKS": "1", "SLURM_JOB_NAME": "vim", "SLURM_PROCID": "0",
+                       "SLURM_LOCALID": "0", "SLURM_NODEID": "0"}.items():
+        monkeypatch.setenv(key, value)
+    signals = {1: signal.SIGUSR1, 3: signal.SIGTERM}  # after global steps 1 and 3 (of 2 epochs x 2)
+    monkeypatch.setattr(ExactResume, "on_train_batch_end", lambda self, trainer, *args: (
+        os.kill(os.getpid(), signals[trainer.global_step]) if trainer.global_step in signals else None))
+    cfg = make_fast(compose_config("train.yaml", ["data.img_size=16", "model.scan_backend=torch"]), tmp_path, data_dir)
+    with open_dict(cfg):
+        cfg.trainer.max_epochs = 2
+        cfg.trainer.plugins = [{"_target_": "lightning.pytorch.plugins.environments.SLURMEnvironment", "auto_requeue": True}]
+    with pytest.raises(SystemExit) as stopped:
+        run_train(cfg)
+    assert stopped.value.code == 143
+    assert (tmp_path / "scontrol.log").read_text().split() == ["requeue", "77"]
+    steps = {p.name: load_checkpoint(p)["global_step"] for p in tmp_path.glob("**/*.ckpt") if "epoch_" not in p.name}
+    assert steps == {"hpc_ckpt_1.ckpt": 1, "hpc_ckpt_2.ckpt": 3, "last.ckpt": 3}, steps
+
+
 def test_last_ckpt_is_rewritten_at_every_epoch_end_without_a_top_k_save(tmp_path, data_dir, monkeypatch) -> None:
     """With no top-k checkpoint ever saved (save_top_k=0; likewise a metric that stopped improving), last.ckpt still
     holds the end of the previous epoch when the next one starts."""

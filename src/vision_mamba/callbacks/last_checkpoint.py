@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.plugins.environments import SLURMEnvironment
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from vision_mamba.utils.pylogger import RankedLogger
@@ -33,7 +34,9 @@ class LastCheckpoint(ModelCheckpoint):
     - on SIGTERM and SIGINT (``signals``; what SLURM, Kubernetes and Ctrl+C send before killing): the current
       step finishes, ``last.ckpt`` is saved with the exact-resume state (mid-epoch position, RNG states) and the
       process exits with 143 (SIGTERM) or 130 (SIGINT). A second Ctrl+C stops at once, without a checkpoint.
-      Under DDP the ranks agree on the step to stop after (any rank's signal counts). A signal during validation
+      Under DDP the ranks agree on the step to stop after (any rank's signal counts). Under SLURM auto-requeue
+      (``trainer=slurm``: SIGUSR1 before the time limit, then SIGTERM) the same state is also saved as the next
+      ``hpc_ckpt_N.ckpt``, which the requeued job resumes from. A signal during validation
       takes effect at the next training step, or at the end of training. The handlers are active while training
       runs (from ``on_train_start``); before that Lightning's own handling applies.
     """
@@ -135,4 +138,15 @@ class LastCheckpoint(ModelCheckpoint):
                 f"{received.name} received: saved {self.last_model_path} at step {trainer.global_step} (epoch "
                 f"{trainer.current_epoch}); resume with hydra.run.dir=<this run> ckpt_path=last"
             )
+            if _slurm_requeues(trainer):
+                # the requeued job resumes from the newest hpc_ckpt_N by itself: make it this step's state rather
+                # than the one Lightning's SIGUSR1 handler saved in the middle of a step
+                hpc = trainer._checkpoint_connector.hpc_save_path(trainer.default_root_dir)
+                trainer.save_checkpoint(hpc)
+                log.info(f"and {hpc}, which the requeued SLURM job resumes from")
         exception.code = exit_status(received)
+
+
+def _slurm_requeues(trainer) -> bool:
+    environment = trainer._accelerator_connector.cluster_environment
+    return isinstance(environment, SLURMEnvironment) and environment.auto_requeue
