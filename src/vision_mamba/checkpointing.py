@@ -74,10 +74,26 @@ def to_plain(obj: Any) -> Any:
     return obj
 
 
+# what Lightning stores as a record of the arguments (LightningModule / LightningDataModule.save_hyperparameters);
+# nothing is rebuilt from them on resume
+HYPER_PARAMETER_KEYS = ("hyper_parameters", "datamodule_hyper_parameters")
+
+
+def to_record(obj: Any) -> Any:
+    """``to_plain(obj)`` with every other value (a ``functools.partial`` of a model head, a class, a path) replaced
+    by its ``repr``: the hyper-parameters a task received stay readable without pickling objects."""
+    obj = to_plain(obj)
+    if isinstance(obj, dict):
+        return type(obj)((k, to_record(v)) for k, v in obj.items())
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(to_record(v) for v in obj)
+    return obj if obj is None or isinstance(obj, (bool, int, float, str, torch.Tensor)) else repr(obj)
+
+
 class SafeCheckpointIO(TorchCheckpointIO):
     """Lightning's checkpoint IO with atomic, plain-data writes and weights_only reads.
 
-    Save: ``to_plain(checkpoint)`` goes to ``<dir>/.<name>.tmp-*``, is fsynced, checked to load with
+    Save: ``to_plain(checkpoint)`` (the hyper-parameters ``to_record``-ed) goes to ``<dir>/.<name>.tmp-*``, is fsynced, checked to load with
     ``weights_only=True`` (its pickle record names no other type), then ``os.replace``-d onto the final name:
     readers see the old complete file or the new complete one (``os.replace`` is atomic on POSIX file systems).
     Load: ``load_checkpoint`` whatever ``weights_only`` Lightning asks for. Remote paths use Lightning's own IO
@@ -85,7 +101,7 @@ class SafeCheckpointIO(TorchCheckpointIO):
     """
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
-        checkpoint = to_plain(checkpoint)
+        checkpoint = {k: to_record(v) if k in HYPER_PARAMETER_KEYS else to_plain(v) for k, v in checkpoint.items()}
         if not _is_local(path):
             return super().save_checkpoint(checkpoint, path, storage_options)
         path = Path(path)

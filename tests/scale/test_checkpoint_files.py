@@ -11,6 +11,7 @@ import subprocess
 import sys
 import zipfile
 from collections import OrderedDict
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -227,11 +228,14 @@ def test_a_run_checkpoint_is_a_pretrained_source(run_checkpoint) -> None:
 def test_checkpoint_io_writes_plain_data(tmp_path) -> None:
     io_plugin, path = SafeCheckpointIO(), tmp_path / "last.ckpt"
     io_plugin.save_checkpoint({
-        "hyper_parameters": AttributeDict(schedule=OmegaConf.create({"kind": "cosine", "steps": [1, 2]})),
+        "hyper_parameters": AttributeDict(schedule=OmegaConf.create({"kind": "cosine", "steps": [1, 2]}),
+                                          segmentor=partial(OrderedDict, channels=OmegaConf.create([4]))),
         "rng": np.arange(3, dtype=np.uint32), "epoch": np.int64(4), "state_dict": OrderedDict(w=torch.ones(2)),
     }, path)
     ckpt = torch.load(path, weights_only=True)
-    assert ckpt["hyper_parameters"] == {"schedule": {"kind": "cosine", "steps": [1, 2]}}
+    # hyper-parameters are a record: what cannot be plain data is kept as its repr (a task's head factory, say)
+    assert ckpt["hyper_parameters"] == {"schedule": {"kind": "cosine", "steps": [1, 2]},
+                                        "segmentor": "functools.partial(<class 'collections.OrderedDict'>, channels=[4])"}
     assert type(ckpt["hyper_parameters"]) is dict and type(ckpt["state_dict"]) is OrderedDict
     assert ckpt["rng"].tolist() == [0, 1, 2] and ckpt["rng"].dtype == torch.uint32 and ckpt["epoch"] == 4
     assert oct(path.stat().st_mode & 0o777) == oct(0o666 & ~_umask()), "a checkpoint honours the umask"
