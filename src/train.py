@@ -115,11 +115,11 @@ def end_distributed(trainer: Trainer) -> None:
 
 
 def log_resume(ckpt_path: str) -> None:
+    """Say what a resume composed: inside a run folder, the run's recorded choices and overrides come first."""
     from hydra.core.hydra_config import HydraConfig
 
     if HydraConfig.initialized():
-        overrides = " ".join(HydraConfig.get().overrides.task)
-        log.info(f"Resuming from ckpt_path={ckpt_path} with the overrides (the run's recorded ones first): {overrides}")
+        log.info(f"Resuming from ckpt_path={ckpt_path} with overrides: {' '.join(HydraConfig.get().overrides.task)}")
 
 
 def saved_checkpoint(trainer: Trainer, attribute: str) -> str:

@@ -299,41 +299,40 @@ def assert_ends_like(run: Path, reference_run: Path) -> None:
 
 
 @pytest.mark.slow
-def test_sigkill_mid_epoch_then_resume_ends_like_the_uninterrupted_run(tmp_path, data_dir, reference_run) -> None:
-    """last.ckpt every 3 steps and at epoch ends; killed -9 after step 6 (mid-epoch 1), the resume starts at step 7."""
+def test_sigterm_then_kill_9_then_resume_ends_like_the_uninterrupted_run(tmp_path, data_dir, reference_run) -> None:
+    """Preempted twice, then finished: the run ends with the uninterrupted run's weights and metrics.
+
+    1. SIGTERM mid-epoch 0, no interval saves (so a mid-epoch last.ckpt can only come from the signal): exit 143, and
+       the step running when it arrived finished and is in last.ckpt (the CSV log, flushed every step, counts them).
+    2. Resumed with last.ckpt every 3 steps: it starts at the step after the SIGTERM checkpoint; killed -9 after the
+       step-6 save (mid-epoch 1).
+    3. Resumed again: it starts at step 7 and ends at step 8.
+    """
     run = tmp_path / "run"
     last = run / "checkpoints" / "last.ckpt"
-    proc = start(tmp_path, data_dir, run, "logger=csv", "callbacks.last_checkpoint.every_n_train_steps=3")
+    proc = start(tmp_path, data_dir, run, "logger=csv", "+logger.csv.flush_logs_every_n_steps=1",
+                 "callbacks.last_checkpoint.every_n_train_steps=null", "callbacks.last_checkpoint.train_time_interval=null")
+    wait_for(proc, lambda: steps_logged(run) >= 2, "step 2 in the CSV log")
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=120) == 143, proc.stderr.read()[-3000:]
+    ckpt = load_checkpoint(last)
+    assert ckpt["global_step"] == steps_logged(run), "the checkpoint must hold every step that ran"
+    assert 0 < ckpt["global_step"] < 4, f"SIGTERM should land mid-epoch 0, got step {ckpt['global_step']}"
+    assert ckpt["loops"]["fit_loop"]["state_dict"]["combined_loader"][0]["consumed"] == ckpt["global_step"]
+    sigterm_step = ckpt["global_step"]
+
+    proc = start(tmp_path, data_dir, run, "ckpt_path=last", "callbacks.last_checkpoint.every_n_train_steps=3")
     wait_for(proc, lambda: last.is_file() and load_checkpoint(last)["global_step"] >= 6, "last.ckpt at step 6")
     proc.kill()
     proc.wait()
+    assert first_step_logged(run, version=1) == sigterm_step + 1, "the resume must start after the SIGTERM step"
     ckpt = load_checkpoint(last)
     loader_state = ckpt["loops"]["fit_loop"]["state_dict"]["combined_loader"][0]
     assert ckpt["global_step"] == 6 and loader_state == {"epoch": 1, "consumed": 2, "exhausted": False}, (
         "the kill should land mid-epoch 1, after the step-6 interval save", ckpt["global_step"], loader_state)
 
-    train(tmp_path, data_dir, "logger=csv", f"hydra.run.dir={run}", "ckpt_path=last")
-    assert first_step_logged(run, version=1) == 7, "the resumed run must not redo steps the checkpoint holds"
-    assert_ends_like(run, reference_run)
-
-
-@pytest.mark.slow
-def test_sigterm_mid_epoch_saves_the_last_step_exits_143_and_resumes_exactly(tmp_path, data_dir, reference_run) -> None:
-    """No interval saves: last.ckpt mid-epoch can only come from SIGTERM. The step running when it arrives finishes
-    and is in the checkpoint (the CSV log, flushed every step, says how many steps ran)."""
-    run = tmp_path / "run"
-    proc = start(tmp_path, data_dir, run, "logger=csv", "+logger.csv.flush_logs_every_n_steps=1",
-                 "callbacks.last_checkpoint.every_n_train_steps=null", "callbacks.last_checkpoint.train_time_interval=null")
-    wait_for(proc, lambda: steps_logged(run) >= 6, "step 6 in the CSV log")
-    proc.send_signal(signal.SIGTERM)
-    assert proc.wait(timeout=120) == 143, proc.stderr.read()[-3000:]
-    ckpt = load_checkpoint(run / "checkpoints" / "last.ckpt")
-    assert ckpt["global_step"] == steps_logged(run), "the checkpoint must hold every step that ran"
-    assert 4 < ckpt["global_step"] < 8, f"SIGTERM should land mid-epoch 1, got step {ckpt['global_step']}"
-    assert ckpt["loops"]["fit_loop"]["state_dict"]["combined_loader"][0]["consumed"] == ckpt["global_step"] - 4
-
-    train(tmp_path, data_dir, "logger=csv", f"hydra.run.dir={run}", "ckpt_path=last")
-    assert first_step_logged(run, version=1) == ckpt["global_step"] + 1
+    train(tmp_path, data_dir, f"hydra.run.dir={run}", "ckpt_path=last")
+    assert first_step_logged(run, version=2) == 7, "the resumed run must not redo steps the checkpoint holds"
     assert_ends_like(run, reference_run)
 
 
@@ -341,7 +340,8 @@ def test_sigterm_mid_epoch_saves_the_last_step_exits_143_and_resumes_exactly(tmp
 def test_sigint_then_resume_with_only_the_run_folder_keeps_the_run(tmp_path, data_dir) -> None:
     """A run with non-default sizes, stopped by Ctrl+C (exit 130, last step saved), resumes from `hydra.run.dir=<run>
     ckpt_path=last` alone: the run's recorded config is composed again (the default one would not fit the
-    checkpoint), its .hydra record stays byte-identical, and eval.py on the run reports the final validation."""
+    checkpoint), its .hydra record stays byte-identical, and evaluating the run reports the final validation (eval.py's
+    evaluate(), in-process: the eval.py entry point itself runs in tests/scale/test_checkpoint_files.py)."""
     run = tmp_path / "run"
     proc = start(tmp_path, data_dir, run, "logger=csv", "+logger.csv.flush_logs_every_n_steps=1", "+model.depth=2",
                  "task.base_lr=4e-3")
@@ -359,13 +359,15 @@ def test_sigint_then_resume_with_only_the_run_folder_keeps_the_run(tmp_path, dat
     assert {p.name: p.read_bytes() for p in (run / ".hydra").iterdir() if p.is_file()} == record
     assert len(list((run / ".hydra").glob("resume_*/overrides.yaml"))) == 1
 
-    evaluation = subprocess.run(
-        [sys.executable, str(ROOT / "src" / "eval.py"), f"ckpt_path={run}/checkpoints/last.ckpt", "logger=csv",
-         f"paths.data_dir={data_dir}", f"hydra.run.dir={tmp_path}/eval", "trainer.accelerator=cpu",
-         "data.num_workers=0", "data.persistent_workers=false", "extras.print_config=false"],
-        cwd=tmp_path, env=env(), capture_output=True, text=True, timeout=300)
-    assert evaluation.returncode == 0, evaluation.stderr[-3000:]
-    tested = next(csv.DictReader(open(tmp_path / "eval" / "csv" / "version_0" / "metrics.csv")))
+    from helpers import as_job, compose_config
+
+    from eval import adopt_run_config, evaluate
+
+    cfg = as_job(compose_config("eval.yaml", [f"ckpt_path={run}/checkpoints/last.ckpt", f"paths.data_dir={data_dir}",
+                                              f"paths.output_dir={tmp_path}/eval", "trainer.accelerator=cpu",
+                                              "data.num_workers=0", "data.persistent_workers=false", "~logger"]))
+    adopt_run_config(cfg)  # what eval.py's main does with a checkpoint inside a run folder
+    tested, _ = evaluate(cfg)
     assert float(tested["test/acc1"]) == final_val(run)["val/acc1"]
 
 
@@ -401,6 +403,16 @@ def test_slurm_requeue_keeps_working_and_resumes_from_the_step_boundary(tmp_path
     assert steps == {"hpc_ckpt_1.ckpt": 1, "hpc_ckpt_2.ckpt": 3, "last.ckpt": 3}, steps
 
 
+def test_a_second_ctrl_c_stops_at_once() -> None:
+    from vision_mamba.callbacks import LastCheckpoint
+
+    callback = LastCheckpoint()
+    callback._on_signal(signal.SIGINT, None)  # the first one is remembered: stop after this step
+    assert callback.received == signal.SIGINT
+    with pytest.raises(KeyboardInterrupt):
+        callback._on_signal(signal.SIGINT, None)
+
+
 def test_last_ckpt_is_rewritten_at_every_epoch_end_without_a_top_k_save(tmp_path, data_dir, monkeypatch) -> None:
     """With no top-k checkpoint ever saved (save_top_k=0; likewise a metric that stopped improving), last.ckpt still
     holds the end of the previous epoch when the next one starts."""
@@ -415,10 +427,11 @@ def test_last_ckpt_is_rewritten_at_every_epoch_end_without_a_top_k_save(tmp_path
     cfg = make_fast(compose_config("train.yaml", ["data.img_size=16", "model.scan_backend=torch",
                                                   "callbacks.model_checkpoint.save_top_k=0"]), tmp_path, data_dir)
     with open_dict(cfg):
-        cfg.trainer.max_epochs = 3
+        cfg.trainer.max_epochs = 2
+        cfg.trainer.limit_val_batches = 1
         cfg.test = False
     run_train(cfg)
-    assert seen == [0, 2, 4] and load_checkpoint(tmp_path / "checkpoints" / "last.ckpt")["global_step"] == 6
+    assert seen == [0, 2] and load_checkpoint(tmp_path / "checkpoints" / "last.ckpt")["global_step"] == 4
     assert not list((tmp_path / "checkpoints").glob("epoch_*.ckpt"))
 
 

@@ -112,8 +112,9 @@ class VisionTask(LightningModule):
         problems = [f"{len(shapes)} of {len(ours)} tensors differ in shape, e.g. {', '.join(shapes[:3])}"] if shapes else []
         problems += [f"{len(missing)} tensors of this model are missing, e.g. {', '.join(missing[:3])}"] if missing else []
         problems += [f"{len(unexpected)} tensors the model does not have, e.g. {', '.join(unexpected[:3])}"] if unexpected else []
+        path = getattr(self._trainer, "ckpt_path", None) or "the checkpoint"  # no trainer: load_from_checkpoint
         raise UserError(
-            f"{self.trainer.ckpt_path}: checkpoint of a {_describe(checkpoint.get(NET_ARCHITECTURE_KEY), theirs)}, "
+            f"{path}: checkpoint of a {_describe(checkpoint.get(NET_ARCHITECTURE_KEY), theirs)}, "
             f"this run builds a {_describe(_architecture(self.net), ours)}: {'; '.join(problems)}. Give the model "
             "and data settings it was trained with (resuming inside its run folder does: hydra.run.dir=<run> "
             "ckpt_path=last), or load only its network weights with model.pretrained=<checkpoint>"
