@@ -12,9 +12,11 @@ from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
 from vision_mamba.tasks.optim import build_param_groups, warmup_schedule
+from vision_mamba.utils.errors import UserError
 from vision_mamba.utils.pylogger import RankedLogger
 
 log = RankedLogger(__name__, rank_zero_only=True)
+NET_ARCHITECTURE_KEY = "net_architecture"  # the network's name, kept in each checkpoint for error messages
 
 
 class VisionTask(LightningModule):
@@ -131,3 +133,55 @@ class VisionTask(LightningModule):
             f"optimiser: lr {lr:.3g} (base {self.hparams.base_lr:g} x batch {self.global_batch_size()} / "
             f"{self.hparams.base_batch_size}), {total} steps, {warmup} warm-up"
         )
+
+    # --- checkpoints --------------------------------------------------------------------------------------------
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint[NET_ARCHITECTURE_KEY] = _architecture(self.net)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Refuse a checkpoint whose weights do not fit this network in one line (what it was made for, what this
+        run builds, the first differences) instead of Lightning's list of every mismatched tensor."""
+        if not self.strict_loading:
+            return
+        theirs, ours = checkpoint.get("state_dict", {}), self.state_dict()
+        shapes = [f"{k} {tuple(v.shape)} vs {tuple(ours[k].shape)}" for k, v in theirs.items()
+                  if k in ours and hasattr(v, "shape") and v.shape != ours[k].shape]
+        missing, unexpected = [k for k in ours if k not in theirs], [k for k in theirs if k not in ours]
+        if not (shapes or missing or unexpected):
+            return
+        problems = [f"{len(shapes)} of {len(ours)} tensors differ in shape, e.g. {', '.join(shapes[:3])}"] if shapes else []
+        problems += [f"{len(missing)} tensors of this model are missing, e.g. {', '.join(missing[:3])}"] if missing else []
+        problems += [f"{len(unexpected)} tensors the model does not have, e.g. {', '.join(unexpected[:3])}"] if unexpected else []
+        path = getattr(self._trainer, "ckpt_path", None) or "the checkpoint"  # no trainer: load_from_checkpoint
+        raise UserError(
+            f"{path}: checkpoint of a {_describe(checkpoint.get(NET_ARCHITECTURE_KEY), theirs)}, "
+            f"this run builds a {_describe(_architecture(self.net), ours)}: {'; '.join(problems)}. Give the model "
+            "and data settings it was trained with (resuming inside its run folder does: hydra.run.dir=<run> "
+            "ckpt_path=last), or load only its network weights with model.pretrained=<checkpoint>"
+        )
+
+
+def _architecture(net: nn.Module) -> str:
+    """timm's architecture name of the network (or its backbone's), else its class name."""
+    for module in (net, getattr(net, "backbone", None)):
+        name = (getattr(module, "pretrained_cfg", None) or {}).get("architecture")
+        if name:
+            return name
+    return type(net).__name__
+
+
+def _describe(architecture: str | None, state: dict[str, Any]) -> str:
+    """``vim_small_patch16_224 (embed 384, depth 24, 1000 classes)``, the sizes read from the weights' shapes."""
+    sizes = []
+    embed = next((v.shape[-1] for k, v in state.items() if k.endswith("pos_embed")), None)
+    if embed is not None:
+        sizes.append(f"embed {embed}")
+    layers = {k.split("layers.")[1].split(".")[0] for k in state if ".layers." in k or k.startswith("layers.")}
+    if layers:
+        sizes.append(f"depth {len(layers)}")
+    head = state.get("net.head.weight")
+    if head is not None:
+        sizes.append(f"{head.shape[0]} classes")
+    return f"{architecture or 'network'}" + (f" ({', '.join(sizes)})" if sizes else "")
+
