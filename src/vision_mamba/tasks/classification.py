@@ -69,8 +69,10 @@ class ClassificationTask(VisionTask):
         self.log("train/loss", self.train_loss, on_step=True, on_epoch=True, prog_bar=True)
         return loss
 
-    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        super().on_train_batch_end(outputs, batch, batch_idx)
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        # the EMA follows every optimiser step, before any callback's on_train_batch_end (the interval and
+        # preemption checkpoints are written there and must hold the EMA of the weights they hold)
+        super().optimizer_step(*args, **kwargs)
         if self.ema is not None:
             self.ema.update(self.net, step=self.global_step)
 
