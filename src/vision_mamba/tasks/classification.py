@@ -42,6 +42,9 @@ class ClassificationTask(VisionTask):
         self.train_criterion = SoftTargetCrossEntropy() if active else nn.CrossEntropyLoss(label_smoothing=label_smoothing)
         self.eval_criterion = nn.CrossEntropyLoss()
         self.ema = ModelEmaV3(net, decay=ema_decay, use_warmup=ema_warmup) if ema_decay else None
+        if self.ema is not None:
+            # updated by copying, never by gradients: left trainable, DDP would find its parameters unused
+            self.ema.requires_grad_(False)
 
         top5 = min(5, num_classes)
         self.train_loss = MeanMetric()
