@@ -28,7 +28,7 @@ from vision_mamba.data.coco import (
 from vision_mamba.data.errors import DatasetError
 from vision_mamba.data.shapes_det import write_shapes_coco
 from vision_mamba.models.factory import create_model
-from vision_mamba.models.heads.mask_rcnn import VimMaskRCNN
+from vision_mamba.models.heads.mask_rcnn import VimRCNN
 from vision_mamba.tasks.detection import DetectionTask, to_coco_results
 from vision_mamba.tasks.optim import build_param_groups
 
@@ -247,10 +247,10 @@ def test_ground_truth_as_predictions_scores_ap_one(coco_root, tmp_path) -> None:
 
 # ---- the detector --------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def detector() -> VimMaskRCNN:
+def detector() -> VimRCNN:
     torch.manual_seed(0)
     vim = create_model("vim_tiny_patch16_224", num_classes=3, img_size=64, embed_dim=32, depth=2, d_state=4)
-    return VimMaskRCNN(vim, num_classes=3, img_size=64, out_channels=16, anchor_sizes=(8, 16, 32, 64, 128),
+    return VimRCNN(vim, num_classes=3, img_size=64, out_channels=16, anchor_sizes=(8, 16, 32, 64, 128),
                        representation_size=32, mask_channels=16, mask_convs=1)
 
 
@@ -270,7 +270,7 @@ def test_pyramid_levels_and_predictions_in_original_pixels(detector) -> None:
     assert out[0]["masks"].shape[-2:] == (50, 70) and out[1]["masks"].shape[-2:] == (90, 40)
     assert (out[0]["boxes"][:, 2] <= 70).all() and (out[1]["boxes"][:, 3] <= 90).all()
     with pytest.raises(ValueError, match="multiple of 32"):
-        VimMaskRCNN(create_model("vim_tiny_patch16_224", embed_dim=32, depth=2), num_classes=3, img_size=80)
+        VimRCNN(create_model("vim_tiny_patch16_224", embed_dim=32, depth=2), num_classes=3, img_size=80)
 
 
 def test_layer_decay_groups_prefix_the_backbone(detector) -> None:
