@@ -17,6 +17,7 @@ from lightning import LightningDataModule
 from torch.utils.data import DataLoader, Dataset, default_collate
 
 from vision_mamba.data.bad_files import BadFiles
+from vision_mamba.data.check import SplitCheck
 from vision_mamba.data.common import (
     check_enough_for_a_batch,
     check_loader_settings,
@@ -150,6 +151,33 @@ def check_labels(mask: np.ndarray, mask_path: Path, num_classes: int, reduce_zer
                                    fix="fix the mask or set data.num_classes")
 
 
+def label_counts(item: tuple[Path, Path, int, bool]) -> np.ndarray:
+    """The data check's reading of one (image, mask, num_classes, reduce_zero_label): pixels per file label."""
+    image_path, mask_path, num_classes, reduce_zero_label = item
+    _, mask = read_pair(image_path, mask_path)
+    check_labels(mask, mask_path, num_classes, reduce_zero_label)
+    return np.bincount(mask.ravel().astype(np.int64), minlength=256)[:256]
+
+
+class LabelHistogram:
+    """Pixels per file label over the masks checked; printed as the range of labels the masks hold."""
+
+    def __init__(self, reduce_zero_label: bool) -> None:
+        self.counts = np.zeros(256, np.int64)
+        self.ignored = 0 if reduce_zero_label else IGNORE_INDEX
+
+    def add(self, summary: dict[str, Any], counts: np.ndarray) -> None:
+        self.counts += counts
+
+    def __str__(self) -> str:
+        present = np.flatnonzero(self.counts)
+        if not len(present):
+            return "no mask read"
+        share = self.counts[self.ignored] / self.counts.sum()
+        return (f"{present.min()}-{present.max()} ({len(present)} distinct; label {self.ignored}, ignored: "
+                f"{share:.1%} of pixels)")
+
+
 class SegmentationFolder(Dataset):
     """(image, mask) pairs of one split: image (3, H, W) float normalised, mask (H, W) int64 with 255 = ignore.
 
@@ -281,6 +309,19 @@ class ADE20KDataModule(LightningDataModule):
             check_enough_for_a_batch(len(self.data_train), self.batch_size,
                                      resolve_root(self.root) / "images" / self.hparams.train_split)
         self.bad_files.attach(self.trainer)
+
+    def check_plan(self) -> list[SplitCheck]:
+        """Every (image, mask) pair of the training and validation splits, for ``src/check_data.py``."""
+        hp = self.hparams
+        root = resolve_root(self.root)
+        plans = []
+        for split in (hp.train_split, hp.val_split):
+            pairs = list_pairs(root, split)
+            labels = LabelHistogram(hp.reduce_zero_label)
+            items = [(image, mask, hp.num_classes, hp.reduce_zero_label) for image, mask in pairs]
+            plans.append(SplitCheck(split, items, label_counts, {"image/mask pairs": len(pairs), "mask labels": labels},
+                                    merge=labels.add))
+        return plans
 
     def _loader(self, dataset: Dataset, batch_size: int, shuffle: bool, drop_last: bool, collate=None) -> DataLoader:
         return make_loader(dataset, self.hparams, batch_size, shuffle=shuffle, drop_last=drop_last, collate_fn=collate)

@@ -99,7 +99,8 @@ def _remove(path: str, owner: int) -> None:
 
 
 class BadFileReport(Callback):
-    """Lists the files skipped under ``data.bad_images=skip``: one log line per epoch in which some were met, and
+    """Lists the files skipped under ``data.bad_images=skip``: a log line per epoch in which some were met (at the
+    end of its validation, or of its training when nothing is met after validation; and after a test), and
     ``<run>/bad_images.txt`` (every file skipped so far, ``path<TAB>problem``, sorted; ``bad_images.rank<N>.txt`` for
     the other processes of a multi-process run, which read other files). Added by the datamodule's ``setup``."""
 
@@ -107,7 +108,7 @@ class BadFileReport(Callback):
         self.bad_files = bad_files
         self.skipped: dict[str, str] = {}
 
-    def report(self, trainer: Trainer) -> None:
+    def report(self, trainer: Trainer, when: str) -> None:
         new = self.bad_files.read_new()
         if not new:
             return
@@ -122,15 +123,16 @@ class BadFileReport(Callback):
         shown = "; ".join(f"{p} ({why})" for p, why in list(met.items())[:SHOWN_IN_LOG])
         more = f"; and {len(met) - SHOWN_IN_LOG} more" if len(met) > SHOWN_IN_LOG else ""
         log.warning(
-            f"data.bad_images=skip: epoch {trainer.current_epoch} skipped {len(met)} unusable file(s) "
+            f"data.bad_images=skip: {when} skipped {len(met)} unusable file(s) "
             f"({len(new)} time(s)), {len(self.skipped)} in this run so far, listed in {path}: {shown}{more}"
         )
 
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self.report(trainer)
+        self.report(trainer, f"epoch {trainer.current_epoch}")
 
     def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self.report(trainer)
+        if not trainer.sanity_checking:  # what the sanity check met is reported with the first epoch
+            self.report(trainer, f"epoch {trainer.current_epoch}")
 
     def on_test_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self.report(trainer)
+        self.report(trainer, "the test")

@@ -20,6 +20,7 @@ from pycocotools.coco import COCO
 from torch.utils.data import DataLoader, Dataset
 
 from vision_mamba.data.bad_files import BadFiles
+from vision_mamba.data.check import SplitCheck
 from vision_mamba.data.common import (
     check_enough_for_a_batch,
     check_loader_settings,
@@ -108,6 +109,24 @@ def _valid_segmentation(seg: Any) -> bool:
     return isinstance(seg, dict) and "counts" in seg and "size" in seg
 
 
+def read_coco_image(path: Path, width: int, height: int, ann_name: str) -> np.ndarray:
+    """An image file as a writable (H, W, 3) uint8 array, as stored (no EXIF rotation), checked against the width and
+    height its json entry gives."""
+    image = np.array(read_rgb(path))  # a writable copy: torch.from_numpy wants one
+    h, w = image.shape[:2]
+    if (w, h) != (width, height):
+        raise BadImageError.of(
+            path, f"is {w}x{h} but its entry in {ann_name} says {width}x{height}",
+            fix="fix width/height in the json (annotations are in the stored pixel order: EXIF rotation is not "
+                "applied)")
+    return image
+
+
+def check_coco_image(item: tuple[Path, int, int, str]) -> None:
+    """The data check's reading of one (path, width, height, annotation file name)."""
+    read_coco_image(*item)
+
+
 class CocoInstances(Dataset):
     """One COCO split. Items are ``(image, target)``: image a float tensor (3, H, W) in [0, 1]; target a dict with
     ``boxes`` (N, 4) xyxy float, ``labels`` (N,) int64 in 1..K, ``masks`` (N, H, W) uint8 (only with ``masks``),
@@ -115,7 +134,8 @@ class CocoInstances(Dataset):
 
     Annotations are checked once, up front: those for images that are not in the file, with an unknown category, a
     degenerate box (w or h < ``min_box_size`` after clipping to the image) or, with ``masks``, an unusable
-    segmentation are skipped, counted and logged (``skipped``), so nothing fails mid-epoch. A file without any
+    segmentation or an RLE of another size than the image are skipped, counted and logged (``skipped``), so nothing
+    fails mid-epoch. A file without any
     segmentation is box-only: with ``masks`` it is a DatasetError that says so (``task.masks=false`` trains boxes).
     An image listed in the json whose file is missing is a DatasetError. With ``train=True``, crowd annotations are
     dropped (torchvision's losses do not know "ignore" regions) and ``filter_empty`` drops images left with no
@@ -171,7 +191,7 @@ class CocoInstances(Dataset):
 
     def _clean_annotations(self, min_box_size: float) -> tuple[dict[int, list[dict]], dict[str, int]]:
         skipped = {"for images not in the file": 0, "with an unknown category": 0, "with a degenerate box": 0,
-                   "without a usable segmentation": 0}
+                   "without a usable segmentation": 0, "with a mask of another size than its image": 0}
         kept: dict[int, list[dict]] = {}
         for ann in self.coco.dataset["annotations"]:
             img = self.coco.imgs.get(ann.get("image_id"))
@@ -181,9 +201,15 @@ class CocoInstances(Dataset):
             if ann.get("category_id") not in self.categories:
                 skipped["with an unknown category"] += 1
                 continue
-            if self.masks and not _valid_segmentation(ann.get("segmentation")):
-                skipped["without a usable segmentation"] += 1
-                continue
+            if self.masks:
+                segmentation = ann.get("segmentation")
+                if not _valid_segmentation(segmentation):
+                    skipped["without a usable segmentation"] += 1
+                    continue
+                # an RLE is decoded at its own size (polygons at the image's): another size cannot be its mask
+                if isinstance(segmentation, dict) and list(segmentation["size"]) != [img["height"], img["width"]]:
+                    skipped["with a mask of another size than its image"] += 1
+                    continue
             bbox = ann.get("bbox")
             if not (isinstance(bbox, list) and len(bbox) == 4):
                 skipped["with a degenerate box"] += 1
@@ -212,18 +238,32 @@ class CocoInstances(Dataset):
     def __len__(self) -> int:
         return len(self.ids)
 
+    def image_path(self, image_id: int) -> Path:
+        return self.image_dir / Path(self.coco.imgs[image_id]["file_name"]).name
+
     def load_image(self, image_id: int) -> np.ndarray:
-        """The image as stored (no EXIF rotation), checked against the json's width and height."""
         info = self.coco.imgs[image_id]
-        path = self.image_dir / Path(info["file_name"]).name
-        image = np.array(read_rgb(path))  # a writable copy: torch.from_numpy wants one
-        h, w = image.shape[:2]
-        if (w, h) != (info["width"], info["height"]):
-            raise BadImageError.of(
-                path, f"is {w}x{h} but its entry in {self.ann_file.name} says {info['width']}x{info['height']}",
-                fix="fix width/height in the json (annotations are in the stored pixel order: EXIF rotation is "
-                    "not applied)")
-        return image
+        return read_coco_image(self.image_path(image_id), info["width"], info["height"], self.ann_file.name)
+
+    def summary(self) -> dict[str, Any]:
+        """What the annotation file holds, for the data check."""
+        anns = self.coco.dataset["annotations"]
+        annotated = {a.get("image_id") for a in anns}
+        imgs = self.coco.imgs
+
+        def rle_of_another_size(ann: dict) -> bool:
+            seg, img = ann.get("segmentation"), imgs.get(ann.get("image_id"))
+            return isinstance(seg, dict) and img is not None and list(seg.get("size", [])) != [img["height"],
+                                                                                             img["width"]]
+
+        return {
+            "images": len(imgs), "categories": len(self.categories), "annotations": len(anns),
+            "crowd": sum(bool(a.get("iscrowd", 0)) for a in anns),
+            "box-only (no usable segmentation)": sum(not _valid_segmentation(a.get("segmentation")) for a in anns),
+            "RLE masks of another size than their image": sum(map(rle_of_another_size, anns)),
+            "images without annotation": sum(i not in annotated for i in imgs),
+            **{f"skipped {why}": n for why, n in self.skipped.items() if n},
+        }
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         return self.bad_files.load(index, len(self), self._sample)
@@ -397,6 +437,21 @@ class CocoDataModule(LightningDataModule):
             test_split = hp.test_split or hp.val_split  # COCO's test-dev has no public labels
             self.data_test = self.data_val if test_split == hp.val_split and self.data_val else self._split(test_split, False)
         self.bad_files.attach(self.trainer)
+
+    def check_plan(self) -> list[SplitCheck]:
+        """Every image of every split (checked against its json width/height), for ``src/check_data.py``. Masks
+        are not required here (the summary counts box-only annotations)."""
+        hp = self.hparams
+        if not self.root.is_dir():
+            raise DatasetError(f"data.root={self.root} does not exist ({LAYOUT_HINT})")
+        plans = []
+        for split in dict.fromkeys(s for s in (hp.train_split, hp.val_split, hp.test_split) if s):
+            data = CocoInstances(self.root / split, self.root / hp.ann_file.format(split=split), masks=False,
+                                 min_box_size=hp.min_box_size)
+            items = [(data.image_path(i), info["width"], info["height"], data.ann_file.name)
+                     for i, info in data.coco.imgs.items()]
+            plans.append(SplitCheck(split, items, check_coco_image, data.summary()))
+        return plans
 
     def _loader(self, dataset: Dataset, shuffle: bool, batch_size: int) -> DataLoader:
         return make_loader(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,7 @@ from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from vision_mamba.data.bad_files import BadFiles
+from vision_mamba.data.check import SplitCheck
 from vision_mamba.data.common import (
     check_enough_for_a_batch,
     check_loader_settings,
@@ -22,7 +24,7 @@ from vision_mamba.data.common import (
     per_device_batch_size,
 )
 from vision_mamba.data.errors import DatasetError
-from vision_mamba.data.images import read_rgb
+from vision_mamba.data.images import check_image, read_rgb
 from vision_mamba.data.resumable import ResumableDataLoader
 from vision_mamba.data.transforms import classification_transform
 
@@ -164,6 +166,18 @@ class ImageFolderDataModule(LightningDataModule):
             self.data_val = ImageFolderFiles(self.root / self.hparams.val_split, self.build_transform(False),
                                              self.bad_files)
         self.bad_files.attach(self.trainer)
+
+    def check_plan(self) -> list[SplitCheck]:
+        """Every image of the training and validation splits, for ``src/check_data.py``."""
+        self.check_splits(fit=True)
+        plans = []
+        for split in (self.hparams.train_split, self.hparams.val_split):
+            folder = ImageFolder(str(self.root / split))  # the listing only: nothing is read here
+            per_class = Counter(target for _, target in folder.samples).values()
+            summary = {"classes": len(folder.classes), "images": len(folder.samples),
+                       "images per class": f"{min(per_class)}-{max(per_class)}"}
+            plans.append(SplitCheck(split, [path for path, _ in folder.samples], check_image, summary))
+        return plans
 
     def _loader(self, dataset, shuffle: bool, drop_last: bool, sampler=None) -> DataLoader:
         # the training loader resumes mid-epoch exactly; its shuffle seed is the one Lightning's

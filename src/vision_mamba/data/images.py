@@ -40,7 +40,7 @@ def open_image(path: str | Path) -> Image.Image:
     except UnidentifiedImageError:
         raise BadImageError.of(path, "is not an image (Pillow does not recognise its format)") from None
     except DECODE_ERRORS as err:
-        if "truncated" in str(err):
+        if "truncated" in str(err).lower():  # "image file is truncated", "Truncated File Read"
             raise BadImageError.of(path, f"is truncated ({err})") from None
         raise BadImageError.of(path, f"cannot be read ({type(err).__name__}: {err})") from None
 
@@ -66,6 +66,11 @@ def read_rgb(path: str | Path) -> Image.Image:
         return to_rgb(img)
     except DECODE_ERRORS as err:  # modes Pillow cannot convert (e.g. some LAB or float TIFFs)
         raise BadImageError.of(path, f"has mode {img.mode}, which cannot be converted to RGB ({err})") from None
+
+
+def check_image(path: str | Path) -> None:
+    """Read an image file as the loaders do, for the data check (nothing to send back between processes)."""
+    read_rgb(path)
 
 
 def read_mask(path: str | Path) -> np.ndarray:

@@ -43,12 +43,12 @@ def _uncompressed_rle(mask: np.ndarray) -> dict:
 
 
 def draw_split(out_dir: Path, split: str, num_images: int, rng: np.random.Generator, size_range=(96, 160),
-               crowd_prob: float = 0.08, segmentation: bool = True) -> dict:
+               crowd_prob: float = 0.08, box_only: bool = False) -> dict:
     """Draw ``num_images`` images into out_dir/split and return their COCO instances dict.
 
     Shapes do not overlap, so each polygon is the exact visible outline. About half the instances are stored as
     polygons and half as compressed RLE; some images get an ``iscrowd`` cluster of small circles (uncompressed RLE);
-    image 0 has no object at all. Without ``segmentation`` the annotations have boxes only (a box-only dataset).
+    image 0 has no object at all. ``box_only`` leaves the segmentations out (a box-only dataset).
     """
     (out_dir / split).mkdir(parents=True)
     images, annotations = [], []
@@ -105,7 +105,7 @@ def draw_split(out_dir: Path, split: str, num_images: int, rng: np.random.Genera
         name = f"{i + 1:06d}.png"
         canvas.save(out_dir / split / name)
         images.append({"id": i + 1, "file_name": name, "width": w, "height": h})
-    if not segmentation:
+    if box_only:
         for ann in annotations:
             del ann["segmentation"]
     categories = [dict(c, supercategory="shape") for c in CATEGORIES]
@@ -113,18 +113,18 @@ def draw_split(out_dir: Path, split: str, num_images: int, rng: np.random.Genera
 
 
 def write_shapes_coco(root: str | Path, num_train: int = 400, num_val: int = 60, seed: int = 0,
-                      splits: tuple[str, str] = ("train2017", "val2017"), segmentation: bool = True) -> Path:
+                      splits: tuple[str, str] = ("train2017", "val2017"), box_only: bool = False) -> Path:
     """Write the shapes dataset in the COCO layout under ``root``, once (a temporary folder renamed at the end, so an
-    interrupted write never leaves a half-written dataset). ``segmentation=False`` writes the box-only variant (the
-    same images and boxes, no ``segmentation`` in the annotations)."""
+    interrupted write never leaves a half-written dataset). ``box_only`` writes the box-only variant (the same images
+    and boxes, no ``segmentation`` in the annotations)."""
 
     def write(folder: Path) -> str:
         rng = np.random.default_rng(seed)
         (folder / "annotations").mkdir()
         for split, n in zip(splits, (num_train, num_val)):
-            coco = draw_split(folder, split, n, rng, segmentation=segmentation)
+            coco = draw_split(folder, split, n, rng, box_only=box_only)
             (folder / "annotations" / f"instances_{split}.json").write_text(json.dumps(coco))
-        return f"{num_train} train, {num_val} val" + ("" if segmentation else ", box-only")
+        return f"{num_train} train, {num_val} val" + (", box-only" if box_only else "")
 
     return write_dataset_once(root, write)
 
