@@ -123,15 +123,21 @@ def truncate(path: Path, keep: float = 0.5) -> Path:
 
 
 def write_bad_images(folder: Path, suffix: str = ".JPEG") -> dict[str, Path]:
-    """A truncated JPEG, a text file named like an image, and a zero-byte file."""
+    """A truncated JPEG, a PNG with a damaged data stream, a text file named like an image, and a zero-byte file
+    (all named ``*suffix``: loaders go by the content, as Pillow does)."""
     folder.mkdir(parents=True, exist_ok=True)
     good = folder / f"truncated{suffix}"
     Image.fromarray(_pattern(64, 80, 8)).save(good, format="JPEG", quality=90)
+    corrupt = folder / f"corrupt{suffix}"
+    Image.fromarray(_pattern(64, 80, 9)).save(corrupt, format="PNG")
+    data = bytearray(corrupt.read_bytes())
+    data[60:76] = bytes(16)  # inside the first IDAT chunk: the header reads, the pixels do not
+    corrupt.write_bytes(data)
     text = folder / f"text{suffix}"
     text.write_text("<html>404 Not Found</html>\n")
     empty = folder / f"empty{suffix}"
     empty.write_bytes(b"")
-    return {"truncated": truncate(good), "text": text, "empty": empty}
+    return {"truncated": truncate(good), "corrupt": corrupt, "text": text, "empty": empty}
 
 
 # ---- ADE20K --------------------------------------------------------------------------------------------------------

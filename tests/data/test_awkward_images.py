@@ -36,7 +36,7 @@ def test_imagenet_loader(tmp_path) -> None:
     for i, (path, target) in enumerate(data.samples):
         kind, item = by_path[path]
         image, label = data[i]
-        assert image.mode == "RGB" and label == (1 if kind.startswith("b_") else 0)
+        assert image.mode == "RGB" and label == target == (1 if kind.startswith("b_") else 0)
         assert_pixels(np.asarray(image), item, kind)
     # and through the recipe's transforms: every kind gives the configured tensor
     dm.data_train.transform, evaluate = dm.build_transform(True), dm.data_val

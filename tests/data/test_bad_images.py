@@ -19,7 +19,8 @@ from vision_mamba.data.errors import BadImageError, DatasetError
 from vision_mamba.data.imagenet import ImageFolderDataModule
 from vision_mamba.data.images import read_mask, read_rgb
 
-PROBLEMS = {"truncated": "is truncated", "text": "is not an image", "empty": "is empty"}
+PROBLEMS = {"truncated": "is truncated", "corrupt": "cannot be read (OSError: ", "text": "is not an image",
+            "empty": "is empty"}
 
 
 # ---- reading -------------------------------------------------------------------------------------------------------

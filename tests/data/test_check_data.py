@@ -6,12 +6,12 @@ import json
 
 import numpy as np
 import pytest
-from check_data import check
 from helpers import compose_config
 from PIL import Image
 from test_train import write_tiny_imagenet
 from test_user_errors import run
 
+from check_data import check
 from data.awkward import set_coco_entry, truncate, write_awkward_ade20k, write_awkward_coco, write_bad_images
 from vision_mamba.data.ade20k import ADE20KDataModule
 from vision_mamba.data.check import check_splits
@@ -33,10 +33,11 @@ def test_imagenet_clean_then_bad_files_exit_status_and_summary(tmp_path, capsys)
     lines = sorted(line for line in proc.stdout.splitlines() if line.startswith("bad: "))
     expected = sorted((f"bad: val: {path} {problem}" for path, problem in (
         (bad["truncated"], "is truncated ("),
+        (bad["corrupt"], "cannot be read (OSError: "),
         (bad["text"], "is not an image (Pillow does not recognise its format)"),
         (bad["empty"], "is empty (0 bytes)"))))
-    assert len(lines) == 3 and all(line.startswith(want) for line, want in zip(lines, expected)), lines
-    assert "3 unusable file(s)" in proc.stdout and "data.bad_images=skip" in proc.stdout
+    assert len(lines) == 4 and all(line.startswith(want) for line, want in zip(lines, expected)), lines
+    assert "4 unusable file(s)" in proc.stdout and "data.bad_images=skip" in proc.stdout
     assert not list(tmp_path.glob("logs")) and not list(tmp_path.glob("outputs"))  # a check writes nothing
 
     (root / "val" / "n01443537").rename(root / "val" / "n00000000")

@@ -131,3 +131,86 @@ def test_up_front_data_errors_through_train_py(case: str, tmp_path) -> None:
         assert_short_error(proc, "is a box-only file", "pass task.masks=false")
     assert proc.returncode == 2 and proc.stderr.count("error:") == 1
     assert not list(tmp_path.glob("logs/train/runs/*/checkpoints/*.ckpt"))
+
+
+def test_layout_errors_name_the_folder_or_file(tmp_path) -> None:
+    """Every layout message of the three loaders (the ones not met above or in tests/test_user_errors.py)."""
+    import torch
+
+    from vision_mamba.data.ade20k import collate_same_size
+    from vision_mamba.data.common import per_device_batch_size
+
+    # ImageNet
+    root = write_tiny_imagenet(tmp_path / "imagenet")
+    shutil.rmtree(root / "val")
+    with pytest.raises(DatasetError, match=r"imagenet/val does not exist \(expected the ImageNet layout"):
+        ImageFolderDataModule(root=str(root), num_classes=3, batch_size=2).setup("fit")
+    (root / "val").mkdir()
+    with pytest.raises(DatasetError, match=r"imagenet/val has no class folders \(expected the ImageNet layout"):
+        ImageFolderDataModule(root=str(root), num_classes=3, batch_size=2).setup("validate")
+
+    # ADE20K
+    ade = tmp_path / "ade"
+    ade.mkdir()
+    with pytest.raises(DatasetError, match=r"data.root=.*ade holds no images/ and annotations/ folders"):
+        ADE20KDataModule(root=str(ade), batch_size=2).setup("fit")
+    write_awkward_ade20k(ade)
+    base = ade / "ADEChallengeData2016"
+    shutil.rmtree(base / "annotations" / "training")
+    with pytest.raises(DatasetError, match=r"annotations/training does not exist \(expected the ADE20K release"):
+        ADE20KDataModule(root=str(ade), batch_size=2).setup("fit")
+    for f in (base / "images" / "validation").iterdir():
+        f.unlink()
+    with pytest.raises(DatasetError, match=r"images/validation holds no images \(\*\.jpg\)"):
+        ADE20KDataModule(root=str(ade), batch_size=2).setup("validate")
+    with pytest.raises(DatasetError, match="validation images differ in size and cannot share a batch: set "
+                                           "data.val_batch_size=1"):
+        collate_same_size([(torch.zeros(3, 4, 4), torch.zeros(4, 4)), (torch.zeros(3, 4, 5), torch.zeros(4, 5))])
+
+    # COCO
+    with pytest.raises(DatasetError, match=r"data.root=.*nowhere does not exist \(expected the COCO layout"):
+        CocoDataModule(root=str(tmp_path / "nowhere"), batch_size=2).setup("fit")
+    with pytest.raises(DatasetError, match=r"data.root=.*nowhere does not exist \(expected the COCO layout"):
+        CocoDataModule(root=str(tmp_path / "nowhere"), batch_size=2).check_plan()
+    coco = write_shapes_coco(tmp_path / "coco", num_train=6, num_val=4)
+    ann = coco / "annotations" / "instances_val2017.json"
+    good = ann.read_text()
+
+    def val_split():
+        CocoInstances(coco / "val2017", ann)
+
+    ann.write_text(good[:-10])
+    with pytest.raises(DatasetError, match=r"instances_val2017.json is not valid JSON .*: re-download or regenerate"):
+        val_split()
+    ann.write_text(json.dumps({"images": [], "annotations": []}))
+    with pytest.raises(DatasetError, match=r"lacks \['categories'\]: it must be a COCO instances json"):
+        val_split()
+    ann.write_text(json.dumps({**json.loads(good), "categories": []}))
+    with pytest.raises(DatasetError, match="instances_val2017.json defines no categories"):
+        val_split()
+    ann.write_text(json.dumps({**json.loads(good), "annotations": []}))
+    with pytest.raises(DatasetError, match=r"instances_val2017.json leaves no usable image in .*val2017$"):
+        CocoInstances(coco / "val2017", ann, train=True)
+    data = json.loads(good)
+    data["annotations"] = [dict(a, category_id=77) for a in data["annotations"]]
+    ann.write_text(json.dumps(data))
+    with pytest.raises(DatasetError, match=r"leaves no usable image in .*val2017 \(skipped annotations: \d+ with an "
+                                           r"unknown category\)"):
+        CocoInstances(coco / "val2017", ann, train=True)
+    data = json.loads(good)
+    data["categories"] = data["categories"][:2] + [{"id": 10, "name": "star"}]
+    ann.write_text(json.dumps(data))
+    with pytest.raises(DatasetError, match=r"the categories of .*instances_train2017.json and .*instances_val2017.json "
+                                           r"differ: both splits need the same category list"):
+        CocoDataModule(root=str(coco), num_classes=3, batch_size=2).setup("fit")
+    ann.write_text(good)
+    shutil.rmtree(coco / "val2017")
+    with pytest.raises(DatasetError, match=r"image folder .*val2017 does not exist \(expected the COCO layout"):
+        val_split()
+
+    class Trainer:
+        world_size = 3
+
+    with pytest.raises(DatasetError, match=r"data.batch_size=4 is the global batch size and must divide by the number "
+                                           r"of processes \(3\); pick a multiple of 3"):
+        per_device_batch_size(4, Trainer())

@@ -61,11 +61,7 @@ def to_rgb(img: Image.Image) -> Image.Image:
 
 def read_rgb(path: str | Path) -> Image.Image:
     """An image file as an RGB PIL image (stored pixel order), or a BadImageError naming the file."""
-    img = open_image(path)
-    try:
-        return to_rgb(img)
-    except DECODE_ERRORS as err:  # modes Pillow cannot convert (e.g. some LAB or float TIFFs)
-        raise BadImageError.of(path, f"has mode {img.mode}, which cannot be converted to RGB ({err})") from None
+    return to_rgb(open_image(path))
 
 
 def check_image(path: str | Path) -> None:

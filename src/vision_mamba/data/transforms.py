@@ -11,7 +11,7 @@ import cv2
 import numpy as np
 from PIL import Image
 from timm.data import create_transform
-from timm.data.auto_augment import AugMixAugment, AutoAugment, AugmentOp, RandAugment
+from timm.data.auto_augment import AugmentOp, AugMixAugment, AutoAugment, RandAugment
 from torchvision import transforms as T
 
 from vision_mamba.data.images import to_rgb

@@ -92,9 +92,9 @@ class DetectionTask(VisionTask):
         self.save_hyperparameters(ignore=["net", "optimizer", "detector"], logger=False)
         self.output_dir = Path(output_dir) if output_dir else None
         self.target_keys = ("boxes", "labels", "masks") if masks else ("boxes", "labels")
-        iou_types = ("bbox", "segm") if masks else ("bbox",)
+        self.iou_types = ("bbox", "segm") if masks else ("bbox",)
         self.metrics = nn.ModuleDict({
-            stage: MeanAveragePrecision(iou_type=iou_types, backend=coco_backend()) for stage in ("val", "test")
+            stage: MeanAveragePrecision(iou_type=self.iou_types, backend=coco_backend()) for stage in ("val", "test")
         })
         self.val_map_best = MaxMetric()
         self.val_map_best.persistent(True)  # kept across a resume; sanity-check validation never updates it
@@ -161,9 +161,10 @@ class DetectionTask(VisionTask):
         computed = self.metrics[stage].compute()
         self.metrics[stage].reset()
         logged = {}
-        for iou in ("bbox", "segm"):
+        for iou in self.iou_types:
+            prefix = f"{iou}_" if len(self.iou_types) > 1 else ""  # torchmetrics prefixes only with several types
             for key, name in METRICS.items():
-                value = computed.get(f"{iou}_{key}")
+                value = computed.get(prefix + key)
                 if value is not None:
                     logged[f"{stage}/{iou}_{name}"] = value.float()
         for name, value in logged.items():  # already synced over ranks by the metric's compute()
