@@ -166,7 +166,7 @@ class LabelHistogram:
         self.counts = np.zeros(256, np.int64)
         self.ignored = 0 if reduce_zero_label else IGNORE_INDEX
 
-    def add(self, summary: dict[str, Any], counts: np.ndarray) -> None:
+    def add(self, counts: np.ndarray) -> None:
         self.counts += counts
 
     def __str__(self) -> str:

@@ -67,19 +67,18 @@ class BadFiles:
         )
 
     def record(self, err: BadImageError) -> None:
-        with open(self.record_path, "a") as f:  # appends of one short line: whole lines, whichever process writes
-            f.write(f"{err.path}\t{err.problem}\n")
+        # one short line per append (O_APPEND): lines stay whole, whichever process writes them
+        with open(self.record_path, "ab") as f:
+            f.write(f"{err.path}\t{err.problem}\n".encode())
 
     def read_new(self) -> list[tuple[str, str]]:
         """(path, problem) of the skips recorded since the last call, in the order they happened."""
-        if self.record_path is None:
-            return []
-        with open(self.record_path) as f:
+        with open(self.record_path, "rb") as f:
             f.seek(self._read_upto)
             lines = f.readlines()
-        complete = [line for line in lines if line.endswith("\n")]  # a line still being written waits for next time
-        self._read_upto += sum(len(line.encode()) for line in complete)
-        return [tuple(line.rstrip("\n").split("\t", 1)) for line in complete]
+        complete = [line for line in lines if line.endswith(b"\n")]  # a line still being written waits
+        self._read_upto += sum(map(len, complete))
+        return [tuple(line.decode().rstrip("\n").split("\t", 1)) for line in complete]
 
     def attach(self, trainer: Trainer | None) -> None:
         """Have ``trainer`` report this record at every epoch end (once per trainer; nothing to do for ``error``)."""
@@ -99,8 +98,8 @@ def _remove(path: str, owner: int) -> None:
 
 
 class BadFileReport(Callback):
-    """Lists the files skipped under ``data.bad_images=skip``: a log line per epoch in which some were met (at the
-    end of its validation, or of its training when nothing is met after validation; and after a test), and
+    """Lists the files skipped under ``data.bad_images=skip``: one log line for each epoch in which some were met
+    (written when its validation ends; files met after that, when its training ends) and one after a test, and
     ``<run>/bad_images.txt`` (every file skipped so far, ``path<TAB>problem``, sorted; ``bad_images.rank<N>.txt`` for
     the other processes of a multi-process run, which read other files). Added by the datamodule's ``setup``."""
 

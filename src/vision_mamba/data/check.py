@@ -18,14 +18,15 @@ from vision_mamba.data.errors import DatasetError
 @dataclass
 class SplitCheck:
     """One split to check: ``read(item)`` for every item (a module-level function, so worker processes can run it)
-    raises a DatasetError for an unusable sample or returns statistics that ``merge(summary, stats)`` folds into
-    ``summary`` (what is known from the listing and the annotations: classes, images, annotations...)."""
+    raises a DatasetError for an unusable sample or returns statistics, which ``merge(stats)`` takes in (in this
+    process). ``summary``: what is known from the listing and the annotations (classes, images, annotations...),
+    printed as ``key value`` pairs."""
 
     name: str
     items: list[Any]
     read: Callable[[Any], Any]
     summary: dict[str, Any] = field(default_factory=dict)
-    merge: Callable[[dict[str, Any], Any], None] | None = None
+    merge: Callable[[Any], None] | None = None
 
 
 @dataclass
@@ -63,7 +64,7 @@ def read_all(split: SplitCheck, workers: int, progress: Progress) -> Iterator[Ba
             if bad is not None:
                 yield BadSample(split.name, *bad)
             elif split.merge is not None:
-                split.merge(split.summary, stats)
+                split.merge(stats)
     finally:
         if pool is not None:
             pool.terminate()

@@ -135,13 +135,12 @@ class CocoInstances(Dataset):
     Annotations are checked once, up front: those for images that are not in the file, with an unknown category, a
     degenerate box (w or h < ``min_box_size`` after clipping to the image) or, with ``masks``, an unusable
     segmentation or an RLE of another size than the image are skipped, counted and logged (``skipped``), so nothing
-    fails mid-epoch. A file without any
-    segmentation is box-only: with ``masks`` it is a DatasetError that says so (``task.masks=false`` trains boxes).
-    An image listed in the json whose file is missing is a DatasetError. With ``train=True``, crowd annotations are
-    dropped (torchvision's losses do not know "ignore" regions) and ``filter_empty`` drops images left with no
-    annotation; evaluation keeps everything and passes ``iscrowd`` on, so COCO eval ignores detections on crowd
-    regions. An image file that cannot be read, or whose size is not the json's width/height, is handled by
-    ``bad_files`` (``data.bad_images``).
+    fails mid-epoch. A file without any segmentation is box-only: with ``masks`` it is a DatasetError that says so
+    (``task.masks=false`` trains boxes). An image listed in the json whose file is missing is a DatasetError. With
+    ``train=True``, crowd annotations are dropped (torchvision's losses do not know "ignore" regions) and
+    ``filter_empty`` drops images left with no annotation; evaluation keeps everything and passes ``iscrowd`` on, so
+    COCO eval ignores detections on crowd regions. An image file that cannot be read, or whose size is not the json's
+    width/height, is handled by ``bad_files`` (``data.bad_images``).
     """
 
     def __init__(
@@ -225,7 +224,7 @@ class CocoInstances(Dataset):
         if self.masks and not kept and skipped["without a usable segmentation"]:
             raise DatasetError(
                 f"{self.ann_file} is a box-only file: none of its {skipped['without a usable segmentation']} "
-                "annotations has a `segmentation` (polygon or RLE), which Mask R-CNN trains on: pass task.masks=false "
+                "annotations has a `segmentation` (polygon or RLE) for Mask R-CNN to train on: pass task.masks=false "
                 "to train and evaluate boxes only (Faster R-CNN heads, box AP)"
             )
         return kept, skipped
