@@ -124,7 +124,7 @@ def test_ade20k_pipelines_at_the_ends_of_their_ranges() -> None:
 
 
 def test_coco_large_scale_jitter_at_the_ends_of_its_range() -> None:
-    """Thin images (a 3x3000 panorama) at scale 0.1: albumentations' RandomScale resized one side to 0 px."""
+    """Thin images (a 3x3000 panorama) at scale 0.1, where albumentations' RandomScale resizes a side to 0 px."""
     for scale_range in ((0.1, 0.1), (2.0, 2.0)):
         t = coco_train_transform(64, scale_range, hflip=1.0)
         for h, w in EXTREME_SHAPES:
