@@ -81,7 +81,8 @@ def test_ade20k_layout_fit_and_test_through_train_py(tmp_path, data_dir) -> None
 def test_root_may_be_the_release_folder_itself_and_labels_are_reduced(tmp_path) -> None:
     root = write_tiny_ade(tmp_path / "ade")
     for given in (root, root / "ADEChallengeData2016"):
-        dm = ADE20KDataModule(root=str(given), num_classes=5, img_size=32, scale=(128, 32), num_workers=0)
+        dm = ADE20KDataModule(root=str(given), num_classes=5, img_size=32, scale=(128, 32), batch_size=2,
+                              num_workers=0)
         dm.setup("fit")
         assert len(dm.data_train) == 6 and len(dm.data_val) == 3
     image, mask = dm.data_val[0]
