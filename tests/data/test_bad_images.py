@@ -182,7 +182,7 @@ def test_coco_bad_image_files_and_sizes_error_or_skip(tmp_path) -> None:
 # ---- through src/train.py ------------------------------------------------------------------------------------------
 TRAIN = ["model=vim_digits", "data=imagenet", "data.num_classes=3", "data.img_size=32", "data.batch_size=2",
          "data.num_workers=2", "data.persistent_workers=false", "data.pin_memory=false", "trainer=cpu",
-         "trainer.max_epochs=2", "model.scan_backend=torch", "extras.print_config=false", "~logger",
+         "trainer.max_epochs=2", "task.schedule.warmup_epochs=1", "model.scan_backend=torch", "extras.print_config=false", "~logger",
          "~callbacks.lr_monitor", "callbacks.rich_progress_bar=null", "callbacks.model_summary=null", "test=false"]
 
 

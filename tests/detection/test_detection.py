@@ -318,7 +318,7 @@ def test_masks_false_is_faster_rcnn_and_masks_true_has_mask_rcnn_keys() -> None:
 
 def test_box_only_data_trains_and_evaluates_boxes_through_train_py(tmp_path, data_dir) -> None:
     root = write_shapes_coco(tmp_path / "boxes", num_train=8, num_val=4, box_only=True)
-    cfg = compose_config("train.yaml", ["task=detection", f"data.root={root}", "task.masks=false",
+    cfg = compose_config("train.yaml", ["experiment=shapes_det", f"data.root={root}", "task.masks=false",
                                         "data.img_size=64", "data.batch_size=2", "task.write_results=true",
                                         "model.embed_dim=32", "model.depth=2", *SMALL_HEADS])
     assert cfg.data.masks is False and cfg.task.detector.masks is False
