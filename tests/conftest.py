@@ -5,8 +5,12 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import pytest
-import torch
+# one compute thread per test process (set before torch is imported, which reads it): pytest-xdist runs one process
+# per core, and Vim's small elementwise ops run faster on one thread than on two contending ones
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 # Triton reads TRITON_INTERPRET when a kernel is decorated, i.e. at `import vim_kernels` (its Triton modules are
 # imported statically), which test modules do at collection time: so it is set here, first. Without CUDA the Triton
