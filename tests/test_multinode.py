@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from vision_mamba.checkpointing import load_checkpoint
+
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN = str(ROOT / "src" / "train.py")
 
@@ -44,7 +46,7 @@ def last_val(run: Path) -> dict[str, float]:
 
 
 def weights(run: Path) -> dict[str, torch.Tensor]:
-    ckpt = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    ckpt = load_checkpoint(run / "checkpoints" / "last.ckpt")
     assert ckpt["global_step"] == 3
     return {k: v for k, v in ckpt["state_dict"].items() if k.startswith("net.")}
 

@@ -13,6 +13,8 @@ from helpers import as_job, compose_config, make_fast, run_train
 from omegaconf import open_dict
 from PIL import Image
 
+from vision_mamba.checkpointing import load_checkpoint
+
 
 def write_tiny_imagenet(root: Path, classes=("n01440764", "n01443537", "n01484850"), per_class=(6, 3)) -> Path:
     """A tiny ImageNet: root/{train,val}/<wnid>/*.JPEG, each class a distinct colour plus noise."""
@@ -72,7 +74,7 @@ def test_digits_learning_check_and_eval_reproduces_val_acc(tmp_path, data_dir) -
     assert_learns_on_digits(tmp_path, data_dir, [])
 
     best = next(Path(tmp_path, "checkpoints").glob("epoch_*.ckpt"))
-    logged = torch.load(best, map_location="cpu", weights_only=False)["callbacks"]
+    logged = load_checkpoint(best)["callbacks"]
     best_score = float(next(v["best_model_score"] for k, v in logged.items() if k.startswith("ModelCheckpoint")))
 
     from eval import evaluate

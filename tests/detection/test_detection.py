@@ -386,7 +386,7 @@ def test_fit_and_test_through_train_py_on_a_coco_layout(coco_root, tmp_path, dat
     assert all(len(r["bbox"]) == 4 and "counts" in r["segmentation"] for r in results)
     # the task's and datamodule's hparams are plain Python (no OmegaConf nodes, no partials): what a
     # torch.load(weights_only=True) accepts
-    ckpt = torch.load(next((out / "checkpoints").glob("epoch_*.ckpt")), map_location="cpu", weights_only=False)
+    ckpt = torch.load(next((out / "checkpoints").glob("epoch_*.ckpt")), map_location="cpu", weights_only=True)
 
     def plain(obj) -> bool:
         if isinstance(obj, dict):
