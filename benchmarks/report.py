@@ -172,6 +172,15 @@ def ddp_section(record: dict) -> list[str]:
     ]
 
 
+def embedded_section(record: dict) -> list[str]:
+    rows = [[r["run"], f"`{r['overrides']}`", r["metric"], num(r["value"]), r["test_metric"], num(r["test_value"]),
+             str(r["epochs"]), f"{r['wall_s'] / 60:.1f}", num(r.get("load_average_1min"))] for r in record["rows"]]  # fmt: skip
+    env = record["environment"]
+    return [f"The embedded defaults trained end to end by `src/train.py` on {env.get('cpu_count')} cores "
+            f"({env.get('host_cpu')}; the load average beside each run says how shared the machine was):", "",
+            *table(["run", "overrides", "metric", "best", "test metric", "test", "epochs", "minutes", "load"], rows)]  # fmt: skip
+
+
 SECTIONS: dict[str, tuple[str, Callable]] = {
     "scan": ("Scan", scan_section),
     "backbones": ("Backbones", backbones_section),
@@ -179,6 +188,7 @@ SECTIONS: dict[str, tuple[str, Callable]] = {
     "ab": ("A/B", ab_section),
     "loader": ("Data loader", loader_section),
     "ddp_scaling": ("DDP", ddp_section),
+    "embedded": ("Embedded defaults", embedded_section),
 }
 
 

@@ -77,6 +77,7 @@ def smoke_runs(folder: Path) -> dict:
         "loader": lambda: script("loader").main(["--quick", "--data", str(folder / "loader_data"), *out]),
         "ddp_scaling": lambda: script("ddp_scaling").main([str(folder / "ddp" / "one"), str(folder / "ddp" / "two"),
                                                            "--gpus", "2", *out]),
+        "embedded": lambda: script("embedded").main(["--quick", "--runs", "digits", *out]),
     }  # fmt: skip
 
 
@@ -216,6 +217,13 @@ def test_ddp_scaling_from_two_csv_logs(records) -> None:
     rows = smoke_record(records, "ddp_scaling")["rows"]
     assert [r["images_per_s"] for r in rows] == [100.0, 180.0]
     assert rows[1]["speedup"] == pytest.approx(1.8) and rows[1]["efficiency"] == pytest.approx(0.9)
+
+
+def test_embedded_run_reports_its_metrics_from_the_run_log(records) -> None:
+    # one epoch of `make train` (2 batches, 1 val batch): the best val top-1 and the test top-1 of its checkpoint
+    (row,) = smoke_record(records, "embedded")["rows"]
+    assert row["run"] == "digits" and row["metric"] == "val/acc1_best" and row["epochs"] == 1
+    assert 0.0 <= row["value"] <= 1.0 and 0.0 <= row["test_value"] <= 1.0 and row["wall_s"] > 0
 
 
 def test_records_merge_only_on_the_same_code_and_machine(tmp_path, monkeypatch) -> None:
