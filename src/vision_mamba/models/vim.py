@@ -61,8 +61,8 @@ class PatchEmbed(nn.Module):
         grid = self.feat_size(x.shape[-2:])
         if self.stride != self.patch_size:
             return self.proj(x).flatten(2).transpose(1, 2), grid
-        # non-overlapping patches: the conv is one GEMM over the flattened patches. cuDNN's bf16 conv took 1.56 of
-        # vim_tiny's 51 ms at 1248 px (H100); the patch copy and GEMM take ~0.4 ms (benchmarks/README.md)
+        # non-overlapping patches: the conv is one GEMM over the flattened patches, which at high resolution costs
+        # less than cuDNN's strided bf16 conv (benchmarks/profiler.py shows both kernels)
         if torch.is_autocast_enabled(x.device.type):
             x = x.to(torch.get_autocast_dtype(x.device.type))  # what the conv would have cast to, before the copy
         (b, c), p = x.shape[:2], self.patch_size
