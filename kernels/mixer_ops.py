@@ -119,11 +119,11 @@ def mamba_inner_bwd(
     dx_proj_w = per_route_weight_grad(dx_dbl, u)
     dx, dconv_w, dconv_b = route_conv_bwd(du, x, w32, b32, index32, inverse32)
     dA_log = dA[:, :N].transpose(1, 2) * A  # A = -exp(A_log)
-    return (
-        dx, dz, dconv_w.to(conv_w.dtype), dconv_b.to(conv_b.dtype), dx_proj_w.to(x_proj_w.dtype),
-        ddt_proj_w.to(dt_proj_w.dtype), ddb.to(dt_bias.dtype, copy=True), dA_log.to(A_log.dtype),
-        dD.to(D.dtype, copy=True),
-    )  # fmt: skip
+    # contiguous, as the fake declares: a compiled graph asserts the strides it was traced with
+    grads = (dx, dz, dconv_w.to(conv_w.dtype), dconv_b.to(conv_b.dtype), dx_proj_w.to(x_proj_w.dtype),
+             ddt_proj_w.to(dt_proj_w.dtype), ddb.to(dt_bias.dtype, copy=True), dA_log.to(A_log.dtype),
+             dD.to(D.dtype, copy=True))  # fmt: skip
+    return tuple(g.contiguous() for g in grads)
 
 
 @mamba_inner_bwd.register_fake

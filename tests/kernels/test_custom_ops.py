@@ -3,11 +3,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import pytest
 import torch
 import vim_kernels as vk
+from torch._subclasses.fake_utils import CrossRefFakeMode
 from vim_kernels import select_config
 
 CUDA = torch.cuda.is_available()
@@ -48,6 +50,24 @@ def grads(args: dict, names) -> dict:
 SCAN_DIFF = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
 
 
+@contextlib.contextmanager
+def fakes_match(*ops: str):
+    """Every vim:: op run inside runs on fake tensors too, and its outputs' shapes, dtypes and strides must equal the
+    real ones: a compiled graph asserts the strides its fakes promised (opcheck compares the forward's values, not
+    the backward op's strides). `ops`: the op names that must have run."""
+    seen = set()
+
+    def other_namespace(op) -> bool:
+        if getattr(op, "namespace", None) == "vim":
+            seen.add(op._opname)
+            return False
+        return True
+
+    with CrossRefFakeMode(ignore_op_fn=other_namespace, check_strides=True):
+        yield
+    assert set(ops) <= seen, f"never ran: {set(ops) - seen}"
+
+
 @needs_triton
 def test_selective_scan_ops():
     a = scan_args(R=1)
@@ -56,6 +76,8 @@ def test_selective_scan_ops():
     args = [t.detach().clone().requires_grad_() for t in args]
     cfg = select_config(1, 3, 1, 5, 2, True, DEV).encode()
     torch.library.opcheck(torch.ops.vim.selective_scan_fwd, (*args, True, True, True, cfg))
+    with fakes_match("selective_scan_fwd", "selective_scan_bwd"):
+        vk.selective_scan(*args, delta_softplus=True, backend="triton").sum().backward()
 
 
 @needs_triton
@@ -64,6 +86,8 @@ def test_multi_route_scan_ops():
     cfg = select_config(1, 3, 2, 5, 2, True, DEV).encode()
     routes = torch.stack([torch.arange(5), torch.arange(5).flip(0)]).to(DEV)
     torch.library.opcheck(torch.ops.vim.multi_route_scan_fwd, (*a.values(), routes, True, True, cfg))
+    with fakes_match("multi_route_scan_fwd", "multi_route_scan_bwd"):
+        vk.multi_route_selective_scan(*a.values(), routes, True, backend="triton").sum().backward()
 
 
 @needs_triton
@@ -73,6 +97,8 @@ def test_mamba_inner_ops(save_states):
     xz = torch.randn(1, 5, 8, generator=_g(1)).to(DEV).requires_grad_()
     cfg = select_config(1, 4, 2, 5, 2, True, DEV).encode()
     torch.library.opcheck(torch.ops.vim.mamba_inner_fwd, (xz[..., :4], xz[..., 4:], *a.values(), save_states, cfg))
+    with fakes_match("mamba_inner_fwd", "mamba_inner_bwd"):
+        vk.mamba_inner(xz[..., :4], xz[..., 4:], *a.values(), save_states=save_states).sum().backward()
 
 
 @needs_triton
@@ -86,6 +112,8 @@ def test_mixer_inference_op():
     cfg = select_config(1, 4, 2, 5, 2, False, DEV).encode()
     routes = (a["routes"], a["index32"], a["inverse32"])
     torch.library.opcheck(torch.ops.vim.mamba_mixer_inference, (hidden, *weights, *routes, cfg))
+    with fakes_match("mamba_mixer_inference"), torch.no_grad():
+        vk.mamba_mixer_inference(hidden, weights, *routes)
 
 
 @needs_triton
@@ -94,9 +122,13 @@ def test_route_conv_and_norm_ops():
     x = torch.randn(1, 5, 4, generator=_g(3)).to(DEV).requires_grad_()
     w, b = a["conv_w"].requires_grad_(), a["conv_b"].requires_grad_()
     torch.library.opcheck(torch.ops.vim.route_conv_silu, (x, w, b, a["index32"], a["inverse32"]))
+    with fakes_match("route_conv_silu", "route_conv_silu_bwd"):
+        vk.route_conv1d_silu(x, w, b, a["routes"], backend="triton").sum().backward()
     hidden, residual, weight = torch.randn(2, 6, 8).to(DEV), torch.randn(2, 6, 8).to(DEV), torch.rand(8).to(DEV)
     torch.library.opcheck(torch.ops.vim.add_rms_norm, (hidden, residual, weight, 1e-5, torch.float32))
     torch.library.opcheck(torch.ops.vim.add_rms_norm, (hidden, None, weight, 1e-5, torch.float32))
+    with fakes_match("add_rms_norm"):  # the op is what compiled graphs call (eager calls the kernel in place)
+        torch.ops.vim.add_rms_norm(hidden, residual, weight, 1e-5, torch.float32)
 
 
 def test_torch_backend_scan_op():
@@ -106,3 +138,5 @@ def test_torch_backend_scan_op():
             -torch.rand(R, N, dim, generator=g), torch.randn(L, R, b, N, generator=g),
             torch.randn(L, R, b, N, generator=g), torch.randn(R, dim, generator=g), torch.randn(R, dim, generator=g)]  # fmt: skip
     torch.library.opcheck(torch.ops.vim.scan_tm_fwd, (*[t.requires_grad_() for t in args], True))
+    with fakes_match("scan_tm_fwd", "scan_tm_bwd"):
+        sum(t.sum() for t in torch.ops.vim.scan_tm_fwd(*args, True) if t.requires_grad).backward()
