@@ -8,9 +8,9 @@ import os
 import pytest
 import timm
 import torch
+import vim_kernels
 
 import vision_mamba.models  # noqa: F401  (registers the variants)
-import vim_kernels
 from vision_mamba.models.vim import VisionMamba
 
 CUDA = torch.cuda.is_available()
