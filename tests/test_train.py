@@ -8,7 +8,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-import torch
 from helpers import as_job, compose_config, make_fast, run_train
 from omegaconf import open_dict
 from PIL import Image

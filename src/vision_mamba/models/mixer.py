@@ -23,8 +23,8 @@ from typing import NamedTuple
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-
 import vim_kernels
+
 from vision_mamba.models import scan
 
 __all__ = [
