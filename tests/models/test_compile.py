@@ -23,11 +23,15 @@ def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
 
 def compiled_equals_eager(model, x, tol: float, backend: str = "aot_eager") -> None:
     """Compiled with fullgraph=True (any graph break raises), AOTAutograd tracing forward and backward: outputs with
-    and without gradients, and every parameter's gradient of a sum loss, against eager."""
+    and without gradients, and every parameter's gradient of a sum loss, against eager. One graph for the whole
+    model: a second step recompiles nothing (a guard on a per-block value would recompile once per block)."""
     torch._dynamo.reset()
     compiled = torch.compile(model, fullgraph=True, backend=backend)
-    out = compiled(x)
-    out.sum().backward()
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        compiled(x).sum().backward()
+        model.zero_grad()
+        out = compiled(x)
+        out.sum().backward()
     got = {n: p.grad.clone() for n, p in model.named_parameters()}
     model.zero_grad()
     ref = model(x)
