@@ -1,4 +1,4 @@
-"""vim_kernels: selective-scan (S6), route-conv and add + RMSNorm kernels for Vision Mamba (ref, torch, Triton)."""
+"""vim_kernels: selective-scan (S6), route-conv and add + RMSNorm kernels for Vision Mamba (ref, torch, parallel, Triton)."""
 
 from .interface import (
     BACKENDS,
@@ -10,6 +10,7 @@ from .interface import (
     selective_scan,
 )
 from .norm import add_rms_norm, add_rms_norm_ref
+from .parallel_scan import multi_route_selective_scan_parallel, selective_scan_parallel
 from .reference import multi_route_selective_scan_ref, selective_scan_ref
 from .route_conv import route_conv1d_silu, route_conv1d_silu_ref
 from .torch_scan import multi_route_selective_scan_torch, selective_scan_torch
@@ -22,12 +23,14 @@ __all__ = [
     "best_backend",
     "bidirectional_selective_scan",
     "multi_route_selective_scan",
+    "multi_route_selective_scan_parallel",
     "multi_route_selective_scan_ref",
     "multi_route_selective_scan_torch",
     "project_scan_inputs",
     "route_conv1d_silu",
     "route_conv1d_silu_ref",
     "selective_scan",
+    "selective_scan_parallel",
     "selective_scan_ref",
     "selective_scan_torch",
 ]

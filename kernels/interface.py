@@ -7,10 +7,11 @@ import importlib
 
 import torch
 
+from .parallel_scan import multi_route_selective_scan_parallel, selective_scan_parallel
 from .reference import _check_scan_shapes, check_route_shapes, multi_route_selective_scan_ref, selective_scan_ref
 from .torch_scan import multi_route_selective_scan_torch, selective_scan_torch
 
-BACKENDS = ("ref", "torch", "triton")
+BACKENDS = ("ref", "torch", "parallel", "triton")
 
 
 @functools.cache
@@ -24,11 +25,12 @@ def triton_module(name: str = "triton_scan"):
 
 
 def available_backends(device: torch.device | str | None = None) -> list[str]:
-    """Backends usable for tensors on `device` (default: CUDA when present): always ref and torch; triton on CUDA."""
+    """Backends usable for tensors on `device` (default: CUDA when present): always ref, torch and parallel; triton
+    on CUDA."""
     device = (
         torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     )
-    names = ["ref", "torch"]
+    names = ["ref", "torch", "parallel"]
     if device.type == "cuda" and torch.cuda.is_available() and triton_module() is not None:
         names.append("triton")
     return names
@@ -72,12 +74,15 @@ def selective_scan(
     u, delta, z: (batch, dim, L), any strides (channel-last views of (batch, L, dim) are the fast path);
     A: (dim, N) float32, negative; B, C: (batch, N, L); D, delta_bias: (dim,) float32.
     Returns out (batch, dim, L) in u's dtype; with return_last_state also the last state (batch, dim, N) float32.
-    backend: "ref" (sequential oracle), "torch" (time-major recurrence with a hand-written backward, CPU-friendly), "triton" (CUDA kernels).
+    backend: "ref" (sequential oracle), "torch" (time-major recurrence with a hand-written backward, CPU-friendly),
+    "parallel" (chunked associative scan of standard ops, for ONNX / torch.export), "triton" (CUDA kernels).
     """
     if backend == "ref":
         return selective_scan_ref(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
     if backend == "torch":
         return selective_scan_torch(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
+    if backend == "parallel":
+        return selective_scan_parallel(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
     if backend != "triton":
         raise ValueError(f"backend must be one of {BACKENDS}; got {backend!r}")
     _check_scan_shapes(u, delta, A, B, C, D, z, delta_bias)
@@ -137,6 +142,8 @@ def multi_route_selective_scan(
         return multi_route_selective_scan_ref(u, delta, A, B, C, D, z, delta_bias, routes, delta_softplus)
     if backend == "torch":
         return multi_route_selective_scan_torch(u, delta, A, B, C, D, z, delta_bias, routes, delta_softplus)
+    if backend == "parallel":
+        return multi_route_selective_scan_parallel(u, delta, A, B, C, D, z, delta_bias, routes, delta_softplus)
     if backend != "triton":
         raise ValueError(f"backend must be one of {BACKENDS}; got {backend!r}")
     check_route_shapes(u, delta, A, B, C, D, z, delta_bias, routes)

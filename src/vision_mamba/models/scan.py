@@ -1,4 +1,4 @@
-"""Picks the selective-scan backend (auto | triton | torch | ref) and gives the mixer one call signature."""
+"""Picks the selective-scan backend (auto | triton | torch | parallel | ref) and gives the mixer one call signature."""
 
 from __future__ import annotations
 
@@ -6,7 +6,8 @@ import functools
 
 import torch
 
-BACKENDS = ("auto", "triton", "torch", "ref")
+# parallel: the chunked associative scan of standard tensor ops that ONNX and torch.export trace (src/export.py)
+BACKENDS = ("auto", "triton", "torch", "parallel", "ref")
 
 
 def check_backend(name: str) -> str:
@@ -105,4 +106,6 @@ def add_rms_norm(hidden, residual, weight, eps, out_dtype, inplace: bool = False
     """A block's residual add + RMSNorm in one pass, without autograd (vim_kernels.add_rms_norm), on the block's
     scan backend: (normed in out_dtype, new float32 residual)."""
     backend = resolve_backend(backend, hidden.device)
+    if backend == "parallel":  # the norm has no export-specific form: its torch path is plain tensor ops
+        backend = "torch"
     return _kernels().add_rms_norm(hidden, residual, weight, eps, out_dtype, inplace=inplace, backend=backend)
