@@ -9,7 +9,7 @@ import hydra
 import lightning as L
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from vision_mamba.callbacks import AtomicCheckpointIO
+from vision_mamba.checkpointing import SafeCheckpointIO, check_checkpoint_file
 from vision_mamba.utils import RankedLogger, UserError, extras, instantiate_loggers, log_hyperparameters, task_wrapper
 from vision_mamba.utils.banner import run_banner
 from vision_mamba.utils.utils import exit_on_user_error
@@ -50,14 +50,14 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     net = hydra.utils.instantiate(cfg.model)
     model = hydra.utils.instantiate(cfg.task, net=net)
     logger = instantiate_loggers(cfg.get("logger"))
-    trainer = hydra.utils.instantiate(cfg.trainer, logger=logger, plugins=[AtomicCheckpointIO()])
+    trainer = hydra.utils.instantiate(cfg.trainer, logger=logger, plugins=[SafeCheckpointIO()])
     object_dict = {"cfg": cfg, "datamodule": datamodule, "model": model, "logger": logger, "trainer": trainer}
     if logger:
         log_hyperparameters(object_dict)
     ckpt_path = cfg.ckpt_path or None  # None: the weights model.pretrained loaded (e.g. an official checkpoint)
     log.info(f"Testing {ckpt_path or 'model.pretrained=' + str(cfg.model.get('pretrained'))}")
-    # our checkpoints hold hyper-parameters as DictConfigs, which torch's weights_only loader refuses
-    trainer.test(model=model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=False)
+    # read by the trainer's SafeCheckpointIO (weights_only, see vision_mamba.checkpointing)
+    trainer.test(model=model, datamodule=datamodule, ckpt_path=ckpt_path)
     return dict(trainer.callback_metrics), object_dict
 
 
@@ -70,8 +70,10 @@ def main(cfg: DictConfig) -> None:
             "ckpt_path is required: python src/eval.py ckpt_path=logs/train/runs/<run>/checkpoints/<file>.ckpt "
             "(or ckpt_path=null model.pretrained=<official .pth> to evaluate released weights)"
         )
-    if cfg.ckpt_path and not Path(cfg.ckpt_path).is_file():
+    if cfg.ckpt_path and not Path(cfg.ckpt_path).exists():
         raise UserError(f"ckpt_path={cfg.ckpt_path} does not exist: give a .ckpt file written by train.py")
+    if cfg.ckpt_path:
+        check_checkpoint_file(cfg.ckpt_path)
     if cfg.ckpt_path and cfg.get("use_run_config"):
         adopt_run_config(cfg)
     log.info(run_banner(cfg))

@@ -13,7 +13,7 @@ from lightning import Callback, LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.loggers import Logger
 from omegaconf import DictConfig
 
-from vision_mamba.callbacks import AtomicCheckpointIO
+from vision_mamba.checkpointing import SafeCheckpointIO, check_checkpoint_file
 from vision_mamba.utils import (
     RankedLogger,
     UserError,
@@ -34,22 +34,28 @@ LIGHTNING_CKPT_KEYWORDS = ("last", "best", "hpc", "registry")
 
 
 def check_ckpt_path(ckpt_path: str | None, output_dir: str | None = None) -> None:
-    if ckpt_path and ckpt_path not in LIGHTNING_CKPT_KEYWORDS and not Path(ckpt_path).is_file():
-        raise UserError(
-            f"ckpt_path={ckpt_path} does not exist: give a .ckpt written by train.py "
-            "(they are in logs/train/runs/<run>/checkpoints/), or `last` with hydra.run.dir=<the run folder>"
-        )
-    if ckpt_path == "last" and output_dir and not list(Path(output_dir, "checkpoints").glob("last*.ckpt")):
-        # Lightning would warn and silently start from scratch in a new folder
-        raise UserError(
-            f"ckpt_path=last found no checkpoints/last.ckpt in {output_dir}: resume inside the old run with "
-            "hydra.run.dir=<the run folder> ckpt_path=last (e.g. hydra.run.dir=logs/train/runs/2025-01-31_12-00-00)"
-        )
+    """Stop before anything is built when the checkpoint to resume from is missing or could not be loaded."""
+    if ckpt_path and ckpt_path not in LIGHTNING_CKPT_KEYWORDS:
+        if not Path(ckpt_path).exists():
+            raise UserError(
+                f"ckpt_path={ckpt_path} does not exist: give a .ckpt written by train.py "
+                "(they are in logs/train/runs/<run>/checkpoints/), or `last` with hydra.run.dir=<the run folder>"
+            )
+        check_checkpoint_file(ckpt_path)
+    if ckpt_path == "last" and output_dir:
+        last = sorted(Path(output_dir, "checkpoints").glob("last*.ckpt"))
+        if not last:  # Lightning would warn and silently start from scratch in a new folder
+            raise UserError(
+                f"ckpt_path=last found no checkpoints/last.ckpt in {output_dir}: resume inside the old run with "
+                "hydra.run.dir=<the run folder> ckpt_path=last (e.g. hydra.run.dir=logs/train/runs/2025-01-31_12-00-00)"
+            )
+        for path in last:
+            check_checkpoint_file(path)
 
 
 def build_trainer(cfg: DictConfig, callbacks: list[Callback], logger: list[Logger], **extra: Any) -> Trainer:
-    # trainer configs may add plugins (e.g. trainer=slurm's SLURMEnvironment); the atomic checkpoint IO is always on
-    plugins = [AtomicCheckpointIO(), *(hydra.utils.instantiate(p) for p in cfg.trainer.get("plugins") or [])]
+    # trainer configs may add plugins (e.g. trainer=slurm's SLURMEnvironment); the safe checkpoint IO is always on
+    plugins = [SafeCheckpointIO(), *(hydra.utils.instantiate(p) for p in cfg.trainer.get("plugins") or [])]
     return hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=logger, plugins=plugins, **extra)
 
 
@@ -79,9 +85,9 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     if logger:
         log_hyperparameters(object_dict)
 
-    # our own checkpoints hold the hyper-parameters as DictConfigs, which torch's weights_only loader refuses
+    # every checkpoint is read by the trainer's SafeCheckpointIO (weights_only, see vision_mamba.checkpointing)
     if cfg.get("train"):
-        trainer.fit(model=model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"), weights_only=False)
+        trainer.fit(model=model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
     train_metrics = dict(trainer.callback_metrics)
 
     if cfg.get("test"):
@@ -89,7 +95,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
         if not ckpt_path:
             log.warning("Best ckpt not found! Using current weights for testing...")
             ckpt_path = None
-        trainer.test(model=model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=False)
+        trainer.test(model=model, datamodule=datamodule, ckpt_path=ckpt_path)
         log.info(f"Best ckpt path: {ckpt_path}")
     test_metrics = dict(trainer.callback_metrics)
 

@@ -14,6 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from vision_mamba.checkpointing import load_checkpoint
+
 ROOT = Path(__file__).resolve().parents[2]
 TRAIN = [sys.executable, str(ROOT / "src" / "train.py")]
 sys.path.insert(0, str(ROOT / "tests"))
@@ -60,7 +62,7 @@ def final_val(run: Path) -> dict[str, float]:
 def weights(ckpt: Path) -> dict[str, torch.Tensor]:
     """The model's (and its EMA's) tensors. Metric states are left out: an uninterrupted run's last.ckpt is written
     at the final step before the last validation and not again (same global step), a resumed run's after it."""
-    state = torch.load(ckpt, map_location="cpu", weights_only=False)["state_dict"]
+    state = load_checkpoint(ckpt)["state_dict"]
     return {k: v for k, v in state.items() if k.startswith(("net.", "ema."))}
 
 
@@ -83,9 +85,9 @@ def reference_run(tmp_path_factory, data_dir) -> Path:
 
 def test_atomic_checkpoint_survives_a_failed_write(tmp_path, monkeypatch) -> None:
     """A save that dies half-way (here torch.save raising after writing some bytes) leaves the old file intact."""
-    from vision_mamba.callbacks import checkpoint_io
+    from vision_mamba import checkpointing
 
-    io = checkpoint_io.AtomicCheckpointIO()
+    io = checkpointing.SafeCheckpointIO()
     path = tmp_path / "last.ckpt"
     io.save_checkpoint({"step": 1, "w": torch.ones(3)}, path)
 
@@ -93,10 +95,10 @@ def test_atomic_checkpoint_survives_a_failed_write(tmp_path, monkeypatch) -> Non
         f.write(b"partial-garbage")
         raise KeyboardInterrupt("killed mid-write")
 
-    monkeypatch.setattr(checkpoint_io.torch, "save", dying_save)
+    monkeypatch.setattr(checkpointing.torch, "save", dying_save)
     with pytest.raises(KeyboardInterrupt):
         io.save_checkpoint({"step": 2, "w": torch.zeros(3)}, path)
-    assert torch.load(path, weights_only=False)["step"] == 1
+    assert torch.load(path, weights_only=True)["step"] == 1
     assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"], "a temporary file was left behind"
 
 
@@ -104,7 +106,7 @@ def test_atomic_checkpoint_survives_sigkill_mid_write(tmp_path) -> None:
     """SIGKILL a process while it writes a big checkpoint over last.ckpt: last.ckpt is still the old, loadable one."""
     path = tmp_path / "last.ckpt"
     script = (
-        "import sys, torch; from vision_mamba.callbacks.checkpoint_io import AtomicCheckpointIO as A\n"
+        "import sys, torch; from vision_mamba.checkpointing import SafeCheckpointIO as A\n"
         f"p = {str(path)!r}; A().save_checkpoint({{'step': 1}}, p); print('ready', flush=True)\n"
         "A().save_checkpoint({'step': 2, 'big': torch.ones(32, 1024, 1024)}, p)\n"
     )
@@ -116,7 +118,7 @@ def test_atomic_checkpoint_survives_sigkill_mid_write(tmp_path) -> None:
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert list(tmp_path.glob(".last.ckpt.tmp-*")), "the kill did not land during the write"
-    assert torch.load(path, weights_only=False)["step"] == 1
+    assert torch.load(path, weights_only=True)["step"] == 1
 
 
 def test_non_finite_loss_stops_with_a_clear_message() -> None:
@@ -232,20 +234,20 @@ def test_sigkill_mid_epoch_then_resume_ends_like_the_uninterrupted_run(tmp_path,
     deadline = time.time() + 240
     try:
         while time.time() < deadline:  # wait until a checkpoint from the middle of epoch 1 exists (step 5 of 8)
-            if last.is_file() and torch.load(last, weights_only=False)["global_step"] >= 5:
+            if last.is_file() and load_checkpoint(last)["global_step"] >= 5:
                 break
             time.sleep(0.2)
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait()
-    ckpt = torch.load(last, weights_only=False)
+    ckpt = load_checkpoint(last)
     loader_state = ckpt["loops"]["fit_loop"]["state_dict"]["combined_loader"][0]
     assert 5 <= ckpt["global_step"] < 8 and loader_state["epoch"] == 1 and 0 < loader_state["consumed"] < 4, (
         "the kill should land mid-epoch", ckpt["global_step"], loader_state)
 
     train(tmp_path, data_dir, "logger=csv", f"hydra.run.dir={run}", "ckpt_path=last")
     resumed, uninterrupted = weights(last), weights(reference_run / "checkpoints" / "last.ckpt")
-    assert torch.load(last, weights_only=False)["global_step"] == 8
+    assert load_checkpoint(last)["global_step"] == 8
     for name, tensor in uninterrupted.items():
         torch.testing.assert_close(resumed[name], tensor, rtol=0, atol=0, msg=f"{name} differs after resume")
     assert final_val(run)["val/acc1"] == final_val(reference_run)["val/acc1"]
