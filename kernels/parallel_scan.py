@@ -28,9 +28,10 @@ CHUNK = 16
 
 
 def _shift(x: torch.Tensor, k: int, dim: int, fill: float) -> torch.Tensor:
-    """x moved k steps later along `dim` (its first k entries `fill`, its last k dropped): one slice and one pad."""
-    widths = [0, 0] * (x.dim() - 1 - dim) + [k, 0]  # F.pad lists (before, after) from the last dimension back
-    return F.pad(x.narrow(dim, 0, x.shape[dim] - k), widths, value=fill)
+    """x moved k steps later along `dim` (its first k entries `fill`, its last k dropped): one pad, whose negative
+    width at the end crops (one ONNX Pad)."""
+    widths = [0, 0] * (x.dim() - 1 - dim) + [k, -k]  # F.pad lists (before, after) from the last dimension back
+    return F.pad(x, widths, value=fill)
 
 
 def _doubling_scan(a: torch.Tensor, b: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -64,12 +65,17 @@ def linear_recurrence(a: torch.Tensor, b: torch.Tensor, chunk: int = CHUNK) -> t
     return h.reshape(*h.shape[:2], chunks * chunk, *h.shape[4:]).narrow(2, 0, length)
 
 
+def _float32(t: torch.Tensor | None) -> torch.Tensor | None:
+    # no cast where there is nothing to cast: a traced no-op cast is still two graph nodes for the exporters
+    return t if t is None or t.dtype == torch.float32 else t.float()
+
+
 def _scan_routes(u, delta, A, B, C, D, delta_bias, softplus):
     """float32 core in route order: u, delta (R, batch, L, dim); A (R, dim, N); B, C (R, batch, L, N); D, delta_bias
     (R, dim) or None. Returns y (R, batch, L, dim) with the D skip, and the last state (R, batch, dim, N)."""
-    u, delta, A, B, C = u.float(), delta.float(), A.float(), B.float(), C.float()
+    u, delta, A, B, C, D, delta_bias = map(_float32, (u, delta, A, B, C, D, delta_bias))
     if delta_bias is not None:
-        delta = delta + delta_bias.float()[:, None, None, :]
+        delta = delta + delta_bias[:, None, None, :]
     if softplus:
         delta = F.softplus(delta)
     a = torch.exp(delta.unsqueeze(-1) * A[:, None, None])  # (R, batch, L, dim, N), in [0, 1]
@@ -77,7 +83,7 @@ def _scan_routes(u, delta, A, B, C, D, delta_bias, softplus):
     h = linear_recurrence(a, b)
     y = torch.matmul(h, C.unsqueeze(-1)).squeeze(-1)  # <C_t, h_t> over N
     if D is not None:
-        y = y + u * D.float()[:, None, None, :]
+        y = y + u * D[:, None, None, :]
     return y, h.select(2, h.shape[2] - 1)
 
 

@@ -113,6 +113,12 @@ class ImageFolderDataModule(LightningDataModule):
                 f"{self.root / self.hparams.val_split} differ: both splits need the same classes"
             )
 
+    def state_dict(self) -> dict[str, Any]:
+        """Saved in every checkpoint (Lightning keys it by this class's name): the class names in label order, so
+        src/predict.py and src/export.py name the classes even where the data folders are gone."""
+        data = self.data_val or self.data_train
+        return {"class_names": list(data.classes)} if data is not None else {}
+
     def _loader(self, dataset, shuffle: bool, drop_last: bool, sampler=None) -> DataLoader:
         # [issue #8] the training loader resumes mid-epoch exactly; its shuffle seed is the one Lightning's
         # DistributedSampler uses, so 1- and N-process runs see the same global batches
