@@ -24,7 +24,7 @@ from .reference import _check_scan_shapes, check_route_shapes
 
 # steps per chunk: the full-size state tensor goes through log2(CHUNK) + 1 passes, the chunk-level scan through
 # log2(L / CHUNK) passes of a CHUNK times smaller one
-CHUNK = 16
+CHUNK = 8
 
 
 def _shift(x: torch.Tensor, k: int, dim: int, fill: float) -> torch.Tensor:

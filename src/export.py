@@ -25,7 +25,8 @@ def export(cfg: DictConfig) -> dict[str, Any]:
     names = None
     if run.kind == "classification":
         names = class_names(run, hydra.utils.instantiate(cfg.data))
-    metadata = export_metadata(run.kind, img_size, cfg.data.mean, cfg.data.std, names, cfg.model.model_name)
+    metadata = export_metadata(run.kind, img_size, cfg.data.mean, cfg.data.std, names, cfg.model.model_name,
+                               cfg.data.get("crop_pct"), cfg.data.get("interpolation"))
     log.info(f"Exporting the {run.kind} network ({cfg.model.model_name}) at {img_size}x{img_size} as {cfg.format}")
     report = export_network(run.net, run.kind, img_size, cfg.output, cfg.format, metadata, int(cfg.batch_size),
                             float(cfg.tolerance))

@@ -17,6 +17,9 @@ from vision_mamba.utils.errors import find_user_error
 
 # image sides the 8 px patch grids tile: the run's own (digits 32, shapes 64) and a smaller one
 SIZES = {"classification": (32, 16), "segmentation": (64, 32)}
+# measured: at most 3.4e-7 (float32); the acceptance bound is 1e-4, but a scan that carries the wrong state between
+# chunks moves the barely trained segmentation model's logits by only 7e-6
+TOLERANCE = 2e-6
 
 
 def rel_err(got: torch.Tensor, ref: torch.Tensor) -> float:
@@ -65,7 +68,7 @@ def test_onnx_and_torch_export_match_pytorch_at_two_sizes_and_batches(kind, trai
             assert report["bytes"] == path.stat().st_size > 0
             for got, ref in zip(outputs(path, images), expected):
                 assert got.shape == ref.shape
-                assert rel_err(got, ref) < 1e-4, (fmt, img_size, got.shape[0])
+                assert rel_err(got, ref) < TOLERANCE, (fmt, img_size, got.shape[0])
             if fmt == "onnx":
                 model = onnx.load(str(path))
                 assert {node.domain for node in model.graph.node} <= {""}, "only standard ONNX operators"
@@ -86,7 +89,7 @@ def test_cross_scan_model_exports_to_onnx(trained, entry_config, tmp_path) -> No
     assert cfg.model.scan == "cross"
     export(cfg)
     images = [torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(0))]
-    assert rel_err(onnx_outputs(path, images)[0], reference_outputs(reference_net(cfg), images)[0]) < 1e-4
+    assert rel_err(onnx_outputs(path, images)[0], reference_outputs(reference_net(cfg), images)[0]) < TOLERANCE
 
 
 def test_detection_export_is_refused_with_one_line(trained, entry_config, tmp_path) -> None:

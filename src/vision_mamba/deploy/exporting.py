@@ -53,15 +53,18 @@ def relative_error(got: torch.Tensor, expected: torch.Tensor) -> float:
     return ((got - expected).norm() / expected.norm().clamp_min(1e-30)).item()
 
 
-def export_metadata(kind: str, img_size: int, mean, std, class_names: list[str] | None, model_name: str) -> dict:
-    """What a user of the exported file needs beside it: the input it takes and the output it gives."""
+def export_metadata(kind: str, img_size: int, mean, std, class_names: list[str] | None, model_name: str,
+                    crop_pct: float | None = None, interpolation: str | None = None) -> dict:
+    """What a user of the exported file needs beside it: the input it takes (for classification also the
+    evaluation's resize: shorter side to img_size / crop_pct, centre crop) and the output it gives."""
     output = {"classification": "(batch, num_classes) logits",
               "segmentation": "(batch, num_classes, H, W) logits of one window (run larger images window by window)"}
     return {
         "task": kind,
         "model": model_name,
         "input": {"name": INPUT_NAME, "shape": ["batch", 3, img_size, img_size], "dtype": "float32",
-                  "layout": "RGB, (pixel / 255 - mean) / std", "mean": list(mean), "std": list(std)},
+                  "layout": "RGB, (pixel / 255 - mean) / std", "mean": list(mean), "std": list(std),
+                  "crop_pct": crop_pct, "interpolation": interpolation},
         "output": {"name": OUTPUT_NAME, "value": output[kind]},
         "class_names": class_names,
     }
@@ -77,13 +80,13 @@ def _atomic_target(output: Path):
 
 
 def export_network(net: nn.Module, kind: str, img_size: int, output: str | os.PathLike, fmt: str,
-                   metadata: dict[str, Any], batch_size: int = 2, tolerance: float = 1e-4) -> dict[str, Any]:
+                   metadata: dict[str, Any], batch_size: int = 2, tolerance: float = 1e-5) -> dict[str, Any]:
     """Export `net` (in eval mode, on the CPU) for (batch, 3, img_size, img_size) float32 images.
 
-    The network is traced at `batch_size` with the batch axis dynamic and run at batch_size + 1: the ONNX file as
-    written (checked with onnx.checker, run in onnxruntime), the ExportedProgram as saved. Its output must match
-    PyTorch's within `tolerance` relative error, else ExportCheckError and nothing is written. Returns the file, its
-    size and the measured error.
+    The network is switched to the `parallel` scan, traced at `batch_size` with the batch axis dynamic and run at
+    batch_size + 1: the ONNX file as written (checked with onnx.checker, run in onnxruntime), the ExportedProgram as
+    saved. Its output must match the network's on its own scan backend (`torch` on the CPU) within `tolerance`
+    relative error, else ExportCheckError and nothing is written. Returns the file, its size and the error.
     """
     check_exportable(kind)
     if fmt not in FORMATS:
@@ -92,13 +95,13 @@ def export_network(net: nn.Module, kind: str, img_size: int, output: str | os.Pa
     if fmt == "torch_export" and output.suffix != ".pt2":
         raise UserError(f"output={output}: torch.export programs are .pt2 files (torch.export.load reads no other)")
     net = net.eval().cpu()
-    set_export_scan(net)
     gen = torch.Generator().manual_seed(0)
     example = torch.randn(batch_size, 3, img_size, img_size, generator=gen)
     check = torch.randn(batch_size + 1, 3, img_size, img_size, generator=gen)
     with torch.no_grad():
-        net(example)  # also builds the scan routes of this grid outside the trace, where they become constants
-        expected = net(check)
+        expected = net(check)  # on the network's own scan backend: the check covers the parallel scan too
+        set_export_scan(net)
+        net(example)  # builds the scan routes of this grid outside the trace, where they become constants
     program = torch.export.export(net, (example,), dynamic_shapes=({0: torch.export.Dim("batch", min=1)},))
     tmp = _atomic_target(output)
     try:
