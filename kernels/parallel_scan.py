@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .reference import _check_scan_shapes, check_route_shapes
+from .checks import check_route_shapes, check_scan_shapes
 
 # steps per chunk: the full-size state tensor goes through log2(CHUNK) + 1 passes, the chunk-level scan through
 # log2(L / CHUNK) passes of a CHUNK times smaller one
@@ -92,7 +92,7 @@ def selective_scan_parallel(
 ):
     """Same function and signature as `selective_scan_ref` (u, delta, z (batch, dim, L); A (dim, N);
     B, C (batch, N, L); D, delta_bias (dim,)), computed by the chunked associative scan."""
-    _check_scan_shapes(u, delta, A, B, C, D, z, delta_bias)
+    check_scan_shapes(u, delta, A, B, C, D, z, delta_bias)
     one_route = lambda t: None if t is None else t.transpose(-1, -2).unsqueeze(0)  # noqa: E731 - (1, batch, L, .)
     y, last = _scan_routes(
         one_route(u),

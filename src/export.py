@@ -7,10 +7,10 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig
 
-from eval import adopt_run_config
+from eval import checkpoint_config
 from vision_mamba.deploy import export_network, load_run
 from vision_mamba.deploy.exporting import check_exportable, export_metadata
-from vision_mamba.deploy.runs import check_weights_source, class_names
+from vision_mamba.deploy.runs import class_names
 from vision_mamba.utils import RankedLogger, extras
 from vision_mamba.utils.utils import exit_on_user_error
 
@@ -41,9 +41,7 @@ def export(cfg: DictConfig) -> dict[str, Any]:
 @hydra.main(version_base="1.3", config_path="../conf", config_name="export.yaml")
 @exit_on_user_error
 def main(cfg: DictConfig) -> None:
-    check_weights_source(cfg, "export")
-    if cfg.ckpt_path and cfg.get("use_run_config"):
-        adopt_run_config(cfg)
+    checkpoint_config(cfg, "export")
     extras(cfg)
     export(cfg)
 

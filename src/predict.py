@@ -8,10 +8,9 @@ import hydra
 import torch
 from omegaconf import DictConfig
 
-from eval import adopt_run_config
+from eval import checkpoint_config
 from vision_mamba.deploy import load_run
 from vision_mamba.deploy.predicting import predict_files
-from vision_mamba.deploy.runs import check_weights_source
 from vision_mamba.utils import RankedLogger, UserError, extras
 from vision_mamba.utils.utils import exit_on_user_error
 
@@ -39,9 +38,7 @@ def predict(cfg: DictConfig) -> list[Path]:
 @hydra.main(version_base="1.3", config_path="../conf", config_name="predict.yaml")
 @exit_on_user_error
 def main(cfg: DictConfig) -> None:
-    check_weights_source(cfg, "predict")
-    if cfg.ckpt_path and cfg.get("use_run_config"):
-        adopt_run_config(cfg)
+    checkpoint_config(cfg, "predict")
     extras(cfg)
     predict(cfg)
 

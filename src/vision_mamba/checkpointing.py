@@ -1,4 +1,4 @@
-"""Checkpoint files of a run: written atomically as plain data, read only with weights_only.
+"""Checkpoint files of a run: written atomically as plain data, read only with weights_only, resumed with their config.
 
 - ``load_checkpoint(path)``: the one loader every entry point uses (torch.load with ``weights_only=True`` and a short
   allow-list; any other file is refused with one line naming what is wrong), ``check_checkpoint_file(path)`` the same
@@ -7,12 +7,18 @@
 - ``SafeCheckpointIO``: the Lightning checkpoint-IO plugin of every trainer. It writes a checkpoint as plain data
   (no OmegaConf or numpy objects) to a temporary file and renames it, so a kill never leaves half a file and every
   checkpoint loads with ``weights_only=True``; it reads through ``load_checkpoint``.
+- ``check_weights_source(cfg, command)``: what eval.py, predict.py and export.py check first: ``ckpt_path`` a file
+  that loads safely, or null with ``model.pretrained`` set.
+- ``resume_argv(argv)``: ``hydra.run.dir=<run> ckpt_path=last`` (or ``ckpt_path=<run>/checkpoints/<file>``)
+  continues that run with the config it was trained with: its recorded overrides and config choices, then the
+  overrides given now; each resume records its own config under ``<run>/.hydra/resume_<time>/``.
 """
 
 from __future__ import annotations
 
 import os
 import tempfile
+import time
 from collections import OrderedDict
 from collections.abc import Mapping
 from pathlib import Path
@@ -25,15 +31,25 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from vision_mamba.models.checkpoints import SAFE_GLOBALS, CheckpointError, check_checkpoint_file, load_checkpoint
+from vision_mamba.utils.errors import UserError
 
 __all__ = [
     "CheckpointError",
+    "LIGHTNING_CKPT_KEYWORDS",
+    "RECORD",
     "SAFE_GLOBALS",
     "SafeCheckpointIO",
     "check_checkpoint_file",
+    "check_weights_source",
     "load_checkpoint",
+    "resume_argv",
+    "run_folder_of",
     "to_plain",
 ]
+
+# ckpt_path values Lightning resolves itself (`last`: <run>/checkpoints/last.ckpt, `hpc`: SLURM's requeue checkpoint)
+LIGHTNING_CKPT_KEYWORDS = ("last", "best", "hpc", "registry")
+RECORD = ".hydra"  # where Hydra records a run's config: config.yaml, hydra.yaml, overrides.yaml
 
 
 # --- writing -----------------------------------------------------------------------------------------------------
@@ -62,10 +78,26 @@ def to_plain(obj: Any) -> Any:
     return obj
 
 
+# what Lightning stores as a record of the arguments (LightningModule / LightningDataModule.save_hyperparameters);
+# nothing is rebuilt from them on resume
+HYPER_PARAMETER_KEYS = ("hyper_parameters", "datamodule_hyper_parameters")
+
+
+def to_record(obj: Any) -> Any:
+    """``to_plain(obj)`` with every other value (a ``functools.partial`` of a model head, a class, a path) replaced
+    by its ``repr``: the hyper-parameters a task received stay readable without pickling objects."""
+    obj = to_plain(obj)
+    if isinstance(obj, dict):
+        return type(obj)((k, to_record(v)) for k, v in obj.items())
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(to_record(v) for v in obj)
+    return obj if obj is None or isinstance(obj, (bool, int, float, str, torch.Tensor)) else repr(obj)
+
+
 class SafeCheckpointIO(TorchCheckpointIO):
     """Lightning's checkpoint IO with atomic, plain-data writes and weights_only reads.
 
-    Save: ``to_plain(checkpoint)`` goes to ``<dir>/.<name>.tmp-*``, is fsynced, checked to load with
+    Save: ``to_plain(checkpoint)`` (the hyper-parameters ``to_record``-ed) goes to ``<dir>/.<name>.tmp-*``, is fsynced, checked to load with
     ``weights_only=True`` (its pickle record names no other type), then ``os.replace``-d onto the final name:
     readers see the old complete file or the new complete one (``os.replace`` is atomic on POSIX file systems).
     Load: ``load_checkpoint`` whatever ``weights_only`` Lightning asks for. Remote paths use Lightning's own IO
@@ -73,7 +105,7 @@ class SafeCheckpointIO(TorchCheckpointIO):
     """
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
-        checkpoint = to_plain(checkpoint)
+        checkpoint = {k: to_record(v) if k in HYPER_PARAMETER_KEYS else to_plain(v) for k, v in checkpoint.items()}
         if not _is_local(path):
             return super().save_checkpoint(checkpoint, path, storage_options)
         path = Path(path)
@@ -114,3 +146,104 @@ def _umask() -> int:
 def _is_local(path) -> bool:
     protocol = get_filesystem(path).protocol
     return "file" in (protocol if isinstance(protocol, tuple) else (protocol,))
+
+
+# --- resuming ----------------------------------------------------------------------------------------------------
+
+
+def run_folder_of(ckpt_path: str | os.PathLike) -> Path | None:
+    """The run folder of ``<run>/checkpoints/<file>.ckpt`` (or of ``<run>/<file>.ckpt``, SLURM's ``hpc_ckpt_N``)
+    when that folder holds the run's config record, else None."""
+    ckpt = Path(ckpt_path).resolve()
+    for folder in (ckpt.parent.parent, ckpt.parent):
+        if (folder / RECORD / "overrides.yaml").is_file():
+            return folder
+    return None
+
+
+def check_weights_source(cfg: DictConfig, command: str) -> None:
+    """``ckpt_path`` names a checkpoint file that loads safely (a hostile or damaged file is refused here, before
+    anything is built), or is null with ``model.pretrained`` set; else one line saying what is wrong. `command`: the
+    entry point (eval, predict, export) the line shows."""
+    pretrained = (cfg.get("model") or {}).get("pretrained")
+    if OmegaConf.is_missing(cfg, "ckpt_path") or (not cfg.ckpt_path and not pretrained):
+        raise UserError(
+            f"ckpt_path is required: python src/{command}.py ckpt_path=logs/train/runs/<run>/checkpoints/<file>.ckpt "
+            "(or ckpt_path=null model.pretrained=<official .pth> for released weights)"
+        )
+    if cfg.ckpt_path and not Path(cfg.ckpt_path).exists():
+        raise UserError(f"ckpt_path={cfg.ckpt_path} does not exist: give a .ckpt written by train.py")
+    if cfg.ckpt_path:
+        check_checkpoint_file(cfg.ckpt_path)
+
+
+def resume_argv(argv: list[str], config_dir: str | os.PathLike, environ: Mapping[str, str] = os.environ) -> list[str]:
+    """The command line that continues a run: ``sys.argv`` with the run's own config in front.
+
+    With ``ckpt_path=last`` (or another keyword) and ``hydra.run.dir=<run>``, or ``ckpt_path=<a checkpoint inside a
+    run folder>``, the run's config-group choices (``<run>/.hydra/hydra.yaml``; those whose option still exists in
+    ``config_dir``) and the overrides recorded in ``<run>/.hydra/overrides.yaml`` come first, then the overrides
+    given now, which win. A checkpoint path without ``hydra.run.dir`` continues in the checkpoint's run folder.
+    When the run folder already holds a record, this invocation writes its own under ``.hydra/resume_<time>/``;
+    processes other than rank 0 (DDP children, torchrun and srun ranks) write none. Multirun and Hydra flags
+    (``-m``, ``--cfg``, ...) are left as they are.
+    """
+    args = list(argv[1:])
+    if any(a.startswith("-") for a in args):
+        return list(argv)
+    given = dict(_split(a) for a in args)
+    ckpt, run_dir = given.get("ckpt_path"), given.get("hydra.run.dir")
+    if not ckpt or ckpt == "null":
+        source = None
+    elif ckpt in LIGHTNING_CKPT_KEYWORDS:
+        source = Path(run_dir) if run_dir and (Path(run_dir) / RECORD / "overrides.yaml").is_file() else None
+    else:
+        source = run_folder_of(ckpt)
+    if source is not None:
+        recorded = [str(o) for o in OmegaConf.load(source / RECORD / "overrides.yaml")]
+        keys = set(given) | {_split(o)[0] for o in recorded}
+        choices = [f"{group}={choice}" for group, choice in _choices(source, config_dir).items() if group not in keys]
+        args = choices + [o for o in recorded if _split(o)[0] not in given] + args
+        if not run_dir:
+            run_dir = str(source)
+            args.append(f"hydra.run.dir={run_dir}")
+    if "hydra.output_subdir" not in given:
+        if _is_secondary_rank(environ):
+            args.append("hydra.output_subdir=null")
+        elif run_dir and (Path(run_dir) / RECORD / "config.yaml").is_file():
+            args.append(f"hydra.output_subdir={_new_record(Path(run_dir))}")
+    return [argv[0], *args]
+
+
+def _split(override: str) -> tuple[str, str | None]:
+    """``key=value`` (also ``+key=``, ``++key=``, ``~key``; a quoted value unquoted) as (key, value)."""
+    key, sep, value = override.partition("=")
+    if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
+        value = value[1:-1]
+    return key.lstrip("+~"), value if sep else None
+
+
+def _choices(run: Path, config_dir: str | os.PathLike) -> dict[str, str]:
+    """The run's top-level config-group choices (``data: digits``, ``model: vim_small``, ...) that still exist."""
+    hydra_record = run / RECORD / "hydra.yaml"
+    if not hydra_record.is_file():
+        return {}
+    choices = OmegaConf.select(OmegaConf.load(hydra_record), "hydra.runtime.choices", default=None) or {}
+    return {
+        group: choice for group, choice in choices.items()
+        if "/" not in group and group != "hydra" and isinstance(choice, str)
+        and (Path(config_dir) / group / f"{choice}.yaml").is_file()
+    }
+
+
+def _new_record(run: Path) -> str:
+    stamp = time.strftime("%Y-%m-%d_%H-%M-%S")
+    name, n = f"resume_{stamp}", 1
+    while (run / RECORD / name).exists():
+        name, n = f"resume_{stamp}_{n}", n + 1
+    return f"{RECORD}/{name}"
+
+
+def _is_secondary_rank(environ: Mapping[str, str]) -> bool:
+    """Set by torchrun (RANK), Lightning's DDP re-launch (LOCAL_RANK, NODE_RANK) and srun (SLURM_PROCID)."""
+    return any(environ.get(k, "0").strip() not in ("", "0") for k in ("RANK", "LOCAL_RANK", "NODE_RANK", "SLURM_PROCID"))

@@ -14,8 +14,8 @@ from omegaconf import OmegaConf, open_dict
 # Mask R-CNN, and a two-block digits model with the four-route cross scan
 RUNS = {
     "classification": [],
-    "segmentation": ["task=segmentation"],
-    "detection": ["task=detection"],
+    "segmentation": ["experiment=shapes_seg"],
+    "detection": ["experiment=shapes_det"],
     "cross": ["model.scan=cross", "+model.depth=2"],
 }
 
@@ -44,6 +44,7 @@ def train_once(shared: Path, name: str) -> Path:
             # what Hydra records for a run launched from the command line
             (run / ".hydra").mkdir(exist_ok=True)
             OmegaConf.save(job, run / ".hydra" / "config.yaml")
+            OmegaConf.save(OmegaConf.create(RUNS[name]), run / ".hydra" / "overrides.yaml")
     return run
 
 

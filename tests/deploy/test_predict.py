@@ -3,7 +3,6 @@ same checkpoint, and bad input as one error line."""
 
 from __future__ import annotations
 
-import builtins
 import json
 import os
 import shutil
@@ -16,16 +15,16 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import ROOT, as_job, compose_config, make_fast
+from helpers import ROOT, Exec, as_job, compose_config, make_fast
 from omegaconf import open_dict
 from PIL import Image
 from torchmetrics.classification import MulticlassAccuracy, MulticlassJaccardIndex
 
 from eval import adopt_run_config, evaluate
 from predict import predict
-from vision_mamba.checkpointing import load_checkpoint
+from vision_mamba.checkpointing import check_weights_source, load_checkpoint
 from vision_mamba.deploy import load_run
-from vision_mamba.deploy.runs import check_weights_source, class_names
+from vision_mamba.deploy.runs import class_names
 from vision_mamba.utils.errors import find_user_error
 
 
@@ -179,16 +178,6 @@ def test_checkpoint_of_another_task_is_named(trained, entry_config, tmp_path) ->
     shutil.copy(trained("segmentation") / "checkpoints" / "last.ckpt", outside)
     message = user_error_of(lambda: run_predict(entry_config, outside, tmp_path, tmp_path / "out"))
     assert "is a segmentation checkpoint but the config builds a classification task" in message
-
-
-class Exec:
-    """Unpickling this creates `marker` (builtins.exec)."""
-
-    def __init__(self, marker: Path) -> None:
-        self.marker = marker
-
-    def __reduce__(self):
-        return builtins.exec, (f"open({str(self.marker)!r}, 'w').close()",)
 
 
 def test_hostile_checkpoint_is_refused_before_anything_runs(trained, entry_config, tmp_path) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import builtins
 import io
 import os
 import pickle
@@ -11,12 +10,13 @@ import subprocess
 import sys
 import zipfile
 from collections import OrderedDict
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from helpers import ROOT, compose_config, make_fast, run_train
+from helpers import ROOT, Exec, compose_config, make_fast, run_train
 from lightning.fabric.utilities.data import AttributeDict
 from omegaconf import OmegaConf
 
@@ -37,16 +37,6 @@ class SystemCall:
 
     def __reduce__(self):
         return os.system, (f"touch {self.marker}",)
-
-
-class Exec:
-    """Unpickling this runs Python code that creates ``marker`` (builtins.exec)."""
-
-    def __init__(self, marker: Path) -> None:
-        self.marker = marker
-
-    def __reduce__(self):
-        return builtins.exec, (f"open({str(self.marker)!r}, 'w').close()",)
 
 
 @pytest.fixture(scope="module")
@@ -118,6 +108,27 @@ def test_hostile_checkpoint_never_runs(entry: str, name: str, hostile, tmp_path,
     assert_one_error_line(proc, name, GLOBALS[name], "refused")
     if entry == "train.py ckpt_path" and name == "trapped.ckpt":
         assert "Instantiating datamodule" not in proc.stdout + proc.stderr, "refused only after building the run"
+
+
+@pytest.mark.parametrize("kind", ["text", "truncated", "other variant"])
+@pytest.mark.parametrize("script", ["train.py", "eval.py"])
+def test_a_checkpoint_that_does_not_fit_is_one_line(script: str, kind: str, run_checkpoint, tmp_path, data_dir) -> None:
+    path = tmp_path / "given.ckpt"
+    args = [f"ckpt_path={path}"]
+    if kind == "text":
+        path.write_text("not a checkpoint\n")
+        needles = ["given.ckpt: not a readable torch checkpoint: a text file (it begins 'not a checkpoint')"]
+    elif kind == "truncated":
+        data = run_checkpoint.read_bytes()
+        path.write_bytes(data[: len(data) // 2])
+        needles = ["given.ckpt: not a readable torch checkpoint: truncated or damaged"]
+    else:  # the checkpoint is a depth-2 vim_digits with embed 64; this run builds depth 4 with embed 32
+        shutil.copy(run_checkpoint, path)
+        args.append("+model.embed_dim=32")
+        needles = ["given.ckpt: checkpoint of a vim_digits (embed 64, depth 2, 10 classes), this run builds a "
+                   "vim_digits (embed 32, depth 4, 10 classes):", "tensors differ in shape, e.g. net.", "missing"]
+    line = assert_one_error_line(run_script(script, args, tmp_path, data_dir), *needles)
+    assert len(line) < 1000, "one readable line, not a list of every tensor"
 
 
 # --- the loader itself -------------------------------------------------------------------------------------------
@@ -206,11 +217,14 @@ def test_a_run_checkpoint_is_a_pretrained_source(run_checkpoint) -> None:
 def test_checkpoint_io_writes_plain_data(tmp_path) -> None:
     io_plugin, path = SafeCheckpointIO(), tmp_path / "last.ckpt"
     io_plugin.save_checkpoint({
-        "hyper_parameters": AttributeDict(schedule=OmegaConf.create({"kind": "cosine", "steps": [1, 2]})),
+        "hyper_parameters": AttributeDict(schedule=OmegaConf.create({"kind": "cosine", "steps": [1, 2]}),
+                                          segmentor=partial(OrderedDict, channels=OmegaConf.create([4]))),
         "rng": np.arange(3, dtype=np.uint32), "epoch": np.int64(4), "state_dict": OrderedDict(w=torch.ones(2)),
     }, path)
     ckpt = torch.load(path, weights_only=True)
-    assert ckpt["hyper_parameters"] == {"schedule": {"kind": "cosine", "steps": [1, 2]}}
+    # hyper-parameters are a record: what cannot be plain data is kept as its repr (a task's head factory, say)
+    assert ckpt["hyper_parameters"] == {"schedule": {"kind": "cosine", "steps": [1, 2]},
+                                        "segmentor": "functools.partial(<class 'collections.OrderedDict'>, channels=[4])"}
     assert type(ckpt["hyper_parameters"]) is dict and type(ckpt["state_dict"]) is OrderedDict
     assert ckpt["rng"].tolist() == [0, 1, 2] and ckpt["rng"].dtype == torch.uint32 and ckpt["epoch"] == 4
     assert oct(path.stat().st_mode & 0o777) == oct(0o666 & ~_umask()), "a checkpoint honours the umask"

@@ -8,11 +8,11 @@ from typing import Any
 
 import hydra
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from torch import nn
 from torchvision.datasets.folder import find_classes
 
-from vision_mamba.checkpointing import CheckpointError, check_checkpoint_file, load_checkpoint
+from vision_mamba.checkpointing import CheckpointError, load_checkpoint
 from vision_mamba.tasks.base import VisionTask
 from vision_mamba.tasks.classification import ClassificationTask
 from vision_mamba.tasks.detection import DetectionTask
@@ -75,21 +75,6 @@ def load_weights(task: VisionTask, checkpoint: dict[str, Any], path: str, kind: 
             "folder's config, or the same model=... and data.num_classes)"
         )
     task.load_state_dict(state)
-
-
-def check_weights_source(cfg: DictConfig, command: str) -> None:
-    """`ckpt_path` names a checkpoint file that loads safely, or is null with `model.pretrained` set; else one line
-    saying what is wrong."""
-    pretrained = (cfg.get("model") or {}).get("pretrained")
-    if OmegaConf.is_missing(cfg, "ckpt_path") or (not cfg.ckpt_path and not pretrained):
-        raise UserError(
-            f"ckpt_path is required: python src/{command}.py ckpt_path=logs/train/runs/<run>/checkpoints/<file>.ckpt "
-            "(or ckpt_path=null model.pretrained=<official .pth> for released weights)"
-        )
-    if cfg.ckpt_path and not Path(cfg.ckpt_path).exists():
-        raise UserError(f"ckpt_path={cfg.ckpt_path} does not exist: give a .ckpt written by train.py")
-    if cfg.ckpt_path:
-        check_checkpoint_file(cfg.ckpt_path)  # a hostile or damaged file is refused before anything is built
 
 
 def load_run(cfg: DictConfig) -> LoadedRun:

@@ -159,7 +159,10 @@ def check_checkpoint_file(path: str | os.PathLike) -> None:
                 "complete zip directory; an interrupted copy or save?): use another checkpoint"
             ) from e
         if refused:
-            raise CheckpointError(_refusal(path, refused[0]))
+            # name a type of its own first: builtins/typing/collections entries come with pickled objects
+            refused.sort(key=lambda name: (name.split(".")[0] in ("builtins", "typing", "collections"), name))
+            others = f" (and {len(refused) - 1} other types)" if len(refused) > 1 else ""
+            raise CheckpointError(_refusal(path, refused[0] + others))
     elif not head.startswith(_PICKLE_MAGIC):
         line = _text_line(head)
         what = f"a text file (it begins {line!r})" if line else f"an unknown format (it begins {head[:8]!r})"
