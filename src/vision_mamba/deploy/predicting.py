@@ -11,18 +11,17 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from torch.utils.data import DataLoader, Dataset
-from torchvision.datasets.folder import IMG_EXTENSIONS, pil_loader
+from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from vision_mamba.data.ade20k import RescaleToFit
 from vision_mamba.data.coco import CategoryMap, load_coco
-from vision_mamba.data.errors import DatasetError
+from vision_mamba.data.images import read_rgb
 from vision_mamba.deploy.runs import LoadedRun, class_names
 from vision_mamba.tasks.detection import draw_predictions, to_coco_results
 from vision_mamba.tasks.segmentation import palette
@@ -59,8 +58,8 @@ def list_images(spec: str) -> tuple[list[Path], Path]:
 
 
 class _Images(Dataset):
-    """Reads and preprocesses the images (in loader workers); an unreadable one yields its error message, raised as
-    one line by the main process."""
+    """Reads the images as the data loaders do (vision_mamba.data.images.read_rgb) and preprocesses them, in loader
+    workers; an unreadable one yields its error message, raised as one line by the main process."""
 
     def __init__(self, files: list[Path], base: Path, read) -> None:
         self.files, self.base, self.read = files, base, read
@@ -74,7 +73,8 @@ class _Images(Dataset):
         try:
             item.update(self.read(path))
         except Exception as e:  # noqa: BLE001 - any failure to decode is reported with the file's name
-            reason = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+            # a BadImageError's own problem (its message also names data.bad_images, which predict does not read)
+            reason = getattr(e, "problem", "") or (str(e).strip().splitlines() or [type(e).__name__])[-1]
             item["error"] = f"{path} is not a readable image ({reason}): replace or remove it"
         return item
 
@@ -113,7 +113,7 @@ class ClassificationPredictor(Predictor):
         self.rows: list[dict[str, Any]] = []
 
     def read(self, path: Path) -> dict[str, Any]:
-        return {"image": self.transform(pil_loader(str(path)))}  # ImageFolder's loader: RGB
+        return {"image": self.transform(read_rgb(path))}
 
     @torch.no_grad()
     def predict(self, items: list[dict[str, Any]]) -> None:
@@ -148,10 +148,7 @@ class SegmentationPredictor(Predictor):
         self.written = 0
 
     def read(self, path: Path) -> dict[str, Any]:
-        image = cv2.imread(str(path), cv2.IMREAD_COLOR)  # read as the ADE20K loader reads
-        if image is None:
-            raise DatasetError("OpenCV cannot decode it")
-        image = cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+        image = np.asarray(read_rgb(path))
         resized = self.resize(image=image)["image"]
         return {"image": self.transform(image=resized)["image"], "rgb": image}
 
@@ -195,8 +192,7 @@ class DetectionPredictor(Predictor):
         self.images: list[dict[str, Any]] = []
 
     def read(self, path: Path) -> dict[str, Any]:
-        with Image.open(path) as im:  # read as the COCO loader reads
-            rgb = np.array(im.convert("RGB"))
+        rgb = np.array(read_rgb(path))  # a writable copy: torch.from_numpy wants one
         return {"image": torch.from_numpy(rgb).permute(2, 0, 1).float().div(255.0)}
 
     def _image_id(self, item: dict[str, Any]) -> int:
