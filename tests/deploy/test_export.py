@@ -5,12 +5,17 @@ from __future__ import annotations
 
 import json
 
+import hydra
+import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
 import torch
+from helpers import ROOT
+from PIL import Image
 
 from export import export
+from vision_mamba.data.images import read_rgb
 from vision_mamba.deploy import load_run
 from vision_mamba.deploy.exporting import DETECTION_REFUSAL, INPUT_NAME, METADATA_KEY, OUTPUT_NAME
 from vision_mamba.utils.errors import find_user_error
@@ -83,13 +88,34 @@ def test_onnx_and_torch_export_match_pytorch_at_two_sizes_and_batches(kind, trai
     assert abs(node_counts[0] - node_counts[1]) < abs(tokens[0] - tokens[1]) * blocks, (node_counts, tokens)
 
 
-def test_cross_scan_model_exports_to_onnx(trained, entry_config, tmp_path) -> None:
-    path = tmp_path / "cross.onnx"
+def readme_recipe() -> str:
+    """The README's Python block that runs an exported classifier without PyTorch (on vim.onnx and photo.jpg)."""
+    text = (ROOT / "README.md").read_text()
+    return text.split("Without PyTorch", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+
+
+def test_cross_scan_model_exports_to_onnx_and_runs_with_the_readme_recipe(trained, entry_config, tmp_path,
+                                                                         monkeypatch, capsys) -> None:
+    path = tmp_path / "vim.onnx"
     cfg = entry_config("export", [f"ckpt_path={trained('cross') / 'checkpoints' / 'last.ckpt'}", f"output={path}"])
     assert cfg.model.scan == "cross"
     export(cfg)
+    net = reference_net(cfg)
     images = [torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(0))]
-    assert rel_err(onnx_outputs(path, images)[0], reference_outputs(reference_net(cfg), images)[0]) < TOLERANCE
+    assert rel_err(onnx_outputs(path, images)[0], reference_outputs(net, images)[0]) < TOLERANCE
+    # the README's recipe on a photo that is neither square nor the model's size gives the logits of the network on
+    # the evaluation transform of the run's data config
+    photo = np.random.default_rng(0).integers(0, 256, (37, 45, 3), dtype=np.uint8)
+    Image.fromarray(photo).save(tmp_path / "photo.jpg")
+    monkeypatch.chdir(tmp_path)
+    recipe: dict = {}
+    capsys.readouterr()  # what the shared run's training printed, if this process trained it
+    exec(readme_recipe(), recipe)
+    transform = hydra.utils.instantiate(cfg.data).build_transform(is_training=False)
+    expected = reference_outputs(net, [transform(read_rgb(tmp_path / "photo.jpg"))[None]])[0]
+    assert rel_err(torch.from_numpy(recipe["logits"]), expected) < TOLERANCE
+    names = json.loads(ort.InferenceSession(str(path)).get_modelmeta().custom_metadata_map[METADATA_KEY])["class_names"]
+    assert capsys.readouterr().out.strip() == names[int(expected.argmax())]
 
 
 def test_detection_export_is_refused_with_one_line(trained, entry_config, tmp_path) -> None:
