@@ -14,10 +14,10 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "torch==2.14.1" "torchvision==0.29.1"
-	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip install -q -e ".[dev,deploy]"
 	touch $(STAMP)
 
-install: $(STAMP)  ## create .venv and install the project with its dev tools
+install: $(STAMP)  ## create .venv and install the project with its dev and deploy (ONNX) tools
 
 train: $(STAMP)  ## train the default (a small Vim on the embedded digits, CPU); extra Hydra args: make train ARGS="..."
 	$(PY) src/train.py $(ARGS)

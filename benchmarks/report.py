@@ -181,6 +181,21 @@ def embedded_section(record: dict) -> list[str]:
             *table(["run", "overrides", "metric", "best", "test metric", "test", "epochs", "minutes", "load"], rows)]  # fmt: skip
 
 
+def deploy_section(record: dict) -> list[str]:
+    env, summary = record["environment"], record.get("summary", {})
+    rows = [[r["model"], str(r["img_size"]), str(r["batch"]), str(r["threads"]), num(r["pytorch_img_s"]),
+             num(r["onnxruntime_img_s"]), num(r["onnx_vs_pytorch_rel_diff"])] for r in record["rows"]]  # fmt: skip
+    load = summary.get("load_average_1min", {})
+    return [
+        f"CPU inference, {env.get('cpu_count')} cores ({env.get('host_cpu')}), 1-minute load average "
+        f"{num(load.get('before'), 2)} before and {num(load.get('after'), 2)} after; PyTorch eager (`torch` scan) "
+        f"against onnxruntime {summary.get('onnxruntime')} on the exported file "
+        f"({num(summary.get('onnx_bytes', 0) / 2**20)} MiB, `parallel` scan):",
+        "",
+        *table(["model", "size", "batch", "threads", "PyTorch img/s", "onnxruntime img/s", "rel. diff"], rows),
+    ]
+
+
 SECTIONS: dict[str, tuple[str, Callable]] = {
     "scan": ("Scan", scan_section),
     "backbones": ("Backbones", backbones_section),
@@ -189,6 +204,7 @@ SECTIONS: dict[str, tuple[str, Callable]] = {
     "loader": ("Data loader", loader_section),
     "ddp_scaling": ("DDP", ddp_section),
     "embedded": ("Embedded defaults", embedded_section),
+    "deploy": ("Deploy (CPU)", deploy_section),
 }
 
 

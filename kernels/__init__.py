@@ -1,5 +1,5 @@
 """vim_kernels: selective-scan (S6), route-conv, Vim-mixer and add + RMSNorm kernels for Vision Mamba (ref, torch,
-Triton); the Triton ones are PyTorch custom ops (`torch.ops.vim.*`), so torch.compile traces through them."""
+parallel, Triton); the Triton ones are PyTorch custom ops (`torch.ops.vim.*`), so torch.compile traces through them."""
 
 from .backends import BACKENDS, HAS_TRITON, available_backends, best_backend
 from .interface import (
@@ -10,6 +10,7 @@ from .interface import (
     selective_scan,
 )
 from .norm import add_rms_norm, add_rms_norm_ref
+from .parallel_scan import multi_route_selective_scan_parallel, selective_scan_parallel
 from .reference import multi_route_selective_scan_ref, selective_scan_ref
 from .route_conv import route_conv1d_silu, route_conv1d_silu_ref
 from .scan_config import ScanConfig, select_config
@@ -31,6 +32,7 @@ __all__ = [
     "mamba_inner",
     "mamba_mixer_inference",
     "multi_route_selective_scan",
+    "multi_route_selective_scan_parallel",
     "multi_route_selective_scan_ref",
     "multi_route_selective_scan_torch",
     "pack_mixer_weights",
@@ -38,6 +40,7 @@ __all__ = [
     "route_conv1d_silu_ref",
     "select_config",
     "selective_scan",
+    "selective_scan_parallel",
     "selective_scan_ref",
     "selective_scan_torch",
 ]

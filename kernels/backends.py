@@ -1,4 +1,4 @@
-"""The backends of vim_kernels and which of them can run where: ref and torch everywhere, triton on CUDA.
+"""The backends of vim_kernels and which of them can run where: ref, torch and parallel everywhere, triton on CUDA.
 
 The Triton modules are imported here, statically, when the `triton` package is installed: they register the
 `vim::` custom ops. Only a missing `triton` turns the Triton backend off; any other error in those modules is raised
@@ -12,7 +12,7 @@ import os
 
 import torch
 
-BACKENDS = ("ref", "torch", "triton")
+BACKENDS = ("ref", "torch", "parallel", "triton")
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 try:
@@ -25,9 +25,10 @@ else:
 
 
 def available_backends(device: torch.device | str | None = None) -> list[str]:
-    """Backends usable for tensors on `device` (default: CUDA when present): always ref and torch; triton on CUDA."""
+    """Backends usable for tensors on `device` (default: CUDA when present): always ref, torch and parallel; triton
+    on CUDA."""
     device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return ["ref", "torch", "triton"] if device.type == "cuda" and HAS_TRITON else ["ref", "torch"]
+    return [*BACKENDS] if device.type == "cuda" and HAS_TRITON else ["ref", "torch", "parallel"]
 
 
 @torch.compiler.assume_constant_result

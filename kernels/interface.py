@@ -1,5 +1,5 @@
-"""Functional API of vim_kernels: the selective scans and the Vim mixer ops, dispatching to the ref, torch or triton
-backend (docs/DESIGN.md, "Contract: vim_kernels")."""
+"""Functional API of vim_kernels: the selective scans and the Vim mixer ops, dispatching to the ref, torch, parallel
+or triton backend (docs/DESIGN.md, "Contract: vim_kernels")."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import torch
 
 from .backends import require_triton
 from .checks import check_route_shapes, check_scan_shapes
+from .parallel_scan import multi_route_selective_scan_parallel, selective_scan_parallel
 from .reference import multi_route_selective_scan_ref, selective_scan_ref
 from .scan_config import ScanConfig, select_config
 from .torch_scan import multi_route_selective_scan_torch, selective_scan_torch
@@ -34,7 +35,7 @@ def _config(config: ScanConfig | None, *shape_and_device) -> str:
 
 
 def _unknown(backend: str) -> ValueError:
-    return ValueError(f"backend must be one of 'ref', 'torch', 'triton'; got {backend!r}")
+    return ValueError(f"backend must be one of 'ref', 'torch', 'parallel', 'triton'; got {backend!r}")
 
 
 def selective_scan(
@@ -57,13 +58,16 @@ def selective_scan(
     A: (dim, N) float32, negative; B, C: (batch, N, L); D, delta_bias: (dim,) float32.
     Returns out (batch, dim, L) in u's dtype; with return_last_state also the last state (batch, dim, N) float32
     (not differentiable on the triton backend). backend: "ref" (sequential oracle), "torch" (time-major recurrence
-    with a hand-written backward, CPU-friendly), "triton" (the `vim::selective_scan_fwd` custom op; config: a
+    with a hand-written backward, CPU-friendly), "parallel" (a chunked associative scan of standard ops, what ONNX
+    and torch.export trace), "triton" (the `vim::selective_scan_fwd` custom op; config: a
     ScanConfig, default select_config's).
     """
     if backend == "ref":
         return selective_scan_ref(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
     if backend == "torch":
         return selective_scan_torch(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
+    if backend == "parallel":
+        return selective_scan_parallel(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
     if backend != "triton":
         raise _unknown(backend)
     check_scan_shapes(u, delta, A, B, C, D, z, delta_bias)
@@ -104,6 +108,8 @@ def multi_route_selective_scan(
         return multi_route_selective_scan_ref(u, delta, A, B, C, D, z, delta_bias, routes, delta_softplus)
     if backend == "torch":
         return multi_route_selective_scan_torch(u, delta, A, B, C, D, z, delta_bias, routes, delta_softplus)
+    if backend == "parallel":
+        return multi_route_selective_scan_parallel(u, delta, A, B, C, D, z, delta_bias, routes, delta_softplus)
     if backend != "triton":
         raise _unknown(backend)
     check_route_shapes(u, delta, A, B, C, D, z, delta_bias, routes)

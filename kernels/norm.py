@@ -30,14 +30,15 @@ def add_rms_norm(hidden, residual, weight, eps: float, out_dtype=None, inplace: 
     float32: hidden itself when it is float32 already); weight: (dim,). inplace: the new residual may be written
     into `residual`, and the normed output into `hidden` when it has out_dtype (neither old value is kept).
     Returns (normed in out_dtype (default float32), new residual float32).
-    backend "triton": the kernel (CUDA, or CPU under TRITON_INTERPRET=1); "torch": add_rms_norm_ref.
+    backend "triton": the kernel (CUDA, or CPU under TRITON_INTERPRET=1); "torch", "parallel", "ref":
+    add_rms_norm_ref (plain tensor ops, which export traces).
     """
     if residual is not None and (residual.dtype != torch.float32 or residual.shape != hidden.shape):
         raise ValueError(
             f"add_rms_norm: residual must be float32 of hidden's shape {tuple(hidden.shape)}; "
             f"got {residual.dtype} {tuple(residual.shape)}"
         )
-    if backend in ("torch", "ref"):
+    if backend in ("torch", "parallel", "ref"):
         out, res = add_rms_norm_ref(hidden, residual, weight, eps, out_dtype)
         if not inplace or torch.compiler.is_compiling():  # the compiler plans memory itself
             return out, res
@@ -48,7 +49,7 @@ def add_rms_norm(hidden, residual, weight, eps: float, out_dtype=None, inplace: 
             out = hidden.copy_(out)
         return out, res
     if backend != "triton":
-        raise ValueError(f"backend must be 'triton', 'torch' or 'ref'; got {backend!r}")
+        raise ValueError(f"backend must be 'triton', 'torch', 'parallel' or 'ref'; got {backend!r}")
     backends.require_triton(hidden)
     if torch.compiler.is_compiling():
         return torch.ops.vim.add_rms_norm(hidden, residual, weight, eps, out_dtype or torch.float32)

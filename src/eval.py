@@ -9,10 +9,10 @@ import hydra
 import lightning as L
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from vision_mamba.checkpointing import RECORD, check_checkpoint_file, run_folder_of
+from vision_mamba.checkpointing import RECORD, check_weights_source, run_folder_of
 from vision_mamba.config_checks import check_config
 from vision_mamba.trainer import build_trainer
-from vision_mamba.utils import RankedLogger, UserError, extras, instantiate_loggers, log_hyperparameters, task_wrapper
+from vision_mamba.utils import RankedLogger, extras, instantiate_loggers, log_hyperparameters, task_wrapper
 from vision_mamba.utils.banner import run_banner
 from vision_mamba.utils.utils import exit_on_user_error
 
@@ -49,6 +49,14 @@ def adopt_run_config(cfg: DictConfig) -> None:
     log.info(f"Using {', '.join(adopted)} config from the checkpoint's run")
 
 
+def checkpoint_config(cfg: DictConfig, command: str) -> None:
+    """The start of eval.py, predict.py and export.py: the weights asked for are checked (check_weights_source) and,
+    with use_run_config, the checkpoint's run config is adopted."""
+    check_weights_source(cfg, command)
+    if cfg.ckpt_path and cfg.get("use_run_config"):
+        adopt_run_config(cfg)
+
+
 @task_wrapper
 def evaluate(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     """Test a checkpoint on the datamodule's test split (the validation split for ImageNet)."""
@@ -73,18 +81,7 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
 @hydra.main(version_base="1.3", config_path="../conf", config_name="eval.yaml")
 @exit_on_user_error
 def main(cfg: DictConfig) -> None:
-    pretrained = cfg.get("model", {}).get("pretrained")
-    if OmegaConf.is_missing(cfg, "ckpt_path") or (not cfg.ckpt_path and not pretrained):
-        raise UserError(
-            "ckpt_path is required: python src/eval.py ckpt_path=logs/train/runs/<run>/checkpoints/<file>.ckpt "
-            "(or ckpt_path=null model.pretrained=<official .pth> to evaluate released weights)"
-        )
-    if cfg.ckpt_path and not Path(cfg.ckpt_path).exists():
-        raise UserError(f"ckpt_path={cfg.ckpt_path} does not exist: give a .ckpt file written by train.py")
-    if cfg.ckpt_path:
-        check_checkpoint_file(cfg.ckpt_path)
-    if cfg.ckpt_path and cfg.get("use_run_config"):
-        adopt_run_config(cfg)
+    checkpoint_config(cfg, "eval")
     log.info(run_banner(cfg))
     extras(cfg)
     evaluate(cfg)

@@ -94,7 +94,7 @@ def test_config_mistakes_stop_eval_py_before_the_model_is_built(tmp_path) -> Non
     weights = tmp_path / "vim_t.pth"
     weights.write_bytes(b"")  # never read: the check comes first
     proc = run(["ckpt_path=null", f"model.pretrained={weights}", "model.scan_backend=cuda"], tmp_path, "eval.py")
-    assert_one_error_line(proc, "model.scan_backend=cuda is not a scan backend: use one of auto, triton, torch, ref")
+    assert_one_error_line(proc, "model.scan_backend=cuda is not a scan backend: use one of auto, triton, torch, parallel, ref")
 
 
 def test_runs_that_end_before_validation_finish_and_a_sweep_records_them_missing(tmp_path) -> None:

@@ -7,6 +7,8 @@
 - ``SafeCheckpointIO``: the Lightning checkpoint-IO plugin of every trainer. It writes a checkpoint as plain data
   (no OmegaConf or numpy objects) to a temporary file and renames it, so a kill never leaves half a file and every
   checkpoint loads with ``weights_only=True``; it reads through ``load_checkpoint``.
+- ``check_weights_source(cfg, command)``: what eval.py, predict.py and export.py check first: ``ckpt_path`` a file
+  that loads safely, or null with ``model.pretrained`` set.
 - ``resume_argv(argv)``: ``hydra.run.dir=<run> ckpt_path=last`` (or ``ckpt_path=<run>/checkpoints/<file>``)
   continues that run with the config it was trained with: its recorded overrides and config choices, then the
   overrides given now; each resume records its own config under ``<run>/.hydra/resume_<time>/``.
@@ -29,6 +31,7 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from vision_mamba.models.checkpoints import SAFE_GLOBALS, CheckpointError, check_checkpoint_file, load_checkpoint
+from vision_mamba.utils.errors import UserError
 
 __all__ = [
     "CheckpointError",
@@ -37,6 +40,7 @@ __all__ = [
     "SAFE_GLOBALS",
     "SafeCheckpointIO",
     "check_checkpoint_file",
+    "check_weights_source",
     "load_checkpoint",
     "resume_argv",
     "run_folder_of",
@@ -155,6 +159,22 @@ def run_folder_of(ckpt_path: str | os.PathLike) -> Path | None:
         if (folder / RECORD / "overrides.yaml").is_file():
             return folder
     return None
+
+
+def check_weights_source(cfg: DictConfig, command: str) -> None:
+    """``ckpt_path`` names a checkpoint file that loads safely (a hostile or damaged file is refused here, before
+    anything is built), or is null with ``model.pretrained`` set; else one line saying what is wrong. `command`: the
+    entry point (eval, predict, export) the line shows."""
+    pretrained = (cfg.get("model") or {}).get("pretrained")
+    if OmegaConf.is_missing(cfg, "ckpt_path") or (not cfg.ckpt_path and not pretrained):
+        raise UserError(
+            f"ckpt_path is required: python src/{command}.py ckpt_path=logs/train/runs/<run>/checkpoints/<file>.ckpt "
+            "(or ckpt_path=null model.pretrained=<official .pth> for released weights)"
+        )
+    if cfg.ckpt_path and not Path(cfg.ckpt_path).exists():
+        raise UserError(f"ckpt_path={cfg.ckpt_path} does not exist: give a .ckpt written by train.py")
+    if cfg.ckpt_path:
+        check_checkpoint_file(cfg.ckpt_path)
 
 
 def resume_argv(argv: list[str], config_dir: str | os.PathLike, environ: Mapping[str, str] = os.environ) -> list[str]:

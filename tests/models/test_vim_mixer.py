@@ -132,7 +132,7 @@ def test_register_a_new_pattern_needs_no_mixer_change():
 def test_bad_pattern_and_backend_names_are_clear():
     with pytest.raises(ValueError, match="unknown scan pattern 'diagonal'.*bidirectional"):
         MultiRouteMamba(16, "diagonal")
-    with pytest.raises(ValueError, match="scan_backend must be one of auto, triton, torch, ref; got 'cuda'"):
+    with pytest.raises(ValueError, match="scan_backend must be one of auto, triton, torch, parallel, ref; got 'cuda'"):
         MultiRouteMamba(16, scan_backend="cuda")
     with pytest.raises(ValueError, match="only the 'mean' merge"):
         ScanPattern("x", ("",), lambda h, w, c: torch.arange(h * w)[None], merge="max")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import builtins
 import io
 import os
 import pickle
@@ -17,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import ROOT, compose_config, make_fast, run_train
+from helpers import ROOT, Exec, compose_config, make_fast, run_train
 from lightning.fabric.utilities.data import AttributeDict
 from omegaconf import OmegaConf
 
@@ -38,16 +37,6 @@ class SystemCall:
 
     def __reduce__(self):
         return os.system, (f"touch {self.marker}",)
-
-
-class Exec:
-    """Unpickling this runs Python code that creates ``marker`` (builtins.exec)."""
-
-    def __init__(self, marker: Path) -> None:
-        self.marker = marker
-
-    def __reduce__(self):
-        return builtins.exec, (f"open({str(self.marker)!r}, 'w').close()",)
 
 
 @pytest.fixture(scope="module")

@@ -179,6 +179,12 @@ class ImageFolderDataModule(LightningDataModule):
             plans.append(SplitCheck(split, [path for path, _ in folder.samples], check_image, summary))
         return plans
 
+    def state_dict(self) -> dict[str, Any]:
+        """Saved in every checkpoint (Lightning keys it by this class's name): the class names in label order, so
+        src/predict.py and src/export.py name the classes even where the data folders are gone."""
+        data = self.data_val or self.data_train
+        return {"class_names": list(data.classes)} if data is not None else {}
+
     def _loader(self, dataset, shuffle: bool, drop_last: bool, sampler=None) -> DataLoader:
         # the training loader resumes mid-epoch exactly; its shuffle seed is the one Lightning's
         # DistributedSampler uses, so 1- and N-process runs see the same global batches

@@ -1,4 +1,4 @@
-"""Picks the scan backend (auto | triton | torch | ref) and gives the mixer one call signature per kernel entry."""
+"""Picks the scan backend (auto | triton | torch | parallel | ref) and gives the mixer one call signature per kernel entry."""
 
 from __future__ import annotations
 
@@ -7,7 +7,8 @@ import functools
 import torch
 import vim_kernels
 
-BACKENDS = ("auto", "triton", "torch", "ref")
+# parallel: the chunked associative scan of standard tensor ops that ONNX and torch.export trace (src/export.py)
+BACKENDS = ("auto", "triton", "torch", "parallel", "ref")
 
 
 def check_backend(name: str) -> str:

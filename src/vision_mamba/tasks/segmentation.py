@@ -92,6 +92,8 @@ class SegmentationTask(VisionTask):
         kwargs.setdefault("optimized_metric", "val/mIoU_best")
         kwargs.setdefault("monitor", "val/mIoU")
         super().__init__(net=segmentor(backbone=net), **kwargs)
+        # again, without the segmentor partial: checkpoints must stay loadable with torch.load(weights_only=True)
+        self.save_hyperparameters(ignore=["net", "optimizer", "segmentor"], logger=False)
         self.num_classes = num_classes
         self.aux_weight = aux_weight
         self.inference = {"mode": "slide", "crop_size": 512, "stride": None, **(inference or {})}
