@@ -77,7 +77,8 @@ class ClassificationTask(VisionTask):
         images, targets = batch
         logits = self(images)
         m = self.metrics
-        m[f"{stage}_loss"](self.eval_criterion(logits.float(), targets))
+        # weighted by batch size: the epoch loss is the per-sample mean, also with a smaller last batch
+        m[f"{stage}_loss"](self.eval_criterion(logits.float(), targets), weight=len(targets))
         m[f"{stage}_acc1"](logits, targets)
         m[f"{stage}_acc5"](logits, targets)
         self.log(f"{stage}/loss", m[f"{stage}_loss"], on_epoch=True, prog_bar=False, sync_dist=True)

@@ -145,7 +145,8 @@ class SegmentationTask(VisionTask):
             logits = F.interpolate(logits, size=targets.shape[-2:], mode="bilinear", align_corners=False)
         preds = logits.argmax(1)
         m = self.metrics
-        m[f"{stage}_loss"](self.criterion(logits, targets))
+        # weighted by labelled pixels: the epoch loss is the mean over every labelled pixel, whatever the batching
+        m[f"{stage}_loss"](self.criterion(logits, targets), weight=(targets != IGNORE_INDEX).sum())
         m[f"{stage}_mIoU"](preds, targets)
         m[f"{stage}_pixel_acc"](preds, targets)
         self.log(f"{stage}/loss", m[f"{stage}_loss"], on_epoch=True, sync_dist=True)
