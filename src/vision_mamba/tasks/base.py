@@ -36,7 +36,7 @@ class VisionTask(LightningModule):
         optimized_metric: str | None = None,
         monitor: str | None = None,
         monitor_mode: str = "max",
-    ) -> None:
+    ) -> None:  # pragma: no mutate block (save_hyperparameters reads this frame, which mutmut would wrap)
         super().__init__()
         # called here (not in subclasses) so Lightning collects the arguments of the whole __init__ chain
         self.save_hyperparameters(ignore=["net", "optimizer"], logger=False)

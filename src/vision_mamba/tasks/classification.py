@@ -31,7 +31,7 @@ class ClassificationTask(VisionTask):
         ema_decay: float | None = 0.99996,
         ema_warmup: bool = False,
         **kwargs: Any,
-    ) -> None:
+    ) -> None:  # pragma: no mutate block (save_hyperparameters reads this frame, which mutmut would wrap)
         kwargs.setdefault("optimized_metric", "val/acc1_best")
         kwargs.setdefault("monitor", "val/acc1")
         super().__init__(net=net, **kwargs)

@@ -88,7 +88,7 @@ class SegmentationTask(VisionTask):
         inference: dict[str, Any] | None = None,
         overlay_images: int = 4,
         **kwargs: Any,
-    ) -> None:
+    ) -> None:  # pragma: no mutate block (save_hyperparameters reads this frame, which mutmut would wrap)
         kwargs.setdefault("optimized_metric", "val/mIoU_best")
         kwargs.setdefault("monitor", "val/mIoU")
         super().__init__(net=segmentor(backbone=net), **kwargs)
