@@ -8,6 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 
+# One compute thread per test process (tests/helpers.py says why). torch reads OMP_NUM_THREADS when it is imported,
+# which happens above, before helpers sets it: with two threads per xdist worker on two cores, a small Vim trains
+# ten times slower on a busy machine.
+torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", 1)))
+
 # Triton reads TRITON_INTERPRET when a kernel is first decorated; other test folders import the model (and so the
 # kernels) at collection time, before tests/kernels/conftest.py runs, so it is set here, first.
 if not torch.cuda.is_available():

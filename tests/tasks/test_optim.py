@@ -7,11 +7,12 @@ import math
 import pytest
 import torch
 from lightning import Callback, LightningDataModule, Trainer
+from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from vision_mamba.models.vim import VisionMamba
 from vision_mamba.tasks import ClassificationTask
-from vision_mamba.tasks.optim import warmup_schedule
+from vision_mamba.tasks.optim import build_param_groups, no_weight_decay_names, warmup_schedule
 from vision_mamba.utils.errors import UserError
 
 DEPTH = 3
@@ -89,10 +90,11 @@ def test_param_group_lrs_are_scaled_base_lr_times_layer_decay_through_the_schedu
     task = ClassificationTask(net=net, num_classes=3, ema_decay=None, base_lr=1e-3, base_batch_size=16,
                               weight_decay=0.05, layer_decay=0.75,
                               schedule={"kind": "cosine", "warmup_steps": 4})
-    # global batch 4 x 2 accumulated = 8 -> lr = 1e-3 * 8 / 16; 24 batches / 2 = 12 optimiser steps
-    steps = fit(task, batch_size=4, batches=24, accumulate=2, max_epochs=1).steps
+    # global batch 4 x 3 accumulated = 12 -> lr = 1e-3 * 12 / 16; 36 batches / 3 = 12 optimiser steps (3, not 2:
+    # Lightning counts a scheduler's frequency in batches, and every second batch would hide a frequency of 2)
+    steps = fit(task, batch_size=4, batches=36, accumulate=3, max_epochs=1).steps
     assert len(steps) == 12
-    peak = 1e-3 * 8 / 16
+    peak = 1e-3 * 12 / 16
     no_decay = net.no_weight_decay()
     params = dict(net.named_parameters())
     assert len({layer_id(n) for n in params}) == DEPTH + 2
@@ -198,3 +200,93 @@ def test_warmup_is_cut_to_leave_one_decay_step() -> None:
     f = warmup_schedule(total_steps=4, warmup_steps=10, kind="cosine")
     assert [f(s) for s in range(4)] == pytest.approx([1e-3, 1e-3 + 0.999 / 3, 1e-3 + 0.999 * 2 / 3, 1.0])
     assert warmup_schedule(total_steps=1, warmup_steps=5)(0) == 1.0
+
+
+def test_warmup_never_reaches_the_last_step_and_past_the_end_stays_at_the_end() -> None:
+    f = warmup_schedule(total_steps=2, warmup_steps=5, kind="cosine")  # warm-up cut to 1 step
+    assert [f(0), f(1), f(2), f(3)] == pytest.approx([1e-3, 1.0, 0.0, 0.0])
+    assert warmup_schedule(total_steps=0, warmup_steps=0)(0) == 1.0  # an empty run still gives a factor
+
+
+def test_step_decay_defaults_to_a_tenth() -> None:
+    f = warmup_schedule(total_steps=10, warmup_steps=0, kind="step", milestones=(0.5,))
+    assert [f(4), f(5)] == pytest.approx([1.0, 0.1])
+
+
+def test_step_schedule_with_milestones_from_the_config(tmp_path) -> None:
+    # the detection recipe's form: milestones a list (as Hydra gives it), through configure_optimizers
+    from omegaconf import OmegaConf
+
+    schedule = OmegaConf.create({"kind": "step", "milestones": [0.5, 0.75], "gamma": 0.5, "warmup_steps": 0})
+    net = nn.Sequential(nn.Flatten(), nn.Linear(3 * 16 * 16, 3))
+    task = ClassificationTask(net=net, num_classes=3, ema_decay=None, base_lr=1.0, base_batch_size=None,
+                              schedule=schedule)
+    steps = fit(task, batch_size=2, batches=8, accumulate=1, max_epochs=1).steps
+    weight = id(net[1].weight)
+    assert [s[weight][0] for s in steps] == pytest.approx([1.0] * 4 + [0.5] * 2 + [0.25] * 2)
+
+
+class Blocks(nn.Module):
+    """A model declaring no-decay names three ways: full names, leaf names, and a `_no_weight_decay` flag."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Parameter(torch.zeros(4, 4))  # declared by full name
+        self.inner = nn.Module()
+        self.inner.deep = nn.Module()
+        self.inner.deep.scale = nn.Parameter(torch.zeros(4, 4))  # declared by its leaf name "scale"
+        self.flagged = nn.Parameter(torch.zeros(4, 4))
+        self.flagged._no_weight_decay = True
+        self.bias = nn.Parameter(torch.zeros(4))  # 1-D: never decayed
+        self.gain = nn.Parameter(torch.zeros(()))  # 0-D: never decayed
+        self.weight = nn.Parameter(torch.zeros(4, 4))  # decayed
+
+    def no_weight_decay(self) -> set[str]:
+        return {"embed", "scale"}
+
+
+class Wrapper(nn.Module):
+    """A detector or segmentor: the backbone's declarations apply under its attribute name."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.backbone = Blocks()
+        self.head = nn.Linear(4, 4)
+
+
+def test_no_weight_decay_names_follows_every_declaration() -> None:
+    assert no_weight_decay_names(Blocks()) == {"embed", "inner.deep.scale", "flagged", "bias", "gain"}
+    assert no_weight_decay_names(Wrapper()) == {f"backbone.{n}" for n in ("embed", "inner.deep.scale", "flagged",
+                                                                           "bias", "gain")} | {"head.bias"}
+
+
+def test_layer_decay_of_one_or_more_is_no_layer_decay_and_a_model_without_groups_is_refused() -> None:
+    model = Wrapper()
+    for decay in (None, 1.0, 1.5):
+        groups = build_param_groups(model, weight_decay=0.1, layer_decay=decay)
+        assert all("lr_scale" not in g for g in groups), decay
+        assert {id(p) for g in groups if g["weight_decay"] == 0.1 for p in g["params"]} == {
+            id(model.backbone.weight), id(model.head.weight)}
+    with pytest.raises(ValueError) as error:
+        build_param_groups(model, weight_decay=0.1, layer_decay=0.9)
+    assert str(error.value) == "layer_decay=0.9 needs a model with group_matcher(); Wrapper has none"
+
+
+def test_compile_wraps_the_net_for_fitting_only() -> None:
+    task = ClassificationTask(net=nn.Linear(2, 2), num_classes=2, ema_decay=None, compile=True)
+    task.setup("validate")
+    assert isinstance(task.net, nn.Linear)
+    task.setup("fit")
+    assert isinstance(task.net, torch._dynamo.eval_frame.OptimizedModule)  # compiled lazily: nothing runs here
+    plain = ClassificationTask(net=nn.Linear(2, 2), num_classes=2, ema_decay=None)
+    plain.setup("fit")
+    assert isinstance(plain.net, nn.Linear)
+
+
+def test_the_optimiser_summary_line(tmp_path, caplog) -> None:
+    task = ClassificationTask(net=tiny_vim(), num_classes=3, ema_decay=None, base_lr=1e-3, base_batch_size=16,
+                              schedule={"kind": "cosine", "warmup_steps": 1})
+    with caplog.at_level("INFO"):
+        fit(task, batch_size=4, batches=4, accumulate=2, max_epochs=1)
+    lines = [r.getMessage() for r in caplog.records if r.name == "vision_mamba.tasks.base"]
+    assert lines == ["[rank: 0] optimiser: lr 0.0005 (base 0.001 x batch 8 / 16), 2 steps, 1 warm-up"]
