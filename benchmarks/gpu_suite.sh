@@ -1,92 +1,104 @@
 #!/usr/bin/env bash
-# Everything that must run on a GPU, checked and timed in one call of the device tool (see benchmarks/README.md):
-#   bash benchmarks/gpu_suite.sh [tests] [scan] [cross] [train] [backbones] [ddp]     (no argument: these)
-#   extra steps: kernel_tests / model_tests (one folder of the GPU tests), scan_variants (scan.py --variants),
-#   tune (the variants, then the scan table with the chosen settings, which later steps of the call use),
-#   scan_ab (the working tree's scan against AB_BASE=<a kernels/ copy of an earlier commit>, GPU time per round),
-#   vim1248 (vim_tiny vs deit_tiny at 1248 and Vim-S training: issue 9's figures alone), train_T4 (Vim-S training
-#   with T 4), TESTS_K="..." (a subset of the GPU tests, by name),
-#   profile (kernel table of vim_tiny inference at 1248, and the tensors alive at its memory peak), crossover
-#   (vim_tiny vs fused-attention deit_tiny from 2048 to 3072 px), long_scan (the long-L forward's variants), mamba (builds mamba_ssm's selective_scan_cuda from the
-#   sdist carried in .whl/, in the background: the scan and mamba_side steps wait for it and time it beside ours).
-#   The third session's figures: bash benchmarks/gpu_suite.sh mamba model_tests profile backbones mamba_side scan
-# Needs the offline wheels (`../shared/offline-wheels.sh .whl`, carried as .whl). Results land in $OUT.
+# The GPU suite: the GPU tests and the benchmarks, on any CUDA machine with the project installed (pip install -e .).
+#
+#   OUT=DIR bash benchmarks/gpu_suite.sh [STEP ...]        no STEP: every step below, in this order
+#   a backbones step may name its models: train224:vim_small, res1248:vim_tiny,deit_tiny_fused
+#
+#   mamba     build mamba_ssm's selective_scan_cuda (tools/mamba_ssm_cuda.py) from MAMBA_SDIST (default: the
+#             mamba_ssm-*.tar.gz in .whl/) in the background while `tests` runs, for `scan`; skipped where none
+#   tests     pytest -m gpu: every GPU-marked test
+#   scan      scan.py: the scan table (ours, torch, and mamba_ssm's kernel where it imports or `mamba` built it)
+#   train224  backbones.py: vim_tiny, vim_small training at 224 px batch 128, eager / compiled / CUDA graphs, and
+#             the LightningModule's step (eager and task.compile=true)
+#   infer224  backbones.py: vim_tiny, vim_small, fused-attention deit_tiny inference at 224 px batch 128 in every
+#             mode, and batch-1 latency
+#   res1248   backbones.py: vim_tiny and deit_tiny (fused and plain attention) at 1248 px batch 16, eager and compiled
+#   sweep     backbones.py: the same three models from 224 to 1248 px, inference, eager and compiled
+#   profile   profiler.py: vim_tiny inference at 1248 px batch 16 and vim_small training at 224 px batch 128, memory
+#   ab        ab.py: the tree in AB_BASE (from `python benchmarks/ab.py extract REV DIR`) against this one
+#   loader    loader.py: the ImageNet recipe's loader by worker count, up to the cores present
+#   ddp       train.py on 1 GPU and on all GPUs, then ddp_scaling.py (two or more GPUs only)
+#
+# Records (<benchmark>_<card>.json) and one log (suite.log) go to $OUT (default /tmp/gpu_suite). The records of this
+# card in benchmarks/results/ are copied there first: rows measured again replace theirs, the others stay where
+# the card, software and code are the same (common.write_result). Copy the records back into benchmarks/results/
+# and run `python benchmarks/report.py --plot`.
+# Without .git (a copied tree) the commit comes from a COMMIT file: `python benchmarks/common.py stamp` beforehand.
+# A machine without network may first install wheels of what it lacks (docs/BENCHMARKS_OFFLINE.md): WHEELS=.whl.
 set -uo pipefail
+cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/gpu_suite}
+PY=${PYTHON:-python3}
 mkdir -p "$OUT"
-steps=${*:-tests scan cross train backbones ddp}
-tests_k=(); [ -n "${TESTS_K:-}" ] && tests_k=(-k "$TESTS_K")  # TESTS_K="split or prefetch": a subset of the GPU tests
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-# the package from src/, and kernels/ under its import name (no build step needed)
-mkdir -p /tmp/pkg && ln -sfn "$PWD/kernels" /tmp/pkg/vim_kernels
-export PYTHONPATH=/tmp/site:$PWD/src:/tmp/pkg PYTHONUNBUFFERED=1
-export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, 'gpus', torch.cuda.device_count())"
-declare -A status
-run() {  # name, command...
-  local name=$1; shift
-  local t0=$SECONDS
-  "$@" > "$OUT/$name.log" 2>&1
+LOG="$OUT/suite.log"
+steps=${*:-mamba tests scan train224 infer224 res1248 sweep profile ab loader ddp}
+export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+
+wheels=${WHEELS:-}
+if [ -n "$wheels" ]; then  # optional: a failed install is reported, the steps still run
+  "$PY" -m pip install -q --no-index --no-deps "$wheels"/*.whl || echo "warning: installing $wheels/*.whl failed" | tee -a "$LOG"
+fi
+if ! "$PY" -c "import vision_mamba, vim_kernels" 2>/dev/null; then  # not installed: run from this source tree
+  mkdir -p /tmp/vim_pkg && ln -sfn "$PWD/kernels" /tmp/vim_pkg/vim_kernels
+  export PYTHONPATH="$PWD/src:/tmp/vim_pkg${PYTHONPATH:+:$PYTHONPATH}"
+fi
+[ -e .git ] || [ -f COMMIT ] || echo "warning: no .git and no COMMIT file: records will not name their commit" | tee -a "$LOG"
+command -v nvidia-smi > /dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee -a "$LOG"
+card=$("$PY" -c "import sys; sys.path.insert(0, 'benchmarks'); import common; print(common.card_tag())")
+cp -n benchmarks/results/*_"$card".json "$OUT"/ 2>/dev/null
+
+declare -A status; order=()
+run() {  # name, command...: output appended to the log, its tail shown
+  local name=$1 t0=$SECONDS; shift
+  order+=("$name")
+  echo "== $name: $*" >> "$LOG"
+  "$@" > "$OUT/.step.log" 2>&1
   status[$name]="rc=$? $((SECONDS - t0))s"
-  tail -n 25 "$OUT/$name.log"
+  cat "$OUT/.step.log" >> "$LOG"; tail -n 15 "$OUT/.step.log"; rm -f "$OUT/.step.log"
 }
-common_train=(data=digits data.img_size=224 data.num_workers=8 model=vim_small model.scan_backend=triton
-  task.base_lr=1e-3 task.schedule.warmup_epochs=1 logger=csv callbacks=default_with_throughput extras.print_config=false test=false)
+bb=("$PY" benchmarks/backbones.py --out "$OUT")
 mamba_pid=""; mamba_args=()
-mamba_ready() {  # wait for a background mamba_ssm build; its folder goes to the benchmarks when it succeeded
-  if [ -n "$mamba_pid" ]; then
-    wait "$mamba_pid"; status[mamba]="rc=$? (built in the background)"; mamba_pid=""
-    tail -n 3 "$OUT/mamba.log"
-    ls /tmp/mamba_build/selective_scan_cuda*.so >/dev/null 2>&1 && mamba_args=(--mamba-build /tmp/mamba_build)
-  fi
-}
+train=(src/train.py data=digits data.img_size=224 data.num_workers=8 model=vim_small logger=csv
+  callbacks=default_with_throughput extras.print_config=false test=false paths.data_dir=/tmp/vim_data
+  trainer.max_steps=120 trainer.max_epochs=1000 trainer.limit_val_batches=0 optimized_metric=null)
 for step in $steps; do
-  case $step in
-    mamba) mkdir -p /tmp/mamba_src && tar xzf .whl/mamba_ssm-*.tar.gz -C /tmp/mamba_src || exit 1
-           MAX_JOBS=12 python3 benchmarks/mamba_ssm_cuda.py --src /tmp/mamba_src/mamba_ssm-* --build /tmp/mamba_build \
-             > "$OUT/mamba.log" 2>&1 & mamba_pid=$! ;;
-    profile) run profile python3 benchmarks/profile_backbone.py --memory --out "$OUT" ;;
-    crossover) run crossover python3 benchmarks/backbones.py --models vim_tiny deit_tiny_fused \
-                 --resolutions 2048 2304 2560 3072 --train-models --iters 5 --result-name backbones_crossover --out "$OUT" ;;
-    long_scan) run long_scan python3 benchmarks/long_scan.py --out "$OUT" ;;
-    tests) run tests python3 -m pytest -q -m gpu tests/kernels tests/models -p no:cacheprovider "${tests_k[@]}" ;;
-    kernel_tests) run kernel_tests python3 -m pytest -q -m gpu tests/kernels -p no:cacheprovider "${tests_k[@]}" ;;
-    tune) # the variants, then the scan table with the fastest checked ones (beside mamba_ssm's kernel when the
-          # `mamba` step runs in the background); later steps of this call use the chosen settings
-      wait_args=(); [ -n "$mamba_pid" ] && wait_args=(--mamba-build /tmp/mamba_build --mamba-wait 600)
-      run tune python3 benchmarks/scan.py --variants all --no-torch "${wait_args[@]}" --out "$OUT"
-      [ -f "$OUT/scan_config.json" ] && export VIM_SCAN_CONFIG="$(cat "$OUT/scan_config.json")" && echo "chosen: $VIM_SCAN_CONFIG" ;;
-    scan) mamba_ready; run scan python3 benchmarks/scan.py "${mamba_args[@]}" --out "$OUT" ;;
-    scan_variants) run scan_variants python3 benchmarks/scan.py --variants --no-torch --out "$OUT" ;;
-    scan_ab) # the working tree's kernels against AB_BASE, a copy of kernels/ from an earlier commit (scan_ab.py)
-      run scan_ab python3 benchmarks/scan_ab.py --kernels "base=${AB_BASE:?set AB_BASE to a kernels/ copy}" \
-        --kernels "new=$PWD/kernels" --rounds 3 --out "$OUT" ;;
-    cross) run cross python3 benchmarks/cross_scan.py --out "$OUT" ;;
-    train) run train python3 src/train.py "${common_train[@]}" trainer=gpu data.batch_size=128 trainer.max_steps=300 \
-             trainer.max_epochs=1000 hydra.run.dir="$OUT/train_run" paths.data_dir=/tmp/data
-           run train_check python3 benchmarks/gpu_model_check.py "$OUT/train_run" --out "$OUT" ;;
-    train_T4) # Vim-S training at 224 with chunks of 4 steps (one-step backward capped at 168 registers) instead of
-              # "auto" (8 for Vim-S: half the saved states): the speed/memory trade-off
-      VIM_SCAN_CONFIG='{"fwd": {"T": 4}}' run train_T4 python3 benchmarks/backbones.py --models --train-models vim_small \
-        --iters 10 --result-name backbones_train_T4 --out "$OUT" ;;
-    model_tests) run model_tests python3 -m pytest -q -m gpu tests/models -p no:cacheprovider ;;
-    backbones) run backbones python3 benchmarks/backbones.py --iters 10 --out "$OUT" ;;
-    vim1248) # the issue-9 comparison alone: vim_tiny vs deit_tiny at 1248, Vim-S training at 224
-      run vim1248 python3 benchmarks/backbones.py --models vim_tiny deit_tiny_fused deit_tiny_plain --resolutions 1248 \
-        --train-models vim_small --iters 10 --result-name backbones_1248 --out "$OUT" ;;
-    mamba_side) mamba_ready  # Vim with mamba_ssm's scan in place of ours: vim_tiny at 1248, vim_small training
-      run mamba_side python3 benchmarks/backbones.py --models vim_tiny --resolutions 1248 --train-models vim_small \
-        --iters 10 "${mamba_args[@]}" --result-name backbones_mamba_ssm --out "$OUT" ;;
-    ddp) if [ "$(python3 -c 'import torch; print(torch.cuda.device_count())')" -ge 2 ]; then
-           run ddp1 python3 src/train.py "${common_train[@]}" trainer=gpu data.batch_size=128 trainer.max_steps=120 \
-               trainer.max_epochs=1000 trainer.limit_val_batches=0 optimized_metric=null hydra.run.dir="$OUT/ddp1" paths.data_dir=/tmp/data
-           run ddp2 python3 src/train.py "${common_train[@]}" trainer=ddp trainer.devices=2 data.batch_size=256 \
-               trainer.max_steps=120 trainer.max_epochs=1000 trainer.limit_val_batches=0 optimized_metric=null hydra.run.dir="$OUT/ddp2" paths.data_dir=/tmp/data
-           run ddp_summary python3 benchmarks/ddp_scaling.py "$OUT/ddp1" "$OUT/ddp2" --out "$OUT"
-         else status[ddp]="skipped: one GPU"; fi ;;
+  name=${step%%:*}; models=()
+  [ "$name" != "$step" ] && IFS=, read -ra models <<< "${step#*:}"
+  pick() { if [ ${#models[@]} -gt 0 ]; then echo "${models[@]}"; else echo "$@"; fi; }  # the step's models
+  case $name in
+    tests) run tests "$PY" -m pytest -q -m gpu tests -p no:cacheprovider ;;
+    mamba) sdist=${MAMBA_SDIST:-$(ls .whl/mamba_ssm-*.tar.gz 2>/dev/null | head -n 1)}
+      if [ -n "$sdist" ]; then
+        "$PY" tools/mamba_ssm_cuda.py --src "$sdist" --build /tmp/mamba_build >> "$LOG" 2>&1 & mamba_pid=$!
+      else status[mamba]="skipped: no MAMBA_SDIST"; fi ;;
+    scan) if [ -n "$mamba_pid" ]; then wait "$mamba_pid"; status[mamba]="rc=$?"; mamba_pid=""; fi
+      [ -f /tmp/mamba_build/CHECKED ] && mamba_args=(--mamba-build /tmp/mamba_build)
+      run scan "$PY" benchmarks/scan.py --out "$OUT" "${mamba_args[@]}" ;;
+    train224) run "$step" "${bb[@]}" --models $(pick vim_tiny vim_small) --resolutions 224 --parts train lightning \
+                --modes eager compiled compiled-cudagraphs ;;
+    infer224) run "$step" "${bb[@]}" --models $(pick vim_tiny vim_small deit_tiny_fused) --resolutions 224 \
+                --parts infer latency --modes eager compiled compiled-cudagraphs ;;
+    res1248) run "$step" "${bb[@]}" --models $(pick vim_tiny deit_tiny_fused deit_tiny_plain) --resolutions 1248 \
+               --parts infer latency --modes eager compiled ;;
+    sweep) run "$step" "${bb[@]}" --models $(pick vim_tiny deit_tiny_fused deit_tiny_plain) --resolutions 224 512 736 1024 1248 \
+             --parts infer --modes eager compiled --iters 10 ;;
+    profile) run profile_infer "$PY" benchmarks/profiler.py --model vim_tiny --img-size 1248 --batch 16 --memory --out "$OUT"
+      run profile_train "$PY" benchmarks/profiler.py --model vim_small --img-size 224 --batch 128 --train --memory \
+        --out "$OUT" ;;
+    ab) if [ -n "${AB_BASE:-}" ]; then run ab "$PY" benchmarks/ab.py run "$AB_BASE" . --rounds "${AB_ROUNDS:-3}" --out "$OUT"
+        else status[ab]="skipped: set AB_BASE to a tree from benchmarks/ab.py extract"; fi ;;
+    loader) run loader "$PY" benchmarks/loader.py --data /tmp/vim_loader_data --out "$OUT" ;;
+    ddp) gpus=$("$PY" -c 'import torch; print(torch.cuda.device_count())')
+      if [ "$gpus" -ge 2 ]; then
+        run ddp_1gpu "$PY" "${train[@]}" trainer=gpu data.batch_size=128 hydra.run.dir=/tmp/vim_ddp/1
+        run ddp_"$gpus"gpu "$PY" "${train[@]}" trainer=ddp trainer.devices="$gpus" data.batch_size=$((128 * gpus)) \
+          hydra.run.dir=/tmp/vim_ddp/"$gpus"
+        run ddp "$PY" benchmarks/ddp_scaling.py /tmp/vim_ddp/1 /tmp/vim_ddp/"$gpus" --gpus "$gpus" --out "$OUT"
+      else status[ddp]="skipped: one GPU"; fi ;;
+    *) status[$step]="unknown step (see the head of benchmarks/gpu_suite.sh)" ;;
   esac
 done
-mamba_ready
-echo; echo "== GPU suite summary =="
-for k in "${!status[@]}"; do printf '%-14s %s\n' "$k" "${status[$k]}"; done
+[ -n "$mamba_pid" ] && wait "$mamba_pid"
+declare -A shown
+echo; echo "== GPU suite summary ($OUT)" | tee -a "$LOG"
+for k in "${order[@]}" "${!status[@]}"; do [ -n "${shown[$k]:-}" ] && continue; shown[$k]=1; printf '%-14s %s\n' "$k" "${status[$k]}" | tee -a "$LOG"; done

@@ -1,57 +1,40 @@
-"""Functional API: selective_scan / multi_route / bidirectional entry points dispatching to ref, torch or triton."""
+"""Functional API of vim_kernels: the selective scans and the Vim mixer ops, dispatching to the ref, torch or triton
+backend (docs/DESIGN.md, "Contract: vim_kernels")."""
 
 from __future__ import annotations
 
 import functools
-import importlib
 
 import torch
 
-from .reference import _check_scan_shapes, check_route_shapes, multi_route_selective_scan_ref, selective_scan_ref
+from .backends import require_triton
+from .checks import check_route_shapes, check_scan_shapes
+from .reference import multi_route_selective_scan_ref, selective_scan_ref
+from .scan_config import ScanConfig, select_config
 from .torch_scan import multi_route_selective_scan_torch, selective_scan_torch
 
-BACKENDS = ("ref", "torch", "triton")
 
-
-@functools.cache
-def triton_module(name: str = "triton_scan"):
-    """vim_kernels.<name>, a Triton kernel module, imported on first use (TRITON_INTERPRET is read at its import),
-    or None when Triton cannot be imported."""
-    try:
-        return importlib.import_module(f".{name}", __package__)
-    except Exception:  # noqa: BLE001 - any import failure means "no Triton backend here"
-        return None
-
-
-def available_backends(device: torch.device | str | None = None) -> list[str]:
-    """Backends usable for tensors on `device` (default: CUDA when present): always ref and torch; triton on CUDA."""
-    device = (
-        torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    )
-    names = ["ref", "torch"]
-    if device.type == "cuda" and torch.cuda.is_available() and triton_module() is not None:
-        names.append("triton")
-    return names
-
-
-def best_backend(device: torch.device | str | None = None) -> str:
-    """ "triton" on CUDA when Triton imports, else "torch"."""
-    return "triton" if "triton" in available_backends(device) else "torch"
-
-
-def _triton_or_raise(x: torch.Tensor, name: str = "triton_scan"):
-    """vim_kernels.<name> for tensors like x, or a clear error: no Triton here, or x is on the CPU without the
-    interpreter (the route-conv and norm entry points use it too)."""
-    mod = triton_module(name)
-    if mod is None:
-        raise RuntimeError("backend='triton' needs the triton package, which cannot be imported here")
-    if x.device.type != "cuda" and not mod._INTERPRET:
-        raise RuntimeError("backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1); use backend='torch' on CPU")
-    return mod
-
-
-def _grad_needed(*tensors) -> bool:
+def _needs_grad(*tensors) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+@torch.compiler.assume_constant_result
+def _default_config(batch: int, dim: int, routes: int, length: int, d_state: int, needs_grad: bool, device) -> str:
+    # a constant to torch.compile: the launch choice is made once, while tracing, and kept in the graph
+    return _encoded_default(batch, dim, routes, length, d_state, needs_grad, torch.device(device))
+
+
+@functools.lru_cache(maxsize=256)
+def _encoded_default(batch, dim, routes, length, d_state, needs_grad, device) -> str:
+    return select_config(batch, dim, routes, length, d_state, needs_grad, device).encode()
+
+
+def _config(config: ScanConfig | None, *shape_and_device) -> str:
+    return config.encode() if config is not None else _default_config(*shape_and_device)
+
+
+def _unknown(backend: str) -> ValueError:
+    return ValueError(f"backend must be one of 'ref', 'torch', 'triton'; got {backend!r}")
 
 
 def selective_scan(
@@ -66,23 +49,32 @@ def selective_scan(
     delta_softplus: bool = False,
     return_last_state: bool = False,
     backend: str = "triton",
+    config: ScanConfig | None = None,
 ):
     """Selective scan with mamba_ssm's `selective_scan_fn` semantics (see `selective_scan_ref`).
 
     u, delta, z: (batch, dim, L), any strides (channel-last views of (batch, L, dim) are the fast path);
     A: (dim, N) float32, negative; B, C: (batch, N, L); D, delta_bias: (dim,) float32.
-    Returns out (batch, dim, L) in u's dtype; with return_last_state also the last state (batch, dim, N) float32.
-    backend: "ref" (sequential oracle), "torch" (time-major recurrence with a hand-written backward, CPU-friendly), "triton" (CUDA kernels).
+    Returns out (batch, dim, L) in u's dtype; with return_last_state also the last state (batch, dim, N) float32
+    (not differentiable on the triton backend). backend: "ref" (sequential oracle), "torch" (time-major recurrence
+    with a hand-written backward, CPU-friendly), "triton" (the `vim::selective_scan_fwd` custom op; config: a
+    ScanConfig, default select_config's).
     """
     if backend == "ref":
         return selective_scan_ref(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
     if backend == "torch":
         return selective_scan_torch(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
     if backend != "triton":
-        raise ValueError(f"backend must be one of {BACKENDS}; got {backend!r}")
-    _check_scan_shapes(u, delta, A, B, C, D, z, delta_bias)
-    mod = _triton_or_raise(u)
-    return mod.SelectiveScanFn.apply(u, delta, A, B, C, D, z, delta_bias, bool(delta_softplus), bool(return_last_state))
+        raise _unknown(backend)
+    check_scan_shapes(u, delta, A, B, C, D, z, delta_bias)
+    require_triton(u)
+    grad = _needs_grad(u, delta, A, B, C, D, z, delta_bias)
+    batch, dim, L = u.shape
+    cfg = _config(config, batch, dim, 1, L, A.shape[1], grad, u.device)
+    out, last, _ = torch.ops.vim.selective_scan_fwd(
+        u, delta, A, B, C, D, z, delta_bias, bool(delta_softplus), bool(return_last_state), grad, cfg
+    )
+    return (out, last) if return_last_state else out
 
 
 def multi_route_selective_scan(
@@ -97,8 +89,7 @@ def multi_route_selective_scan(
     routes: torch.Tensor,
     delta_softplus: bool = True,
     backend: str = "triton",
-    delta_proj: torch.Tensor | None = None,
-    out: torch.Tensor | None = None,
+    config: ScanConfig | None = None,
 ) -> torch.Tensor:
     """R scans over the same L tokens, each visiting them in its own order, merged by mean and gated.
 
@@ -106,66 +97,24 @@ def multi_route_selective_scan(
     z: (batch, L, dim) or None; routes: (R, L) int64, routes[r, t] = token visited at step t of route r.
     Returns (batch, L, dim) in token order = mean_r y_r (* silu(z)), where y_r is `selective_scan` (with D skip,
     without gate) of route r's inputs gathered in route order, scattered back to token order.
-    The Triton backend runs all routes in one launch and reads through the index map (no permuted copies).
-
-    delta_proj (R, dim, dt_rank), optional: `delta` is then Mamba's low-rank (R, batch, L, dt_rank) input and the
-    scan's delta is delta @ delta_proj^T (delta_bias still added in the scan). Where no gradient is needed, the
-    Triton forward forms it per step in registers (no (R, batch, L, dim) delta tensor, see
-    triton_scan.can_fuse_dt_proj); otherwise it is computed here by a matmul. out (no gradient needed, Triton):
-    a contiguous (batch, L, dim) buffer the result is written into; z itself may be given when z is not needed later.
+    The triton backend (`vim::multi_route_scan_fwd`) runs all routes in one launch and reads through the index
+    map: no permuted copy is written.
     """
-    if delta_proj is not None:
-        R, batch, L, dim = u.shape
-        rank = delta.shape[-1]
-        if tuple(delta.shape) != (R, batch, L, rank) or tuple(delta_proj.shape) != (R, dim, rank):
-            raise ValueError(
-                f"with delta_proj, delta must be (R, batch, L, dt_rank) and delta_proj (R, dim, dt_rank) with "
-                f"(R, batch, L, dim) = {(R, batch, L, dim)}; got {tuple(delta.shape)} and {tuple(delta_proj.shape)}"
-            )
-        if backend == "triton" and not _grad_needed(u, delta, A, B, C, D, z, delta_bias, delta_proj):
-            mod = _triton_or_raise(u)
-            if mod.can_fuse_dt_proj(batch, dim, R, L, A.shape[-1], rank):
-                check_route_shapes(u, u, A, B, C, D, z, delta_bias, routes)
-                return mod.multi_route_scan_forward(
-                    u, delta, A, B, C, D, z, delta_bias, routes, bool(delta_softplus), delta_proj, out
-                )
-        # (R, batch, L, dim); in delta's dtype (under autocast both are cast to its dtype anyway)
-        delta = torch.matmul(delta, delta_proj.to(delta.dtype).transpose(-1, -2).unsqueeze(1))
-    if out is not None and (backend != "triton" or _grad_needed(u, delta, A, B, C, D, z, delta_bias)):
-        raise ValueError("multi_route_selective_scan: out= is for the Triton backend without gradients")
     if backend == "ref":
         return multi_route_selective_scan_ref(u, delta, A, B, C, D, z, delta_bias, routes, delta_softplus)
     if backend == "torch":
         return multi_route_selective_scan_torch(u, delta, A, B, C, D, z, delta_bias, routes, delta_softplus)
     if backend != "triton":
-        raise ValueError(f"backend must be one of {BACKENDS}; got {backend!r}")
+        raise _unknown(backend)
     check_route_shapes(u, delta, A, B, C, D, z, delta_bias, routes)
-    mod = _triton_or_raise(u)
-    if out is not None:
-        return mod.multi_route_scan_forward(
-            u, delta, A, B, C, D, z, delta_bias, routes, bool(delta_softplus), None, out
-        )
-    return mod.MultiRouteScanFn.apply(u, delta, A, B, C, D, z, delta_bias, routes, bool(delta_softplus))
-
-
-def project_scan_inputs(u: torch.Tensor, weight: torch.Tensor, dt_rank: int, d_state: int, backend: str = "triton"):
-    """Mamba's x_proj for every route: u (R, batch, L, E) @ weight (R, dt_rank + 2 N, E)^T (rows [dt | B | C]).
-
-    Returns the views dt_low (R, batch, L, dt_rank), B and C (R, batch, L, N). With the Triton backend, no gradient
-    needed and a shape whose forward forms delta in the kernel (triton_scan.can_fuse_dt_proj), the matmul writes the
-    scan's packed row layout directly (triton_scan.packed_projection_weight) and the forward-only
-    `multi_route_selective_scan(..., delta_proj=...)` then reads these views with no copy.
-    """
-    if backend == "triton" and not _grad_needed(u, weight):
-        mod = _triton_or_raise(u)
-        R, batch, L, E = u.shape
-        if mod.can_fuse_dt_proj(batch, E, R, L, d_state, dt_rank):
-            w = mod.packed_projection_weight(weight, d_state, dt_rank)
-            rows = torch.matmul(u, w.unsqueeze(1).transpose(-1, -2))
-            c0, dt0 = mod.packed_row_offsets(d_state)
-            return rows[..., dt0 : dt0 + dt_rank], rows[..., :d_state], rows[..., c0 : c0 + d_state]
-    x_dbl = torch.matmul(u, weight.unsqueeze(1).transpose(-1, -2))
-    return torch.split(x_dbl, [dt_rank, d_state, d_state], dim=-1)
+    require_triton(u)
+    grad = _needs_grad(u, delta, A, B, C, D, z, delta_bias)
+    R, batch, L, dim = u.shape
+    cfg = _config(config, batch, dim, R, L, A.shape[2], grad, u.device)
+    out, _, _ = torch.ops.vim.multi_route_scan_fwd(
+        u, delta, A, B, C, D, z, delta_bias, routes, bool(delta_softplus), grad, cfg
+    )
+    return out
 
 
 def bidirectional_selective_scan(
@@ -183,3 +132,36 @@ def bidirectional_selective_scan(
     fwd = torch.arange(L, device=u.device)
     routes = torch.stack([fwd, fwd.flip(0)])
     return multi_route_selective_scan(u, delta, A, B, C, D, z, delta_bias, routes, delta_softplus, backend)
+
+
+def mamba_inner(
+    x, z, conv_w, conv_b, x_proj_w, dt_proj_w, dt_bias, A_log, D, routes, index32, inverse32,
+    save_states: bool = False, config: ScanConfig | None = None,
+) -> torch.Tensor:  # fmt: skip
+    """The interior of a Vim mixer on the triton backend, from in_proj's halves x, z (batch, L, E) to the merged,
+    gated output y (batch, L, E), with autograd (`vim::mamba_inner_fwd`, see mixer_ops). Per-route weights stacked
+    over routes: conv_w (R, E, K), conv_b (R, E), x_proj_w (R, rank + 2N, E), dt_proj_w (R, E, rank),
+    dt_bias (R, E), A_log (R, E, N), D (R, E); routes (R, L) int64 and the same maps as int32 with their inverses.
+    save_states keeps the scan's states for the backward (faster, (R, batch, L / chunk, N, E) float32 more memory);
+    by default the backward runs the scan again."""
+    require_triton(x)
+    batch, L, E = x.shape
+    R = routes.shape[0]
+    grad = _needs_grad(x, z, conv_w, x_proj_w, dt_proj_w, dt_bias, A_log, D)
+    cfg = _config(config, batch, E, R, L, A_log.shape[-1], grad, x.device)
+    y, _, _, _ = torch.ops.vim.mamba_inner_fwd(
+        x, z, conv_w, conv_b, x_proj_w, dt_proj_w, dt_bias, A_log, D, routes, index32, inverse32,
+        bool(save_states) and grad, cfg,
+    )  # fmt: skip
+    return y
+
+
+def mamba_mixer_inference(hidden, weights, routes, index32, inverse32, config: ScanConfig | None = None):
+    """A Vim mixer's output out_proj(y) for its normed input hidden (batch, L, dim) without gradients, on the
+    triton backend (`vim::mamba_mixer_inference`); weights: the mixer's MixerInferenceWeights (pack_mixer_weights),
+    routes as for mamba_inner."""
+    require_triton(hidden)
+    batch, L, _ = hidden.shape
+    R, NP, E = weights.A2.shape
+    cfg = _config(config, batch, E, R, L, NP, False, hidden.device)
+    return torch.ops.vim.mamba_mixer_inference(hidden, *weights, routes, index32, inverse32, cfg)

@@ -3,7 +3,8 @@
 Vim (like mamba_ssm's fused add + norm) keeps the residual stream in float32 and feeds the mixer the RMSNorm of
 residual + hidden. Unfused, that is four passes over the tokens (the cast of hidden, the add, the norm, the cast of
 its output to the autocast dtype); the Triton kernel reads hidden and the residual once and writes the residual and
-the normed output once. Forward only: training keeps the autograd path of the model.
+the normed output once. Forward only: training keeps the autograd path of the model. Under torch.compile the functional custom op `vim::add_rms_norm` is traced
+(in-place updates are the eager path's way to save memory; the compiler plans memory itself).
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .interface import _triton_or_raise
+from . import backends
 
 
 def add_rms_norm_ref(hidden, residual, weight, eps: float, out_dtype=None):
@@ -38,13 +39,17 @@ def add_rms_norm(hidden, residual, weight, eps: float, out_dtype=None, inplace: 
         )
     if backend in ("torch", "ref"):
         out, res = add_rms_norm_ref(hidden, residual, weight, eps, out_dtype)
-        if inplace and residual is not None:
+        if not inplace or torch.compiler.is_compiling():  # the compiler plans memory itself
+            return out, res
+        if residual is not None:
             residual.copy_(res)
             res = residual
-        if inplace and hidden.dtype == out.dtype and hidden.data_ptr() != res.data_ptr():
+        if hidden.dtype == out.dtype and hidden.data_ptr() != res.data_ptr():
             out = hidden.copy_(out)
         return out, res
     if backend != "triton":
         raise ValueError(f"backend must be 'triton', 'torch' or 'ref'; got {backend!r}")
-    mod = _triton_or_raise(hidden, "triton_norm")
-    return mod.add_rms_norm(hidden, residual, weight, eps, out_dtype or torch.float32, inplace)
+    backends.require_triton(hidden)
+    if torch.compiler.is_compiling():
+        return torch.ops.vim.add_rms_norm(hidden, residual, weight, eps, out_dtype or torch.float32)
+    return backends.triton_norm.add_rms_norm(hidden, residual, weight, eps, out_dtype or torch.float32, inplace)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .interface import _triton_or_raise
+from . import backends
 
 
 def route_conv1d_silu_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, index: torch.Tensor):
@@ -44,9 +44,10 @@ def route_conv1d_silu(x, weight, bias, index, inverse=None, backend: str = "trit
         return route_conv1d_silu_ref(x, weight, bias, index)
     if backend != "triton":
         raise ValueError(f"backend must be 'triton', 'torch' or 'ref'; got {backend!r}")
-    mod = _triton_or_raise(x, "triton_route_conv")
+    backends.require_triton(x)
     if x.stride(-1) != 1:
         x = x.contiguous()
     if inverse is None:
         inverse = torch.argsort(index, dim=1)
-    return mod.RouteConvSiluFn.apply(x, weight, bias, index, inverse)
+    i32 = torch.int32  # half the bytes of each gathered index (L < 2^31)
+    return torch.ops.vim.route_conv_silu(x, weight, bias, index.to(i32).contiguous(), inverse.to(i32).contiguous())

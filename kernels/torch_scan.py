@@ -17,8 +17,9 @@ import threading
 
 import torch
 import torch.nn.functional as F
+from torch import Tensor
 
-from .reference import _check_scan_shapes, check_route_shapes
+from .checks import check_route_shapes, check_scan_shapes
 
 # largest (L, R, batch-block, N, dim) float32 buffer; the batch is split into blocks that fit it. The buffers are
 # kept per thread and reused across blocks and calls: allocating fresh large tensors (page faults) costs more on
@@ -61,88 +62,118 @@ def _delta(delta, delta_bias, softplus):
     return x, (F.softplus(x) if softplus else x)
 
 
-class _ScanFn(torch.autograd.Function):
-    """Core on float32 time-major tensors. u, delta: (L, R, b, dim); A: (R, N, dim); B, C: (L, R, b, N);
+@torch.library.custom_op("vim::scan_tm_fwd", mutates_args=())
+def scan_tm_fwd(
+    u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None, delta_bias: Tensor | None,
+    softplus: bool,
+) -> tuple[Tensor, Tensor]:  # fmt: skip
+    """The core on float32 time-major tensors. u, delta: (L, R, b, dim); A: (R, N, dim); B, C: (L, R, b, N);
     D, delta_bias: (R, dim) or None. Returns y (L, R, b, dim) (with the D skip) and the last state (R, b, N, dim).
-    The backward recomputes the states from the inputs (nothing of size N*dim per token is kept)."""
+    A custom op: torch.compile keeps it whole (no loop over L unrolled into the graph)."""
+    L, R, batch, dim = u.shape
+    N = A.shape[-2]
+    _, dt = _delta(delta, delta_bias, softplus)
+    dtu = dt * u
+    y = torch.empty_like(u)
+    last = u.new_empty(R, batch, N, dim)
+    for s, e in _blocks(L, R, batch, dim, N):
+        a, h = _buffers((L, R, e - s, N, dim), 2, u.device)
+        _states(a, h, dt[:, :, s:e], dtu[:, :, s:e], A, B[:, :, s:e])
+        # y_t = <C_t, h_t>: one batched (1, N) x (N, dim) product over all (t, r, b)
+        y[:, :, s:e] = torch.matmul(C[:, :, s:e].unsqueeze(-2), h).squeeze(-2)
+        last[:, s:e] = h[-1]
+    if D is not None:
+        y.addcmul_(u, D.unsqueeze(1))
+    return y, last
 
-    @staticmethod
-    def forward(ctx, u, delta, A, B, C, D, delta_bias, softplus):
-        ctx.set_materialize_grads(False)
-        L, R, batch, dim = u.shape
-        N = A.shape[-2]
-        _, dt = _delta(delta, delta_bias, softplus)
-        dtu = dt * u
-        y = torch.empty_like(u)
-        last = u.new_empty(R, batch, N, dim)
-        blocks = _blocks(L, R, batch, dim, N)
-        for s, e in blocks:
-            a, h = _buffers((L, R, e - s, N, dim), 2, u.device)
-            _states(a, h, dt[:, :, s:e], dtu[:, :, s:e], A, B[:, :, s:e])
-            # y_t = <C_t, h_t>: one batched (1, N) x (N, dim) product over all (t, r, b)
-            y[:, :, s:e] = torch.matmul(C[:, :, s:e].unsqueeze(-2), h).squeeze(-2)
-            last[:, s:e] = h[-1]
-        if D is not None:
-            y.addcmul_(u, D.unsqueeze(1))
-        ctx.softplus = softplus
-        ctx.blocks = blocks
-        ctx.save_for_backward(u, delta, A, B, C, D, delta_bias)
-        return y, last
 
-    @staticmethod
-    def backward(ctx, dy, dlast):
-        u, delta, A, B, C, D, delta_bias = ctx.saved_tensors
-        L, R, batch, dim = u.shape
-        N = A.shape[-2]
-        x, dt = _delta(delta, delta_bias, ctx.softplus)
-        dtu = dt * u
-        if dy is None:
-            dy = torch.zeros_like(u)
-        du = torch.empty_like(u)
-        ddt = torch.empty_like(u)
-        dB = torch.empty_like(B)
-        dC = torch.empty_like(C)
-        dA = torch.zeros_like(A)
-        for s, e in ctx.blocks:
-            dts, dtus, Bs, Cs, dys = dt[:, :, s:e], dtu[:, :, s:e], B[:, :, s:e], C[:, :, s:e], dy[:, :, s:e]
-            a, h, g = _buffers((L, R, e - s, N, dim), 3, u.device)
-            _states(a, h, dts, dtus, A, Bs)
-            # g_t = dL/dh_t: C_t dy_t plus what flows back from h_{t+1} = a_{t+1} h_t + ...
-            torch.mul(dys.unsqueeze(-2), Cs.unsqueeze(-1), out=g)
-            if dlast is not None:
-                g[-1].add_(dlast[:, s:e])
-            for t in range(L - 2, -1, -1):
-                g[t].addcmul_(a[t + 1], g[t + 1])
-            # dC_t = sum_dim h_t dy_t
-            dC[:, :, s:e] = torch.matmul(h, dys.unsqueeze(-1)).squeeze(-1)
-            # b_t = dt u B: db_t = g_t
-            gB = torch.matmul(Bs.unsqueeze(-2), g).squeeze(-2)  # (L, R, b, dim)
-            dB[:, :, s:e] = torch.matmul(g, dtus.unsqueeze(-1)).squeeze(-1)
-            torch.mul(gB, dts, out=du[:, :, s:e])
-            torch.mul(gB, u[:, :, s:e], out=ddt[:, :, s:e])
-            if L > 1:
-                # a_t = exp(dt_t A): d(dt A)_t = g_t h_{t-1} a_t (t >= 1; h_{-1} = 0)
-                da = a[1:].mul_(h[:-1]).mul_(g[1:])  # in a's buffer
-                gw = g[1:]  # g is no longer needed: scratch
-                torch.mul(da, dts[1:].unsqueeze(-2), out=gw)
-                dA += gw.sum(0).sum(1)
-                torch.mul(da, A.unsqueeze(1), out=gw)
-                ddt[1:, :, s:e] += gw.sum(-2)
-        if D is not None:
-            du.addcmul_(dy, D.unsqueeze(1))
-            dD = torch.mul(dy, u).sum((0, 2))
-        else:
-            dD = None
-        if ctx.softplus:
-            ddt.mul_(torch.sigmoid(x))  # softplus' (torch's threshold 20: sigmoid(x > 20) is 1 in float32)
-        ddb = ddt.sum((0, 2)) if delta_bias is not None else None
-        return du, ddt, dA, dB, dC, dD, ddb, None
+@scan_tm_fwd.register_fake
+def _(u, delta, A, B, C, D, delta_bias, softplus):
+    L, R, batch, dim = u.shape
+    return torch.empty_like(u), u.new_empty(R, batch, A.shape[-2], dim)
+
+
+@torch.library.custom_op("vim::scan_tm_bwd", mutates_args=())
+def scan_tm_bwd(
+    dy: Tensor, dlast: Tensor | None, u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None,
+    delta_bias: Tensor | None, softplus: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
+    """Gradients (du, ddelta, dA, dB, dC, dD, ddelta_bias) of scan_tm_fwd, the states recomputed from its inputs
+    (nothing of size N * dim per token was kept); empty for an absent D or delta_bias."""
+    L, R, batch, dim = u.shape
+    x, dt = _delta(delta, delta_bias, softplus)
+    dtu = dt * u
+    du = torch.empty_like(u)
+    ddt = torch.empty_like(u)
+    dB = torch.empty_like(B)
+    dC = torch.empty_like(C)
+    dA = torch.zeros_like(A)
+    N = A.shape[-2]
+    for s, e in _blocks(L, R, batch, dim, N):
+        dts, dtus, Bs, Cs, dys = dt[:, :, s:e], dtu[:, :, s:e], B[:, :, s:e], C[:, :, s:e], dy[:, :, s:e]
+        a, h, g = _buffers((L, R, e - s, N, dim), 3, u.device)
+        _states(a, h, dts, dtus, A, Bs)
+        # g_t = dL/dh_t: C_t dy_t plus what flows back from h_{t+1} = a_{t+1} h_t + ...
+        torch.mul(dys.unsqueeze(-2), Cs.unsqueeze(-1), out=g)
+        if dlast is not None:
+            g[-1].add_(dlast[:, s:e])
+        for t in range(L - 2, -1, -1):
+            g[t].addcmul_(a[t + 1], g[t + 1])
+        # dC_t = sum_dim h_t dy_t
+        dC[:, :, s:e] = torch.matmul(h, dys.unsqueeze(-1)).squeeze(-1)
+        # b_t = dt u B: db_t = g_t
+        gB = torch.matmul(Bs.unsqueeze(-2), g).squeeze(-2)  # (L, R, b, dim)
+        dB[:, :, s:e] = torch.matmul(g, dtus.unsqueeze(-1)).squeeze(-1)
+        torch.mul(gB, dts, out=du[:, :, s:e])
+        torch.mul(gB, u[:, :, s:e], out=ddt[:, :, s:e])
+        if L > 1:
+            # a_t = exp(dt_t A): d(dt A)_t = g_t h_{t-1} a_t (t >= 1; h_{-1} = 0)
+            da = a[1:].mul_(h[:-1]).mul_(g[1:])  # in a's buffer
+            gw = g[1:]  # g is no longer needed: scratch
+            torch.mul(da, dts[1:].unsqueeze(-2), out=gw)
+            dA += gw.sum(0).sum(1)
+            torch.mul(da, A.unsqueeze(1), out=gw)
+            ddt[1:, :, s:e] += gw.sum(-2)
+    if D is not None:
+        du.addcmul_(dy, D.unsqueeze(1))
+        dD = torch.mul(dy, u).sum((0, 2))
+    else:
+        dD = u.new_empty(0)
+    if softplus:
+        ddt.mul_(torch.sigmoid(x))  # softplus' (torch's threshold 20: sigmoid(x > 20) is 1 in float32)
+    ddb = ddt.sum((0, 2)) if delta_bias is not None else u.new_empty(0)
+    return du, ddt, dA, dB, dC, dD, ddb
+
+
+@scan_tm_bwd.register_fake
+def _(dy, dlast, u, delta, A, B, C, D, delta_bias, softplus):
+    def like(t):
+        return torch.empty_like(t) if t is not None else u.new_empty(0)
+
+    return like(u), like(u), like(A), like(B), like(C), like(D), like(delta_bias)
+
+
+def _scan_tm_setup(ctx, inputs, output):
+    *tensors, softplus = inputs
+    ctx.save_for_backward(*tensors)
+    ctx.softplus = softplus
+
+
+def _scan_tm_backward(ctx, dy, dlast):
+    u, delta, A, B, C, D, delta_bias = ctx.saved_tensors
+    if dy is None:
+        dy = torch.zeros_like(u)
+    du, ddt, dA, dB, dC, dD, ddb = scan_tm_bwd(dy.contiguous(), dlast, u, delta, A, B, C, D, delta_bias, ctx.softplus)
+    return du, ddt, dA, dB, dC, dD if D is not None else None, ddb if delta_bias is not None else None, None
+
+
+scan_tm_fwd.register_autograd(_scan_tm_backward, setup_context=_scan_tm_setup)
 
 
 def _scan_tm(u, delta, A, B, C, D, delta_bias, softplus):
-    """float32 time-major core with autograd (see `_ScanFn`)."""
-    f = lambda t: None if t is None else t.float()  # noqa: E731
-    y, last = _ScanFn.apply(
+    """float32 time-major core with autograd (see `scan_tm_fwd`)."""
+    f = lambda t: None if t is None else t.float().contiguous()  # noqa: E731
+    y, last = scan_tm_fwd(
         u.float().contiguous(),
         delta.float().contiguous(),
         A.float().transpose(-1, -2).contiguous(),
@@ -159,8 +190,8 @@ def selective_scan_torch(
     u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, return_last_state=False
 ):
     """Same function and signature as `selective_scan_ref` (u, delta, z (batch, dim, L); A (dim, N);
-    B, C (batch, N, L); D, delta_bias (dim,)), computed by the time-major scan of `_ScanFn`."""
-    _check_scan_shapes(u, delta, A, B, C, D, z, delta_bias)
+    B, C (batch, N, L); D, delta_bias (dim,)), computed by the time-major scan of `scan_tm_fwd`."""
+    check_scan_shapes(u, delta, A, B, C, D, z, delta_bias)
     dtype_in = u.dtype
     # (batch, dim, L) -> time-major (L, 1, batch, dim): one route
     tm = lambda t: t.permute(2, 0, 1).unsqueeze(1)  # noqa: E731

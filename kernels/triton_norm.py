@@ -1,4 +1,5 @@
-"""Triton kernel of vim_kernels.add_rms_norm: the residual add and the RMSNorm of a Mamba block in one pass."""
+"""Triton kernel of vim_kernels.add_rms_norm (the residual add and the RMSNorm of a Mamba block in one pass) and its
+custom op `vim::add_rms_norm`."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import os
 import torch
 import triton
 import triton.language as tl
+from torch import Tensor
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -54,3 +56,20 @@ def add_rms_norm(hidden, residual, weight, eps, out_dtype, inplace):
         num_warps=1 if _INTERPRET else 4,
     )  # fmt: skip
     return out.view(hidden.shape), res_out.view(hidden.shape)
+
+
+@torch.library.custom_op("vim::add_rms_norm", mutates_args=())
+def add_rms_norm_op(
+    hidden: Tensor, residual: Tensor | None, weight: Tensor, eps: float, out_dtype: torch.dtype
+) -> tuple[Tensor, Tensor]:
+    """The functional form of add_rms_norm (what torch.compile traces): (normed in out_dtype, new float32 residual),
+    both new tensors."""
+    if residual is None and hidden.dtype == torch.float32:
+        hidden = hidden.clone()  # the new residual would be hidden itself: an op's outputs may not alias its inputs
+    out, res = add_rms_norm(hidden, residual, weight, eps, out_dtype, False)
+    return out, res
+
+
+@add_rms_norm_op.register_fake
+def _(hidden, residual, weight, eps, out_dtype):
+    return hidden.new_empty(hidden.shape, dtype=out_dtype), hidden.new_empty(hidden.shape, dtype=torch.float32)

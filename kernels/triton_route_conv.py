@@ -1,4 +1,5 @@
-"""Triton kernels of vim_kernels.route_conv: the route conv's taps gathered through the index maps (fwd + bwd)."""
+"""Triton kernels of vim_kernels.route_conv (the route conv's taps gathered through the index maps, fwd + bwd) and its
+custom op `vim::route_conv_silu`."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import os
 import torch
 import triton
 import triton.language as tl
+from torch import Tensor
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -122,44 +124,78 @@ def _route_conv_bwd_dx_kernel(
     tl.store(out, dx.to(dx_ptr.dtype.element_ty), mask=tmask[:, None] & emask[None, :])
 
 
-class RouteConvSiluFn(torch.autograd.Function):
-    """x (batch, L, E) with unit channel stride; weight (R, E, K); bias (R, E); index, inverse (R, L) int64."""
+def route_conv_fwd(x, w, b, index, inverse) -> torch.Tensor:
+    """u = silu(route conv of x) for every route: x (batch, L, E) (read in place when its channels are contiguous);
+    w (R, E, K), b (R, E)
+    float32; index, inverse (R, L) int32. Returns (R, batch, L, E) in x's dtype."""
+    w, b, index, inverse = w.contiguous(), b.contiguous(), index.contiguous(), inverse.contiguous()
+    x = x if x.stride(-1) == 1 else x.contiguous()
+    batch, L, E = x.shape
+    R, _, K = w.shape
+    u = torch.empty((R, batch, L, E), device=x.device, dtype=x.dtype)
+    grid = (triton.cdiv(L, BT), triton.cdiv(E, BE), R * batch)
+    _route_conv_fwd_kernel[grid](
+        x, w, b, index, inverse, u, L, E, batch, x.stride(0), x.stride(1), K=K, BT=BT, BE=BE,
+        EVEN_E=E % BE == 0, num_warps=4,
+    )  # fmt: skip
+    return u
 
-    @staticmethod
-    def forward(ctx, x, weight, bias, index, inverse):
-        batch, L, E = x.shape
-        R, _, K = weight.shape
-        w, bb = weight.float().contiguous(), bias.float().contiguous()
-        # int32 index maps: half the bytes of each gathered index (L < 2^31)
-        index, inverse = index.to(torch.int32).contiguous(), inverse.to(torch.int32).contiguous()
-        u = torch.empty((R, batch, L, E), device=x.device, dtype=x.dtype)
-        grid = (triton.cdiv(L, BT), triton.cdiv(E, BE), R * batch)
-        _route_conv_fwd_kernel[grid](
-            x, w, bb, index, inverse, u, L, E, batch, x.stride(0), x.stride(1), K=K, BT=BT, BE=BE,
-            EVEN_E=E % BE == 0, num_warps=4,
-        )  # fmt: skip
-        ctx.save_for_backward(x, w, bb, index, inverse)
-        ctx.dtypes = (weight.dtype, bias.dtype)
-        return u
 
-    @staticmethod
-    def backward(ctx, du):
-        x, w, bb, index, inverse = ctx.saved_tensors
-        batch, L, E = x.shape
-        R, _, K = w.shape
-        du = du.contiguous()
-        dc = torch.empty((R, batch, L, E), device=x.device, dtype=torch.float32)
-        dw = torch.zeros_like(w)
-        dbias = torch.zeros_like(bb)
-        grid = (triton.cdiv(L, BT), triton.cdiv(E, BE), R * batch)
-        _route_conv_bwd_dc_kernel[grid](
-            x, w, bb, index, inverse, du, dc, dw, dbias, L, E, batch, x.stride(0), x.stride(1),
-            K=K, BT=BT, BE=BE, EVEN_E=E % BE == 0, num_warps=4,
-        )  # fmt: skip
-        dx = torch.empty((batch, L, E), device=x.device, dtype=x.dtype)
-        _route_conv_bwd_dx_kernel[(triton.cdiv(L, BT), triton.cdiv(E, BE), batch)](
-            dc, w, index, inverse, dx, L, E, batch, dx.stride(0), dx.stride(1), R=R, K=K, BT=BT, BE=BE,
-            EVEN_E=E % BE == 0, num_warps=4,
-        )  # fmt: skip
-        w_dt, b_dt = ctx.dtypes
-        return dx, dw.to(w_dt), dbias.to(b_dt), None, None
+def route_conv_bwd(du, x, w, b, index, inverse):
+    """Gradients of route_conv_fwd for the output gradient du (R, batch, L, E): (dx like x, dw, db float32)."""
+    w, b, index, inverse = w.contiguous(), b.contiguous(), index.contiguous(), inverse.contiguous()
+    x = x if x.stride(-1) == 1 else x.contiguous()
+    batch, L, E = x.shape
+    R, _, K = w.shape
+    du = du.contiguous()
+    dc = torch.empty((R, batch, L, E), device=x.device, dtype=torch.float32)
+    dw = torch.zeros_like(w)
+    db = torch.zeros_like(b)
+    grid = (triton.cdiv(L, BT), triton.cdiv(E, BE), R * batch)
+    _route_conv_bwd_dc_kernel[grid](
+        x, w, b, index, inverse, du, dc, dw, db, L, E, batch, x.stride(0), x.stride(1),
+        K=K, BT=BT, BE=BE, EVEN_E=E % BE == 0, num_warps=4,
+    )  # fmt: skip
+    dx = torch.empty((batch, L, E), device=x.device, dtype=x.dtype)
+    _route_conv_bwd_dx_kernel[(triton.cdiv(L, BT), triton.cdiv(E, BE), batch)](
+        dc, w, index, inverse, dx, L, E, batch, dx.stride(0), dx.stride(1), R=R, K=K, BT=BT, BE=BE,
+        EVEN_E=E % BE == 0, num_warps=4,
+    )  # fmt: skip
+    return dx, dw, db
+
+
+@torch.library.custom_op("vim::route_conv_silu", mutates_args=())
+def route_conv_silu(x: Tensor, weight: Tensor, bias: Tensor, index32: Tensor, inverse32: Tensor) -> Tensor:
+    """route_conv_fwd as a custom op (autograd below): x (batch, L, E) with unit channel stride; weight (R, E, K);
+    bias (R, E); index32, inverse32 (R, L) int32 contiguous."""
+    return route_conv_fwd(x, weight.float().contiguous(), bias.float().contiguous(), index32, inverse32)
+
+
+@route_conv_silu.register_fake
+def _(x, weight, bias, index32, inverse32):
+    return x.new_empty((weight.shape[0], *x.shape))
+
+
+@torch.library.custom_op("vim::route_conv_silu_bwd", mutates_args=())
+def route_conv_silu_bwd(
+    du: Tensor, x: Tensor, weight: Tensor, bias: Tensor, index32: Tensor, inverse32: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
+    dx, dw, db = route_conv_bwd(du, x, weight.float().contiguous(), bias.float().contiguous(), index32, inverse32)
+    return dx, dw.to(weight.dtype), db.to(bias.dtype)
+
+
+@route_conv_silu_bwd.register_fake
+def _(du, x, weight, bias, index32, inverse32):
+    return x.new_empty(x.shape), torch.empty_like(weight), torch.empty_like(bias)
+
+
+def _route_conv_setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _route_conv_backward(ctx, du):
+    dx, dw, db = route_conv_silu_bwd(du, *ctx.saved_tensors)
+    return dx, dw, db, None, None
+
+
+route_conv_silu.register_autograd(_route_conv_backward, setup_context=_route_conv_setup)

@@ -3,17 +3,19 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
 import hydra
 import lightning as L
 import torch
-from lightning import Callback, LightningDataModule, LightningModule, Trainer
-from lightning.pytorch.loggers import Logger
+from lightning import LightningDataModule, LightningModule, Trainer
 from omegaconf import DictConfig
 
-from vision_mamba.callbacks import AtomicCheckpointIO
+from vision_mamba.checkpointing import LIGHTNING_CKPT_KEYWORDS, check_checkpoint_file, resume_argv
+from vision_mamba.config_checks import check_config
+from vision_mamba.trainer import build_trainer
 from vision_mamba.utils import (
     RankedLogger,
     UserError,
@@ -30,33 +32,36 @@ from vision_mamba.utils.utils import exit_on_user_error
 
 log = RankedLogger(__name__, rank_zero_only=True)
 
-LIGHTNING_CKPT_KEYWORDS = ("last", "best", "hpc", "registry")
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "conf"
 
 
 def check_ckpt_path(ckpt_path: str | None, output_dir: str | None = None) -> None:
-    if ckpt_path and ckpt_path not in LIGHTNING_CKPT_KEYWORDS and not Path(ckpt_path).is_file():
-        raise UserError(
-            f"ckpt_path={ckpt_path} does not exist: give a .ckpt written by train.py "
-            "(they are in logs/train/runs/<run>/checkpoints/), or `last` with hydra.run.dir=<the run folder>"
-        )
-    if ckpt_path == "last" and output_dir and not list(Path(output_dir, "checkpoints").glob("last*.ckpt")):
-        # Lightning would warn and silently start from scratch in a new folder
-        raise UserError(
-            f"ckpt_path=last found no checkpoints/last.ckpt in {output_dir}: resume inside the old run with "
-            "hydra.run.dir=<the run folder> ckpt_path=last (e.g. hydra.run.dir=logs/train/runs/2025-01-31_12-00-00)"
-        )
-
-
-def build_trainer(cfg: DictConfig, callbacks: list[Callback], logger: list[Logger], **extra: Any) -> Trainer:
-    # trainer configs may add plugins (e.g. trainer=slurm's SLURMEnvironment); the atomic checkpoint IO is always on
-    plugins = [AtomicCheckpointIO(), *(hydra.utils.instantiate(p) for p in cfg.trainer.get("plugins") or [])]
-    return hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=logger, plugins=plugins, **extra)
+    """Stop before anything is built when the checkpoint to resume from is missing or could not be loaded."""
+    if ckpt_path and ckpt_path not in LIGHTNING_CKPT_KEYWORDS:
+        if not Path(ckpt_path).exists():
+            raise UserError(
+                f"ckpt_path={ckpt_path} does not exist: give a .ckpt written by train.py "
+                "(they are in logs/train/runs/<run>/checkpoints/), or `last` with hydra.run.dir=<the run folder>"
+            )
+        check_checkpoint_file(ckpt_path)
+    if ckpt_path == "last" and output_dir:
+        last = sorted(Path(output_dir, "checkpoints").glob("last*.ckpt"))
+        if not last:  # Lightning would warn and silently start from scratch in a new folder
+            raise UserError(
+                f"ckpt_path=last found no checkpoints/last.ckpt in {output_dir}: resume inside the old run with "
+                "hydra.run.dir=<the run folder> ckpt_path=last (e.g. hydra.run.dir=logs/train/runs/2025-01-31_12-00-00)"
+            )
+        for path in last:
+            check_checkpoint_file(path)
 
 
 @task_wrapper
 def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     """Fit the task, then test the best checkpoint. Returns the metrics and the objects it built."""
     check_ckpt_path(cfg.get("ckpt_path"), cfg.paths.get("output_dir"))
+    check_config(cfg)
+    if cfg.get("ckpt_path"):
+        log_resume(cfg.ckpt_path)
     if cfg.get("seed") is not None:
         L.seed_everything(cfg.seed, workers=True)
 
@@ -79,17 +84,17 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     if logger:
         log_hyperparameters(object_dict)
 
-    # our own checkpoints hold the hyper-parameters as DictConfigs, which torch's weights_only loader refuses
+    # every checkpoint is read by the trainer's SafeCheckpointIO (weights_only, see vision_mamba.checkpointing)
     if cfg.get("train"):
-        trainer.fit(model=model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"), weights_only=False)
+        trainer.fit(model=model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
     train_metrics = dict(trainer.callback_metrics)
 
     if cfg.get("test"):
-        ckpt_path = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+        ckpt_path = saved_checkpoint(trainer, "best_model_path")
         if not ckpt_path:
             log.warning("Best ckpt not found! Using current weights for testing...")
             ckpt_path = None
-        trainer.test(model=model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=False)
+        trainer.test(model=model, datamodule=datamodule, ckpt_path=ckpt_path)
         log.info(f"Best ckpt path: {ckpt_path}")
     test_metrics = dict(trainer.callback_metrics)
 
@@ -111,13 +116,26 @@ def end_distributed(trainer: Trainer) -> None:
             os.environ.pop(key, None)
 
 
+def log_resume(ckpt_path: str) -> None:
+    """Say what a resume composed: inside a run folder, the run's recorded choices and overrides come first."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if HydraConfig.initialized():
+        log.info(f"Resuming from ckpt_path={ckpt_path} with overrides: {' '.join(HydraConfig.get().overrides.task)}")
+
+
+def saved_checkpoint(trainer: Trainer, attribute: str) -> str:
+    """The best (``best_model_path``) or last (``last_model_path``) checkpoint any checkpoint callback saved."""
+    return next((path for c in trainer.checkpoint_callbacks if (path := getattr(c, attribute, ""))), "")
+
+
 def summarize(cfg: DictConfig, trainer: Trainer, metrics: dict[str, Any]) -> None:
     """Tell the user where everything went and the headline numbers."""
-    ckpt = trainer.checkpoint_callback
     shown = {k: float(v) for k, v in metrics.items() if k.startswith(("val/", "test/")) and getattr(v, "numel", lambda: 1)() == 1}
     log.info("Run finished. Output folder: " + str(cfg.paths.output_dir))
-    if ckpt is not None:
-        log.info(f"  checkpoints: best {ckpt.best_model_path or '-'} | last {ckpt.last_model_path or '-'}")
+    if trainer.checkpoint_callbacks:
+        best, last = saved_checkpoint(trainer, "best_model_path"), saved_checkpoint(trainer, "last_model_path")
+        log.info(f"  checkpoints: best {best or '-'} | last {last or '-'}")
     for lg in trainer.loggers:
         log.info(f"  {type(lg).__name__}: {lg.log_dir or lg.save_dir}")
     if shown:
@@ -135,4 +153,5 @@ def main(cfg: DictConfig) -> float | None:
 
 if __name__ == "__main__":
     pin_run_id_from_launcher()  # torchrun/srun processes must agree on one run folder before Hydra names it
+    sys.argv = resume_argv(sys.argv, CONFIG_DIR)  # a resume composes the run's own config (vision_mamba.checkpointing)
     main()

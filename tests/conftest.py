@@ -5,18 +5,20 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import pytest
-import torch
+# one compute thread per test process (set before torch is imported, which reads it): pytest-xdist runs one process
+# per core, and Vim's small elementwise ops run faster on one thread than on two contending ones
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-# One compute thread per test process (tests/helpers.py says why). torch reads OMP_NUM_THREADS when it is imported,
-# which happens above, before helpers sets it: with two threads per xdist worker on two cores, a small Vim trains
-# ten times slower on a busy machine.
-torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", 1)))
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
-# Triton reads TRITON_INTERPRET when a kernel is first decorated; other test folders import the model (and so the
-# kernels) at collection time, before tests/kernels/conftest.py runs, so it is set here, first.
+# Triton reads TRITON_INTERPRET when a kernel is decorated, i.e. at `import vim_kernels` (its Triton modules are
+# imported statically), which test modules do at collection time: so it is set here, first. Without CUDA the Triton
+# kernels then run interpreted on CPU tensors (tiny grids). VIM_KERNELS_POISON: every kernel output buffer starts as
+# NaN, so an element a kernel fails to write fails the comparison.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ.setdefault("VIM_KERNELS_POISON", "1")
 from helpers import compose_config, make_fast
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig

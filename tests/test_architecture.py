@@ -15,6 +15,7 @@ FORBIDDEN = {
     ROOT / "kernels": ("vision_mamba", "lightning", "pytorch_lightning", "hydra"),
     PKG / "models": ("vision_mamba.data", "vision_mamba.tasks", "lightning", "pytorch_lightning"),
     PKG / "data": ("vision_mamba.models", "vision_mamba.tasks"),
+    PKG / "utils": ("vision_mamba.models",),
 }
 
 

@@ -8,10 +8,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-import torch
 from helpers import as_job, compose_config, make_fast, run_train
 from omegaconf import DictConfig, OmegaConf, open_dict
 from PIL import Image
+
+from vision_mamba.checkpointing import load_checkpoint
 
 
 def write_tiny_imagenet(root: Path, classes=("n01440764", "n01443537", "n01484850"), per_class=(6, 3)) -> Path:
@@ -90,7 +91,7 @@ def assert_learns_on_digits(tmp_path, data_dir, overrides: list[str]) -> DictCon
 def best_checkpoint_and_score(run_dir: Path) -> tuple[Path, float]:
     """The top-1 checkpoint of a run and the val top-1 ModelCheckpoint recorded for it."""
     best = next(Path(run_dir, "checkpoints").glob("epoch_*.ckpt"))
-    logged = torch.load(best, map_location="cpu", weights_only=False)["callbacks"]
+    logged = load_checkpoint(best)["callbacks"]
     return best, float(next(v["best_model_score"] for k, v in logged.items() if k.startswith("ModelCheckpoint")))
 
 
@@ -117,7 +118,11 @@ def test_cross_scan_learning_check_and_eval_adopts_the_run_config(tmp_path, data
     nothing else given, takes the model/data/task of the run from <run>/.hydra/config.yaml (use_run_config): the
     default bidirectional model could not even load these weights."""
     cfg = assert_learns_on_digits(tmp_path, data_dir, ["model.scan=cross"])
-    OmegaConf.save(as_job(cfg), tmp_path / ".hydra" / "config.yaml")  # what Hydra writes beside checkpoints/
+    job = {k: v for k, v in OmegaConf.to_container(cfg).items() if k != "hydra"}
+    record = tmp_path / ".hydra"  # what Hydra writes beside checkpoints/
+    record.mkdir(exist_ok=True)
+    OmegaConf.save(OmegaConf.create(job), record / "config.yaml")
+    OmegaConf.save(OmegaConf.create(["model.scan=cross"]), record / "overrides.yaml")
     best, best_score = best_checkpoint_and_score(tmp_path)
 
     from eval import adopt_run_config, evaluate
@@ -133,7 +138,7 @@ def test_cross_scan_learning_check_and_eval_adopts_the_run_config(tmp_path, data
     assert float(emetrics["test/acc1"]) == pytest.approx(best_score, abs=1e-6)
 
     # a group given on the command line is kept, the others still come from the run
-    ecfg = compose_config("eval.yaml", [f"ckpt_path={best}", "model=vim_digits", "model.depth=2"])
+    ecfg = compose_config("eval.yaml", [f"ckpt_path={best}", "model=vim_digits", "++model.depth=2"])
     job = as_job(make_fast(ecfg, tmp_path / "eval2", data_dir))
     adopt_run_config(job)
     assert job.model.depth == 2 and job.model.scan == "bidirectional" and job.task == cfg.task

@@ -28,7 +28,7 @@ from vision_mamba.data.coco import (
 from vision_mamba.data.errors import DatasetError
 from vision_mamba.data.shapes_det import write_shapes_coco
 from vision_mamba.models.factory import create_model
-from vision_mamba.models.heads.mask_rcnn import VimMaskRCNN
+from vision_mamba.models.heads.mask_rcnn import VimPyramidBackbone, VimRCNN
 from vision_mamba.tasks.detection import DetectionTask, to_coco_results
 from vision_mamba.tasks.optim import build_param_groups
 
@@ -247,10 +247,10 @@ def test_ground_truth_as_predictions_scores_ap_one(coco_root, tmp_path) -> None:
 
 # ---- the detector --------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def detector() -> VimMaskRCNN:
+def detector() -> VimRCNN:
     torch.manual_seed(0)
     vim = create_model("vim_tiny_patch16_224", num_classes=3, img_size=64, embed_dim=32, depth=2, d_state=4)
-    return VimMaskRCNN(vim, num_classes=3, img_size=64, out_channels=16, anchor_sizes=(8, 16, 32, 64, 128),
+    return VimRCNN(vim, num_classes=3, img_size=64, out_channels=16, anchor_sizes=(8, 16, 32, 64, 128),
                        representation_size=32, mask_channels=16, mask_convs=1)
 
 
@@ -270,7 +270,68 @@ def test_pyramid_levels_and_predictions_in_original_pixels(detector) -> None:
     assert out[0]["masks"].shape[-2:] == (50, 70) and out[1]["masks"].shape[-2:] == (90, 40)
     assert (out[0]["boxes"][:, 2] <= 70).all() and (out[1]["boxes"][:, 3] <= 90).all()
     with pytest.raises(ValueError, match="multiple of 32"):
-        VimMaskRCNN(create_model("vim_tiny_patch16_224", embed_dim=32, depth=2), num_classes=3, img_size=80)
+        VimRCNN(create_model("vim_tiny_patch16_224", embed_dim=32, depth=2), num_classes=3, img_size=80)
+
+
+def test_masks_false_is_faster_rcnn_and_masks_true_has_mask_rcnn_keys() -> None:
+    """The same model as torchvision's MaskRCNN / FasterRCNN assembled from the same parts: the same state-dict keys
+    and shapes (checkpoints of either kind load), and no mask branch, loss or output without masks."""
+    from torchvision.models.detection import FasterRCNN, MaskRCNN
+    from torchvision.models.detection.anchor_utils import AnchorGenerator
+    from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
+    from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
+    from torchvision.ops import MultiScaleRoIAlign
+
+    def vim():
+        torch.manual_seed(0)
+        return create_model("vim_tiny_patch16_224", num_classes=3, img_size=64, embed_dim=32, depth=2, d_state=4)
+
+    anchors = (8, 16, 32, 64, 128)
+    kw = dict(img_size=64, out_channels=16, anchor_sizes=anchors, representation_size=32, mask_channels=16,
+              mask_convs=1)
+    levels = ["0", "1", "2", "3"]
+    parts = dict(num_classes=None, rpn_anchor_generator=AnchorGenerator(tuple((a,) for a in anchors),
+                                                                       ((0.5, 1.0, 2.0),) * 5),
+                 box_roi_pool=MultiScaleRoIAlign(levels, 7, 2), box_head=TwoMLPHead(16 * 49, 32),
+                 box_predictor=FastRCNNPredictor(32, 4))
+    mask_parts = dict(mask_roi_pool=MultiScaleRoIAlign(levels, 14, 2), mask_head=MaskRCNNHeads(16, [16], 1),
+                      mask_predictor=MaskRCNNPredictor(16, 16, 4))
+    shapes = lambda m: {k: tuple(v.shape) for k, v in m.state_dict().items()}  # noqa: E731
+    for masks, reference in ((True, MaskRCNN(VimPyramidBackbone(vim(), 16), **parts, **mask_parts)),
+                             (False, FasterRCNN(VimPyramidBackbone(vim(), 16), **parts))):
+        model = VimRCNN(vim(), num_classes=3, masks=masks, **kw)
+        assert shapes(model) == shapes(reference), masks
+        assert any(k.startswith("roi_heads.mask_") for k in shapes(model)) is masks
+        model.train()
+        target = {"boxes": torch.tensor([[4.0, 4.0, 30.0, 40.0]]), "labels": torch.tensor([1])}
+        if masks:
+            target["masks"] = torch.zeros(1, 64, 64, dtype=torch.uint8)
+            target["masks"][0, 4:40, 4:30] = 1
+        losses = model([torch.rand(3, 64, 64)], [target])
+        assert ("loss_mask" in losses) is masks and "loss_box_reg" in losses
+        model.eval()
+        model.roi_heads.score_thresh = 0.0
+        with torch.no_grad():
+            (pred,) = model([torch.rand(3, 64, 64)])
+        assert ("masks" in pred) is masks and len(pred["boxes"]) > 0
+
+
+def test_box_only_data_trains_and_evaluates_boxes_through_train_py(tmp_path, data_dir) -> None:
+    root = write_shapes_coco(tmp_path / "boxes", num_train=8, num_val=4, box_only=True)
+    cfg = compose_config("train.yaml", ["experiment=shapes_det", f"data.root={root}", "task.masks=false",
+                                        "data.img_size=64", "data.batch_size=2", "task.write_results=true",
+                                        "model.embed_dim=32", "model.depth=2", *SMALL_HEADS])
+    assert cfg.data.masks is False and cfg.task.detector.masks is False
+    cfg = make_fast(cfg, tmp_path, data_dir)
+    with open_dict(cfg):
+        cfg.data.root = str(root)
+        cfg.callbacks.pop("lr_monitor", None)
+    metrics = run_train(cfg)
+    assert "train/loss_mask_epoch" not in metrics and np.isfinite(float(metrics["train/loss_box_reg_epoch"]))
+    assert 0.0 <= float(metrics["val/bbox_mAP"]) <= 1.0 and 0.0 <= float(metrics["test/bbox_mAP_50"]) <= 1.0
+    assert not [k for k in metrics if "segm" in k]
+    results = json.loads((Path(cfg.paths.output_dir) / "coco_results_test.json").read_text())
+    assert all("segmentation" not in r and len(r["bbox"]) == 4 for r in results)
 
 
 def test_layer_decay_groups_prefix_the_backbone(detector) -> None:
@@ -303,7 +364,7 @@ def test_shapes_det_is_written_once_as_a_coco_layout(tmp_path) -> None:
 
 # ---- end to end through src/train.py -------------------------------------------------------------------------------
 def test_fit_and_test_through_train_py_on_a_coco_layout(coco_root, tmp_path, data_dir) -> None:
-    cfg = compose_config("train.yaml", ["task=detection", "data=coco", f"data.root={coco_root}", "data.num_classes=3",
+    cfg = compose_config("train.yaml", ["experiment=shapes_det", "data=coco", f"data.root={coco_root}", "data.num_classes=3",
                                         "data.img_size=64", "data.batch_size=2", "task.write_results=true",
                                         "model.embed_dim=32", "model.depth=2", *SMALL_HEADS])
     assert cfg.hydra.runtime.choices.recipe == "coco" and cfg.task.layer_decay == pytest.approx(0.837)
@@ -338,8 +399,8 @@ def test_fit_and_test_through_train_py_on_a_coco_layout(coco_root, tmp_path, dat
     assert "detector" not in ckpt["hyper_parameters"]
 
 
-def test_default_detection_config_is_the_embedded_shapes() -> None:
-    cfg = compose_config("train.yaml", ["task=detection"])
+def test_shapes_det_experiment_is_the_embedded_shapes() -> None:
+    cfg = compose_config("train.yaml", ["experiment=shapes_det"])
     choices = cfg.hydra.runtime.choices
     assert (choices.data, choices.model, choices.recipe) == ("shapes_det", "vim_det_shapes", "shapes_det")
     assert cfg.optimized_metric == "val/bbox_mAP_best" and cfg.task.monitor == "val/bbox_mAP"

@@ -50,10 +50,9 @@ def test_route_conv_matches_reference_small(R, L, kind):
 @pytest.mark.skipif(not (CUDA or INTERPRET), reason="Triton needs CUDA or TRITON_INTERPRET=1")
 def test_route_conv_channels_a_multiple_of_the_block():
     # E a multiple of the channel block: the kernels' unclamped, unmasked channel path (EVEN_E)
-    from vim_kernels.interface import triton_module
+    from vim_kernels import triton_route_conv
 
-    mod = triton_module("triton_route_conv")
-    _check(2, 9, 2 * mod.BE, 1, "bidirectional", torch.float32, "cuda" if CUDA else "cpu", 1e-5)
+    _check(2, 9, 2 * triton_route_conv.BE, 1, "bidirectional", torch.float32, "cuda" if CUDA else "cpu", 1e-5)
 
 
 @pytest.mark.gpu

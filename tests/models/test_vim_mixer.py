@@ -107,8 +107,8 @@ def test_column_major_route_with_class_token():
 
 
 def test_register_a_new_pattern_needs_no_mixer_change():
-    def zigzag(h, w, cls_pos):
-        rows = torch.arange(h * w).view(h, w)
+    def zigzag(h, w, cls_pos, device=None):
+        rows = torch.arange(h * w, device=device).view(h, w)
         order = torch.cat([row if i % 2 == 0 else row.flip(0) for i, row in enumerate(rows)])
         forward = with_class_token(order, cls_pos)
         return torch.stack([forward, forward.flip(0)])

@@ -57,7 +57,7 @@ def fast(cfg, tmp_path: Path, data_dir: Path, csv: bool = False):
 
 
 def ade_overrides(root: Path, *extra: str) -> list[str]:
-    return ["task=segmentation", "data=ade20k", f"data.root={root}", "data.num_classes=5", "data.img_size=32",
+    return ["experiment=shapes_seg", "data=ade20k", f"data.root={root}", "data.num_classes=5", "data.img_size=32",
             "data.scale=[128,32]", "data.batch_size=2", "model.scan_backend=torch", "task.segmentor.aux_channels=16",
             "task.schedule.warmup_steps=1", *extra]
 
@@ -81,7 +81,8 @@ def test_ade20k_layout_fit_and_test_through_train_py(tmp_path, data_dir) -> None
 def test_root_may_be_the_release_folder_itself_and_labels_are_reduced(tmp_path) -> None:
     root = write_tiny_ade(tmp_path / "ade")
     for given in (root, root / "ADEChallengeData2016"):
-        dm = ADE20KDataModule(root=str(given), num_classes=5, img_size=32, scale=(128, 32), num_workers=0)
+        dm = ADE20KDataModule(root=str(given), num_classes=5, img_size=32, scale=(128, 32), batch_size=2,
+                              num_workers=0)
         dm.setup("fit")
         assert len(dm.data_train) == 6 and len(dm.data_val) == 3
     image, mask = dm.data_val[0]
@@ -262,8 +263,8 @@ def test_segmentor_layer_decay_groups_and_no_weight_decay(segmentor) -> None:
 # ---- configs and the embedded default -----------------------------------------------------------------------------
 
 
-def test_task_segmentation_selects_the_embedded_shapes_and_a_small_backbone() -> None:
-    cfg = compose_config("train.yaml", ["task=segmentation"])
+def test_shapes_seg_experiment_selects_the_embedded_shapes_and_a_small_backbone() -> None:
+    cfg = compose_config("train.yaml", ["experiment=shapes_seg"])
     choices = cfg.hydra.runtime.choices
     assert (choices.data, choices.model, choices.recipe) == ("shapes_seg", "vim_seg_shapes", "shapes_seg")
     assert cfg.optimized_metric == "val/mIoU_best" and cfg.task.monitor == "val/mIoU"
@@ -280,7 +281,7 @@ def test_ade20k_experiment_is_the_released_vim_tiny_recipe() -> None:
 
 
 def test_shapes_seg_default_writes_the_ade_layout_once_and_trains(tmp_path, data_dir) -> None:
-    cfg = compose_config("train.yaml", ["task=segmentation", "data.num_train=16", "data.num_val=8",
+    cfg = compose_config("train.yaml", ["experiment=shapes_seg", "data.num_train=16", "data.num_val=8",
                                         "data.batch_size=4", "data.val_batch_size=4", "model.scan_backend=torch"])
     cfg = fast(cfg, tmp_path, data_dir)
     with open_dict(cfg):

@@ -272,17 +272,6 @@ def test_layer_decay_of_one_or_more_is_no_layer_decay_and_a_model_without_groups
     assert str(error.value) == "layer_decay=0.9 needs a model with group_matcher(); Wrapper has none"
 
 
-def test_compile_wraps_the_net_for_fitting_only() -> None:
-    task = ClassificationTask(net=nn.Linear(2, 2), num_classes=2, ema_decay=None, compile=True)
-    task.setup("validate")
-    assert isinstance(task.net, nn.Linear)
-    task.setup("fit")
-    assert isinstance(task.net, torch._dynamo.eval_frame.OptimizedModule)  # compiled lazily: nothing runs here
-    plain = ClassificationTask(net=nn.Linear(2, 2), num_classes=2, ema_decay=None)
-    plain.setup("fit")
-    assert isinstance(plain.net, nn.Linear)
-
-
 def test_the_optimiser_summary_line(tmp_path, caplog) -> None:
     task = ClassificationTask(net=tiny_vim(), num_classes=3, ema_decay=None, base_lr=1e-3, base_batch_size=16,
                               schedule={"kind": "cosine", "warmup_steps": 1})

@@ -72,7 +72,7 @@ def test_training_crops_pad_the_mask_with_255_and_the_image_with_zeros(tmp_path)
         Image.fromarray(np.full((20, 30, 3), 200, np.uint8)).save(base / "images" / split / f"ADE_{split}_0001.jpg")
         Image.fromarray(labels).save(base / "annotations" / split / f"ADE_{split}_0001.png")
     dm = ADE20KDataModule(root=str(tmp_path), num_classes=3, img_size=32, scale=(24, 20), ratio_range=None,
-                          hflip=0.0, photometric=False, num_workers=0, persistent_workers=False)
+                          hflip=0.0, photometric=False, num_workers=0, persistent_workers=False, batch_size=1)
     dm.setup("fit")
     image, mask = dm.data_train[0]
     assert image.shape == (3, 32, 32) and mask.shape == (32, 32) and mask.dtype == torch.int64

@@ -1,9 +1,8 @@
-"""Lightning callbacks and plugins: progress with throughput, atomic checkpoints, exact resume, non-finite guard."""
+"""Lightning callbacks: progress with throughput, last.ckpt kept fresh (and saved on SIGTERM), exact resume, NaN guard."""
 
-from vision_mamba.callbacks.checkpoint_io import AtomicCheckpointIO
+from vision_mamba.callbacks.last_checkpoint import LastCheckpoint
 from vision_mamba.callbacks.nonfinite import StopOnNonFiniteLoss
 from vision_mamba.callbacks.progress import ThroughputProgressBar
 from vision_mamba.callbacks.resume import ExactResume
-from vision_mamba.callbacks.wandb_logger import ResumableWandbLogger
 
-__all__ = ["AtomicCheckpointIO", "ExactResume", "ResumableWandbLogger", "StopOnNonFiniteLoss", "ThroughputProgressBar"]
+__all__ = ["ExactResume", "LastCheckpoint", "StopOnNonFiniteLoss", "ThroughputProgressBar"]

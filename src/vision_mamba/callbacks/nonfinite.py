@@ -29,8 +29,8 @@ class StopOnNonFiniteLoss(Callback):
         if not bad:
             return
         value = float(loss.detach().float().reshape(-1)[0]) if loss.numel() else math.nan
-        ckpt = trainer.checkpoint_callback
-        last = getattr(ckpt, "last_model_path", "") or getattr(ckpt, "best_model_path", "") or ""
+        saved = [getattr(c, attr, "") for attr in ("last_model_path", "best_model_path") for c in trainer.checkpoint_callbacks]
+        last = next((path for path in saved if path), "")
         where = f"step {trainer.global_step} (epoch {trainer.current_epoch}, batch {trainer.fit_loop.epoch_loop.batch_idx + 1})"
         resume = f"; the last good checkpoint is {last} (resume with ckpt_path=last hydra.run.dir=<this run>)" if last else ""
         raise NonFiniteLossError(

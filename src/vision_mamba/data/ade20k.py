@@ -14,11 +14,20 @@ import torch
 from albumentations.augmentations.crops.transforms import BaseCropAndPad
 from albumentations.pytorch import ToTensorV2
 from lightning import LightningDataModule
-from PIL import Image
 from torch.utils.data import DataLoader, Dataset, default_collate
 
-from vision_mamba.data.common import dataset_root, make_loader, per_device_batch_size
-from vision_mamba.data.errors import DatasetError
+from vision_mamba.data.bad_files import BadFiles
+from vision_mamba.data.check import SplitCheck
+from vision_mamba.data.common import (
+    check_enough_for_a_batch,
+    check_loader_settings,
+    dataset_root,
+    make_loader,
+    per_device_batch_size,
+)
+from vision_mamba.data.errors import BadImageError, DatasetError
+from vision_mamba.data.images import read_mask, read_rgb
+from vision_mamba.data.transforms import RescaleToFit
 
 IGNORE_INDEX = 255
 DIRNAME = "ADEChallengeData2016"
@@ -27,17 +36,6 @@ LAYOUT_HINT = (
     f"ROOT/{DIRNAME}/annotations/{{training,validation}}/*.png (ROOT may also be {DIRNAME} itself)"
 )
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
-
-
-class MaskError(DatasetError):
-    """A bad mask or image file, found while reading it (possibly inside a DataLoader worker)."""
-
-    def __init__(self, message: str) -> None:
-        # a DataLoader worker re-raises as MaskError("Caught MaskError in ...\nOriginal Traceback ...\n<type>: <msg>"):
-        # keep only our own message, so the entry points still print one short line
-        if "Original Traceback" in message:
-            message = message.strip().rsplit("\n", 1)[-1].split(": ", 1)[-1]
-        super().__init__(message)
 
 
 def resolve_root(root: str | Path) -> Path:
@@ -85,35 +83,6 @@ def label_lut(num_classes: int, reduce_zero_label: bool) -> np.ndarray:
     return lut
 
 
-class RescaleToFit(A.DualTransform):
-    """mmseg's keep-ratio ``Resize(img_scale=(long, short), ratio_range)``: scale the image so that it fits in
-    ``ratio * (long, short)`` (long side <= ratio * long, short side <= ratio * short, one of them equal), with the
-    ratio drawn uniformly from ``ratio_range`` (1 when None). Images bilinear, masks nearest.
-
-    Albumentations' SmallestMaxSize/LongestMaxSize bound one side only, hence this transform.
-    """
-
-    def __init__(self, scale: Sequence[int], ratio_range: Sequence[float] | None = None, p: float = 1.0) -> None:
-        super().__init__(p=p)
-        self.scale = (max(scale), min(scale))
-        self.ratio_range = tuple(ratio_range) if ratio_range is not None else None
-
-    def get_params_dependent_on_data(self, params: dict[str, Any], data: dict[str, Any]) -> dict[str, Any]:
-        h, w = params["shape"][:2]
-        ratio = self.py_random.uniform(*self.ratio_range) if self.ratio_range else 1.0
-        factor = ratio * min(self.scale[0] / max(h, w), self.scale[1] / min(h, w))
-        return {"size": (max(1, int(h * factor + 0.5)), max(1, int(w * factor + 0.5)))}
-
-    def apply(self, img: np.ndarray, size: tuple[int, int], **params: Any) -> np.ndarray:
-        return cv2.resize(img, size[::-1], interpolation=cv2.INTER_LINEAR)
-
-    def apply_to_mask(self, mask: np.ndarray, size: tuple[int, int], **params: Any) -> np.ndarray:
-        return cv2.resize(mask, size[::-1], interpolation=cv2.INTER_NEAREST)
-
-    def get_transform_init_args_names(self) -> tuple[str, ...]:
-        return ("scale", "ratio_range")
-
-
 class CatMaxRatioCrop(BaseCropAndPad):
     """mmseg's ``RandomCrop(crop_size, cat_max_ratio)``: a random crop (of at most the image size) re-drawn up to
     10 times while one class covers more than ``cat_max_ratio`` of its labelled pixels. Albumentations has no
@@ -158,47 +127,88 @@ def photometric_distortion() -> list[A.BasicTransform]:
     ]
 
 
+def read_pair(image_path: Path, mask_path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """An image (H, W, 3) uint8 RGB and its mask (H, W) of file labels, both as stored (no EXIF rotation: the masks
+    are drawn on the stored pixels); a BadImageError names an unreadable file or a mask of another size."""
+    image = np.asarray(read_rgb(image_path))
+    mask = read_mask(mask_path)
+    if mask.shape != image.shape[:2]:
+        raise BadImageError.of(
+            mask_path, f"is {mask.shape[1]}x{mask.shape[0]} but its image {image_path.name} is "
+                       f"{image.shape[1]}x{image.shape[0]}", fix="a mask must have its image's size; fix the pair")
+    return image, mask
+
+
+def check_labels(mask: np.ndarray, mask_path: Path, num_classes: int, reduce_zero_label: bool) -> None:
+    """File labels must be 0..num_classes with reduce_zero_label (0 = "other"), else 0..num_classes - 1 or 255."""
+    limit = num_classes if reduce_zero_label else num_classes - 1
+    if int(mask.max()) > limit:
+        # without reduce_zero_label the files may already mark ignored pixels with 255
+        outside = mask[(mask > limit) & ((mask != IGNORE_INDEX) | reduce_zero_label)]
+        if outside.size:
+            raise BadImageError.of(mask_path, f"holds label {int(outside.max())}, outside 0-{limit} for "
+                                              f"data.num_classes={num_classes}",
+                                   fix="fix the mask or set data.num_classes")
+
+
+def label_counts(item: tuple[Path, Path, int, bool]) -> np.ndarray:
+    """The data check's reading of one (image, mask, num_classes, reduce_zero_label): pixels per file label."""
+    image_path, mask_path, num_classes, reduce_zero_label = item
+    _, mask = read_pair(image_path, mask_path)
+    check_labels(mask, mask_path, num_classes, reduce_zero_label)
+    return np.bincount(mask.ravel().astype(np.int64), minlength=256)[:256]
+
+
+class LabelHistogram:
+    """Pixels per file label over the masks checked; printed as the range of labels the masks hold."""
+
+    def __init__(self, reduce_zero_label: bool) -> None:
+        self.counts = np.zeros(256, np.int64)
+        self.ignored = 0 if reduce_zero_label else IGNORE_INDEX
+
+    def add(self, counts: np.ndarray) -> None:
+        self.counts += counts
+
+    def __str__(self) -> str:
+        present = np.flatnonzero(self.counts)
+        if not len(present):
+            return "no mask read"
+        share = self.counts[self.ignored] / self.counts.sum()
+        return (f"{present.min()}-{present.max()} ({len(present)} distinct; label {self.ignored}, ignored: "
+                f"{share:.1%} of pixels)")
+
+
 class SegmentationFolder(Dataset):
     """(image, mask) pairs of one split: image (3, H, W) float normalised, mask (H, W) int64 with 255 = ignore.
 
-    Masks are checked as they are read: single channel, the image's size, labels within 0..num_classes (a
-    DatasetError names the file otherwise).
+    Files are checked as they are read (see :func:`read_pair`, :func:`check_labels`): an unreadable image or mask, a
+    mask of another size or with labels outside 0..num_classes is handled by ``bad_files`` (``data.bad_images``).
     """
 
     def __init__(self, pairs: list[tuple[Path, Path]], transform: A.Compose, num_classes: int,
-                 reduce_zero_label: bool = True, resize_image: A.BasicTransform | None = None) -> None:
+                 reduce_zero_label: bool = True, resize_image: A.BasicTransform | None = None,
+                 bad_files: BadFiles | None = None) -> None:
         self.pairs, self.transform, self.num_classes = pairs, transform, num_classes
         self.reduce_zero_label = reduce_zero_label
         self.lut = label_lut(num_classes, reduce_zero_label)
         # eval only: resizes the image alone, so the mask (and the metric) stay at the annotation's size
         self.resize_image = resize_image
+        self.bad_files = bad_files or BadFiles()
 
     def __len__(self) -> int:
         return len(self.pairs)
 
     def read(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        """The image and its mask in training labels (255 = ignore)."""
         image_path, mask_path = self.pairs[index]
-        image = cv2.imread(str(image_path), cv2.IMREAD_COLOR)
-        if image is None:
-            raise MaskError(f"{image_path} is not a readable image: replace or remove it")
-        image = cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
-        with Image.open(mask_path) as m:
-            if m.mode not in ("L", "P", "I;16", "I"):
-                raise MaskError(f"{mask_path} is a {m.mode} image: masks must be single-channel class-index PNGs")
-            mask = np.asarray(m)
-        if mask.shape != image.shape[:2]:
-            raise MaskError(f"{mask_path} is {mask.shape[1]}x{mask.shape[0]} but its image is "
-                               f"{image.shape[1]}x{image.shape[0]}: a mask must have its image's size")
-        limit = self.num_classes if self.reduce_zero_label else self.num_classes - 1
-        if int(mask.max()) > limit:
-            # without reduce_zero_label the files may already mark ignored pixels with 255
-            outside = mask[(mask > limit) & ((mask != IGNORE_INDEX) | self.reduce_zero_label)]
-            if outside.size:
-                raise MaskError(f"{mask_path} holds label {int(outside.max())}, outside 0-{limit} for "
-                                   f"data.num_classes={self.num_classes}: fix the mask or set data.num_classes")
+        image, mask = read_pair(image_path, mask_path)
+        check_labels(mask, mask_path, self.num_classes, self.reduce_zero_label)
         return image, self.lut[mask.astype(np.int64)]
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.bad_files.load(index, len(self), self._sample)
+
+    def _sample(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         image, mask = self.read(index)
         if self.resize_image is not None:
             image = self.resize_image(image=image)["image"]
@@ -223,7 +233,8 @@ class ADE20KDataModule(LightningDataModule):
     its own size: the task predicts on the resized image (sliding window) and compares at the annotation's size.
 
     ``batch_size`` is the global training batch; ``val_batch_size`` is per device (1 when sizes differ, as here).
-    File labels: 0 = "other" (ignored), k = class k - 1 (``reduce_zero_label``).
+    File labels: 0 = "other" (ignored), k = class k - 1 (``reduce_zero_label``). ``bad_images``: what an unusable
+    image or mask does (``error`` | ``skip``, see :mod:`vision_mamba.data.bad_files`).
     """
 
     def __init__(
@@ -247,10 +258,13 @@ class ADE20KDataModule(LightningDataModule):
         mean: Sequence[float] = (0.485, 0.456, 0.406),
         std: Sequence[float] = (0.229, 0.224, 0.225),
         class_names: Sequence[str] | None = None,
+        bad_images: str = "error",
     ) -> None:
         super().__init__()
         self.save_hyperparameters(logger=False)
+        check_loader_settings(batch_size=batch_size, val_batch_size=val_batch_size, num_workers=num_workers)
         self.root = dataset_root(root, LAYOUT_HINT)
+        self.bad_files = BadFiles(bad_images)
         self.batch_size = batch_size
         self.batch_size_per_device = batch_size
         self.data_train: SegmentationFolder | None = None
@@ -281,9 +295,10 @@ class ADE20KDataModule(LightningDataModule):
         hp = self.hparams
         pairs = list_pairs(resolve_root(self.root), split)
         if training:
-            return SegmentationFolder(pairs, self.train_transform(), hp.num_classes, hp.reduce_zero_label)
+            return SegmentationFolder(pairs, self.train_transform(), hp.num_classes, hp.reduce_zero_label,
+                                      bad_files=self.bad_files)
         return SegmentationFolder(pairs, self.eval_transform(), hp.num_classes, hp.reduce_zero_label,
-                                  resize_image=RescaleToFit(hp.scale))
+                                  resize_image=RescaleToFit(hp.scale), bad_files=self.bad_files)
 
     def setup(self, stage: str | None = None) -> None:
         self.batch_size_per_device = per_device_batch_size(self.batch_size, self.trainer)
@@ -291,6 +306,22 @@ class ADE20KDataModule(LightningDataModule):
             self.data_val = self._dataset(self.hparams.val_split, training=False)
         if stage in (None, "fit") and self.data_train is None:
             self.data_train = self._dataset(self.hparams.train_split, training=True)
+            check_enough_for_a_batch(len(self.data_train), self.batch_size,
+                                     resolve_root(self.root) / "images" / self.hparams.train_split)
+        self.bad_files.attach(self.trainer)
+
+    def check_plan(self) -> list[SplitCheck]:
+        """Every (image, mask) pair of the training and validation splits, for ``src/check_data.py``."""
+        hp = self.hparams
+        root = resolve_root(self.root)
+        plans = []
+        for split in (hp.train_split, hp.val_split):
+            pairs = list_pairs(root, split)
+            labels = LabelHistogram(hp.reduce_zero_label)
+            items = [(image, mask, hp.num_classes, hp.reduce_zero_label) for image, mask in pairs]
+            plans.append(SplitCheck(split, items, label_counts, {"image/mask pairs": len(pairs), "mask labels": labels},
+                                    merge=labels.add))
+        return plans
 
     def _loader(self, dataset: Dataset, batch_size: int, shuffle: bool, drop_last: bool, collate=None) -> DataLoader:
         return make_loader(dataset, self.hparams, batch_size, shuffle=shuffle, drop_last=drop_last, collate_fn=collate)

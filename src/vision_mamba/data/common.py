@@ -1,11 +1,11 @@
-"""Pieces every datamodule shares: the per-device batch size, the loader worker rules, and writing an embedded
-dataset once, atomically."""
+"""Pieces every datamodule shares: checks of the loader settings and split sizes, the per-device batch size, the
+loader worker rules, and writing an embedded dataset once, atomically."""
 
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -22,6 +22,29 @@ def dataset_root(root: str | Path | None, layout_hint: str) -> Path:
     if root in (None, "", "???"):
         raise DatasetError(f"data.root is not set: pass data.root=DIR ({layout_hint})")
     return Path(root)
+
+
+def check_loader_settings(**settings: int | None) -> None:
+    """Batch sizes (``batch_size``, ``val_batch_size``, ...) must be positive and ``num_workers`` at least 0: checked
+    when the datamodule is built, before anything runs. ``None`` means "not set" and passes."""
+    for name, value in settings.items():
+        if value is None:
+            continue
+        if name == "num_workers":
+            if value < 0:
+                raise DatasetError(f"data.num_workers={value}: the number of loader worker processes must be 0 "
+                                   "(load in the main process) or more")
+        elif value < 1:
+            raise DatasetError(f"data.{name}={value}: a batch size must be a positive number of samples")
+
+
+def check_enough_for_a_batch(num_samples: int, batch_size: int, what: str) -> None:
+    """The training loaders drop an incomplete last batch: a split smaller than the global batch gives no step."""
+    if num_samples < batch_size:
+        raise DatasetError(
+            f"{what} has {num_samples} training samples, fewer than one global batch (data.batch_size={batch_size}): "
+            f"no training step could run; set data.batch_size={max(1, num_samples)} or less, or add data"
+        )
 
 
 def per_device_batch_size(batch_size: int, trainer) -> int:
@@ -61,7 +84,9 @@ def write_dataset_once(root: str | Path, write: Callable[[Path], str]) -> Path:
     if (root / MARKER).exists():
         return root
     root.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}-", dir=root.parent))
+    # a unique sibling made by mkdir, which honours the umask (mkdtemp would make it 0700 whatever the umask)
+    tmp = root.parent / f".{root.name}-{os.getpid()}-{secrets.token_hex(4)}"
+    tmp.mkdir()
     try:
         summary = write(tmp)
         (tmp / MARKER).write_text(summary + "\n")

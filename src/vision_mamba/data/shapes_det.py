@@ -43,12 +43,12 @@ def _uncompressed_rle(mask: np.ndarray) -> dict:
 
 
 def draw_split(out_dir: Path, split: str, num_images: int, rng: np.random.Generator, size_range=(96, 160),
-               crowd_prob: float = 0.08) -> dict:
+               crowd_prob: float = 0.08, box_only: bool = False) -> dict:
     """Draw ``num_images`` images into out_dir/split and return their COCO instances dict.
 
     Shapes do not overlap, so each polygon is the exact visible outline. About half the instances are stored as
     polygons and half as compressed RLE; some images get an ``iscrowd`` cluster of small circles (uncompressed RLE);
-    image 0 has no object at all.
+    image 0 has no object at all. ``box_only`` leaves the segmentations out (a box-only dataset).
     """
     (out_dir / split).mkdir(parents=True)
     images, annotations = [], []
@@ -105,22 +105,26 @@ def draw_split(out_dir: Path, split: str, num_images: int, rng: np.random.Genera
         name = f"{i + 1:06d}.png"
         canvas.save(out_dir / split / name)
         images.append({"id": i + 1, "file_name": name, "width": w, "height": h})
+    if box_only:
+        for ann in annotations:
+            del ann["segmentation"]
     categories = [dict(c, supercategory="shape") for c in CATEGORIES]
     return {"images": images, "annotations": annotations, "categories": categories}
 
 
 def write_shapes_coco(root: str | Path, num_train: int = 400, num_val: int = 60, seed: int = 0,
-                      splits: tuple[str, str] = ("train2017", "val2017")) -> Path:
+                      splits: tuple[str, str] = ("train2017", "val2017"), box_only: bool = False) -> Path:
     """Write the shapes dataset in the COCO layout under ``root``, once (a temporary folder renamed at the end, so an
-    interrupted write never leaves a half-written dataset)."""
+    interrupted write never leaves a half-written dataset). ``box_only`` writes the box-only variant (the same images
+    and boxes, no ``segmentation`` in the annotations)."""
 
     def write(folder: Path) -> str:
         rng = np.random.default_rng(seed)
         (folder / "annotations").mkdir()
         for split, n in zip(splits, (num_train, num_val)):
-            coco = draw_split(folder, split, n, rng)
+            coco = draw_split(folder, split, n, rng, box_only=box_only)
             (folder / "annotations" / f"instances_{split}.json").write_text(json.dumps(coco))
-        return f"{num_train} train, {num_val} val"
+        return f"{num_train} train, {num_val} val" + (", box-only" if box_only else "")
 
     return write_dataset_once(root, write)
 

@@ -7,8 +7,10 @@ import logging
 import math
 import os
 import pickle
+import pickletools
 import re
 import tempfile
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,7 +26,9 @@ __all__ = [
     "load_pretrained",
     "load_safetensors",
     "save_safetensors",
+    "check_checkpoint_file",
     "checkpoint_filter_fn",
+    "load_checkpoint",
     "read_state_dict",
     "resize_pos_embed",
 ]
@@ -95,6 +99,122 @@ def _grid_of(num_patches: int, model_grid: tuple[int, int]) -> tuple[int, int]:
 # --------------------------------------------------------------------------------------------------------------------
 
 
+# Types a checkpoint may hold besides tensors and plain containers. The official Vim/DeiT training checkpoints
+# pickle their argparse.Namespace; nothing here can run code when it is unpickled.
+SAFE_GLOBALS: tuple[type, ...] = (argparse.Namespace,)
+TASK_NET_PREFIX = "net."  # the task (tasks/base.py) holds the model as `net`
+_ZIP_MAGIC = b"PK\x03\x04"  # torch.save writes a zip archive
+_PICKLE_MAGIC = b"\x80"  # pickle protocol >= 2 (torch's legacy format and plain pickles)
+
+
+def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
+    """Load a torch checkpoint with ``weights_only=True`` and the short SAFE_GLOBALS allow-list.
+
+    The file is checked before anything is unpickled (check_checkpoint_file); a file that needs any other type,
+    or is empty, truncated, a folder or not a checkpoint, raises CheckpointError with one line naming the problem.
+    """
+    path = Path(path)
+    check_checkpoint_file(path)
+    try:
+        with torch.serialization.safe_globals(list(SAFE_GLOBALS)):
+            obj = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        found = re.search(r"unsupported GLOBAL:? (?:GLOBAL )?([\w.]+)", str(e), re.IGNORECASE)
+        name = found.group(1) if found else _first_global(path.read_bytes())
+        raise CheckpointError(_refusal(path, name or "pickle instructions that weights_only loading refuses")) from None
+    except Exception as e:  # torch.load raises many types on damaged bytes (RuntimeError, KeyError, EOFError, ...)
+        raise CheckpointError(f"{path}: not a readable torch checkpoint (truncated or damaged?) ({_short(e)})") from e
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path}: holds a {type(obj).__name__}, not a checkpoint (a dict of tensors and values)")
+    return obj
+
+
+def check_checkpoint_file(path: str | os.PathLike) -> None:
+    """Refuse, without unpickling anything, what load_checkpoint cannot load: a missing file, a folder, an empty,
+    text, truncated or foreign file, or a checkpoint that holds a type outside SAFE_GLOBALS (named in the error).
+
+    Reads only the file's head and, for torch's zip format, its small pickle record (never the tensors), so entry
+    points call it before building anything. Files in torch's legacy format (a bare pickle) are refused by
+    load_checkpoint's weights_only unpickler instead, the first class or function it refuses named.
+    """
+    path = Path(path)
+    if path.is_dir():
+        hint = path / "checkpoints" / "last.ckpt"
+        raise CheckpointError(f"{path}: is a folder, not a checkpoint file" + (f" (did you mean {hint}?)" if hint.is_file() else ""))
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such file")
+    with open(path, "rb") as f:
+        head = f.read(64)
+    if not head:
+        raise CheckpointError(f"{path}: not a readable torch checkpoint: empty (0 bytes; its write never finished?)")
+    if head.startswith(_ZIP_MAGIC):
+        try:
+            with torch.serialization.safe_globals(list(SAFE_GLOBALS)):
+                refused = sorted(torch.serialization.get_unsafe_globals_in_checkpoint(str(path)))
+        except pickle.UnpicklingError:  # instructions torch.save never writes (pickle protocol > 2): crafted
+            refused = [_first_global(_pickle_record(path)) or "pickle instructions that torch.save never writes"]
+        except Exception as e:  # the zip reader finds no archive directory at the end of the file
+            raise CheckpointError(
+                f"{path}: not a readable torch checkpoint: truncated or damaged ({path.stat().st_size} bytes, no "
+                "complete zip directory; an interrupted copy or save?): use another checkpoint"
+            ) from e
+        if refused:
+            # name a type of its own first: builtins/typing/collections entries come with pickled objects
+            refused.sort(key=lambda name: (name.split(".")[0] in ("builtins", "typing", "collections"), name))
+            others = f" (and {len(refused) - 1} other types)" if len(refused) > 1 else ""
+            raise CheckpointError(_refusal(path, refused[0] + others))
+    elif not head.startswith(_PICKLE_MAGIC):
+        line = _text_line(head)
+        what = f"a text file (it begins {line!r})" if line else f"an unknown format (it begins {head[:8]!r})"
+        raise CheckpointError(f"{path}: not a readable torch checkpoint: {what}; give a .ckpt written by train.py "
+                              "or an official .pth")
+
+
+def _text_line(head: bytes) -> str | None:
+    """The first line of a file that begins like text, else None."""
+    text = head.decode("utf-8", errors="ignore")
+    if not text.strip() or any(not (c.isprintable() or c in "\r\n\t") for c in text):
+        return None
+    return text.strip().splitlines()[0][:40]
+
+
+def _refusal(path: Path, global_name: str) -> str:
+    allowed = ", ".join(f"{t.__module__}.{t.__qualname__}" for t in SAFE_GLOBALS)
+    return (
+        f"{path}: holds {global_name}; only tensors, plain containers and {allowed} are loaded (torch.load "
+        "weights_only=True): unpickling anything else could run code, so this file is refused"
+    )
+
+
+def _pickle_record(path: Path) -> bytes:
+    """The pickle inside a torch zip checkpoint (``<name>/data.pkl``)."""
+    with zipfile.ZipFile(path) as archive:
+        return archive.read(next(n for n in archive.namelist() if n.endswith("data.pkl")))
+
+
+def _first_global(data: bytes) -> str | None:
+    """The first class/function a pickle refers to, found by parsing its instructions (nothing runs)."""
+    strings: list[str] = []
+    memo: dict[int, str] = {}
+    try:
+        for op, arg, _ in pickletools.genops(data):
+            if op.name == "GLOBAL":
+                return str(arg).replace(" ", ".")
+            if op.name == "STACK_GLOBAL" and len(strings) >= 2:
+                return f"{strings[-2]}.{strings[-1]}"
+            if isinstance(arg, str) and "UNICODE" in op.name:
+                strings.append(arg)
+            elif op.name == "MEMOIZE" and strings:
+                memo[len(memo)] = strings[-1]
+            elif op.name in ("BINPUT", "LONG_BINPUT", "PUT") and strings:
+                memo[arg] = strings[-1]
+            elif op.name in ("BINGET", "LONG_BINGET", "GET") and arg in memo:
+                strings.append(memo[arg])
+    except Exception:  # a damaged pickle: no name to give
+        return None
+    return None
+
+
 def _short(e: BaseException) -> str:
     text = str(e).strip().splitlines()[0] if str(e).strip() else ""
     text = text if len(text) < 160 else text[:157] + "..."
@@ -102,13 +222,19 @@ def _short(e: BaseException) -> str:
 
 
 def _unwrap(obj, path) -> dict[str, torch.Tensor]:
-    """The model state dict inside a checkpoint: official {'model': sd, ...}, {'state_dict': sd} or a plain sd."""
+    """The model state dict inside a checkpoint: official {'model': sd, ...}, {'state_dict': sd} or a plain sd.
+
+    A Lightning checkpoint of this project holds the whole task's state; the model is its ``net.`` part.
+    """
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path}: holds a {type(obj).__name__}, not a state dict or a training checkpoint")
+    lightning = "pytorch-lightning_version" in obj
     for key in ("model", "state_dict", "model_ema"):
         if isinstance(obj.get(key), dict):
             obj = obj[key]
             break
+    if lightning:
+        obj = {k.removeprefix(TASK_NET_PREFIX): v for k, v in obj.items() if k.startswith(TASK_NET_PREFIX)}
     if not obj or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()):
         raise CheckpointError(f"{path}: no state dict found (top-level keys: {sorted(map(str, obj))[:8]})")
     prefix = "module."  # DDP-wrapped saves
@@ -118,12 +244,16 @@ def _unwrap(obj, path) -> dict[str, torch.Tensor]:
 
 
 def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Read the model weights from a .safetensors file or a torch checkpoint (loaded with weights_only=True;
-    the official training checkpoints also hold an argparse.Namespace, which is the one extra type allowed)."""
+    """Read the model weights from a .safetensors file or a torch checkpoint (through load_checkpoint: weights_only).
+
+    A training checkpoint of this project (``<run>/checkpoints/*.ckpt``) gives its ``net.`` weights -- the weights
+    the run validated as ``val/acc1`` and picked its best checkpoint by -- not its EMA copy; official checkpoints
+    likewise give ``model`` before ``model_ema``.
+    """
     path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: no such file")
     if path.suffix == ".safetensors":
+        if not path.is_file():
+            raise CheckpointError(f"{path}: no such file")
         from safetensors.torch import load_file
 
         try:
@@ -132,24 +262,7 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
             raise
         except Exception as e:  # safetensors raises its own error types for truncated/foreign files
             raise CheckpointError(f"{path}: not a readable safetensors file ({_short(e)})") from e
-    try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(e))
-        if found:
-            raise CheckpointError(
-                f"{path}: holds {found.group(1)}; only tensors and argparse.Namespace are loaded "
-                "(weights_only=True), so this file is refused"
-            ) from None
-        raise CheckpointError(
-            f"{path}: not a readable torch checkpoint (truncated or foreign file?) ({_short(e)})"
-        ) from e
-    except Exception as e:  # torch.load raises many types on truncated or foreign bytes (KeyError, EOFError, ...)
-        raise CheckpointError(
-            f"{path}: not a readable torch checkpoint (truncated or foreign file?) ({_short(e)})"
-        ) from e
-    return _unwrap(obj, path)
+    return _unwrap(load_checkpoint(path), path)
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -18,11 +18,13 @@ import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import vim_kernels
 from vision_mamba.models import scan
 
 __all__ = [
@@ -40,14 +42,14 @@ __all__ = [
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def row_major(grid_h: int, grid_w: int) -> torch.Tensor:
+def row_major(grid_h: int, grid_w: int, device: torch.device | None = None) -> torch.Tensor:
     """Patch indices visited row by row (the official Vim order)."""
-    return torch.arange(grid_h * grid_w)
+    return torch.arange(grid_h * grid_w, device=device)
 
 
-def column_major(grid_h: int, grid_w: int) -> torch.Tensor:
+def column_major(grid_h: int, grid_w: int, device: torch.device | None = None) -> torch.Tensor:
     """Patch indices visited column by column (patch index = row * grid_w + col)."""
-    return torch.arange(grid_h * grid_w).view(grid_h, grid_w).t().reshape(-1)
+    return torch.arange(grid_h * grid_w, device=device).view(grid_h, grid_w).t().reshape(-1)
 
 
 def with_class_token(patch_order: torch.Tensor, cls_pos: int | None) -> torch.Tensor:
@@ -58,33 +60,35 @@ def with_class_token(patch_order: torch.Tensor, cls_pos: int | None) -> torch.Te
     if cls_pos is None:
         return patch_order
     tokens = patch_order + (patch_order >= cls_pos).long()
-    cls = torch.tensor([cls_pos])
+    cls = torch.full((1,), cls_pos, dtype=tokens.dtype, device=tokens.device)
     return torch.cat([tokens[:cls_pos], cls, tokens[cls_pos:]])
 
 
-def _forward_and_reversed(*orders: Callable[[int, int], torch.Tensor]):
+def _forward_and_reversed(*orders: Callable[..., torch.Tensor]):
     """Route builder: each patch order followed by its exact reverse (class token included)."""
 
-    def build(grid_h: int, grid_w: int, cls_pos: int | None) -> torch.Tensor:
+    def build(grid_h: int, grid_w: int, cls_pos: int | None, device: torch.device | None = None) -> torch.Tensor:
         routes = []
         for order in orders:
-            forward = with_class_token(order(grid_h, grid_w), cls_pos)
+            forward = with_class_token(order(grid_h, grid_w, device), cls_pos)
             routes += [forward, forward.flip(0)]
         return torch.stack(routes)
 
     return build
 
 
-@dataclass(frozen=True)
-class ScanRoutes:
+class ScanRoutes(NamedTuple):
     """The routes of one pattern for one token grid, on one device.
 
-    index[r, t] is the token visited at step t of route r; inverse[r, i] is the step at which route r visits token i.
-    kinds[r] is "identity", "reverse" or "gather": the mixer runs the first two without materialising a permuted copy.
+    index[r, t] is the token visited at step t of route r; inverse[r, i] is the step at which route r visits token i
+    (int64; index32 and inverse32 are the same maps as int32, what the route-conv kernels gather with).
+    kinds[r] is "identity", "reverse" or "gather": the torch backend runs the first two without a permuted copy.
     """
 
     index: torch.Tensor
     inverse: torch.Tensor
+    index32: torch.Tensor
+    inverse32: torch.Tensor
     kinds: tuple[str, ...]
     grid: tuple[int, int]
     cls_pos: int | None
@@ -100,11 +104,12 @@ class ScanPattern:
 
     `suffixes[r]` names route r's parameters (conv1d{s}, x_proj{s}, dt_proj{s}, A{s}_log, D{s}); route 0 has the
     empty suffix, so a one-route pattern is plain Mamba and `bidirectional` keeps the official Vim names.
+    `build(grid_h, grid_w, cls_pos, device)` returns the (R, L) index routes, made with tensor ops on `device`.
     """
 
     name: str
     suffixes: tuple[str, ...]
-    build: Callable[[int, int, int | None], torch.Tensor]
+    build: Callable[..., torch.Tensor]
     merge: str = "mean"
 
     def __post_init__(self):
@@ -117,16 +122,31 @@ class ScanPattern:
     def num_routes(self) -> int:
         return len(self.suffixes)
 
-    @functools.lru_cache(maxsize=64)  # noqa: B019 - patterns are module-level singletons
     def routes(self, grid_h: int, grid_w: int, cls_pos: int | None, device: torch.device) -> ScanRoutes:
-        """Routes for a grid (cached per grid, class-token position and device)."""
+        """Routes for a grid: cached per grid, class-token position and device; under torch.compile built by tensor
+        ops on the device inside the graph (no host-to-device copy, so CUDA graphs can capture it)."""
+        if torch.compiler.is_compiling():
+            index = self.build(grid_h, grid_w, cls_pos, device)
+            return self._routes_of(index, route_kinds(self, grid_h, grid_w, cls_pos), grid_h, grid_w, cls_pos)
+        return self._cached_routes(grid_h, grid_w, cls_pos, torch.device(device))
+
+    @functools.lru_cache(maxsize=64)  # noqa: B019 - patterns are module-level singletons
+    def _cached_routes(self, grid_h: int, grid_w: int, cls_pos: int | None, device: torch.device) -> ScanRoutes:
         # built outside inference mode: the cache outlives the call, and an inference tensor cached during
         # validation could not be saved for backward in the next training step
         with torch.inference_mode(False):
-            return self._build_routes(grid_h, grid_w, cls_pos, device)
+            index = self._checked_index(grid_h, grid_w, cls_pos)
+            kinds = route_kinds(self, grid_h, grid_w, cls_pos)
+            return self._routes_of(index.to(device), kinds, grid_h, grid_w, cls_pos)
 
-    def _build_routes(self, grid_h: int, grid_w: int, cls_pos: int | None, device: torch.device) -> ScanRoutes:
-        index = self.build(grid_h, grid_w, cls_pos).long()
+    @staticmethod
+    def _routes_of(index, kinds, grid_h, grid_w, cls_pos) -> ScanRoutes:
+        inverse = torch.argsort(index, dim=1)
+        i32 = torch.int32
+        return ScanRoutes(index, inverse, index.to(i32), inverse.to(i32), kinds, (grid_h, grid_w), cls_pos)
+
+    def _checked_index(self, grid_h: int, grid_w: int, cls_pos: int | None) -> torch.Tensor:
+        index = self.build(grid_h, grid_w, cls_pos, torch.device("cpu")).long()
         length = grid_h * grid_w + (cls_pos is not None)
         if index.shape != (self.num_routes, length):
             raise ValueError(
@@ -136,12 +156,22 @@ class ScanPattern:
         ar = torch.arange(length)
         if not all(torch.equal(r.sort().values, ar) for r in index):
             raise ValueError(f"scan pattern {self.name!r}: every route must be a permutation of the {length} tokens")
-        inverse = torch.empty_like(index)
-        inverse.scatter_(1, index, ar.expand_as(index).clone())
-        kinds = tuple(
-            "identity" if torch.equal(r, ar) else "reverse" if torch.equal(r, ar.flip(0)) else "gather" for r in index
-        )
-        return ScanRoutes(index.to(device), inverse.to(device), kinds, (grid_h, grid_w), cls_pos)
+        return index
+
+
+
+@torch.compiler.assume_constant_result
+def route_kinds(pattern: ScanPattern, grid_h: int, grid_w: int, cls_pos: int | None) -> tuple[str, ...]:
+    """identity / reverse / gather per route of a pattern on a grid: Python constants, so torch.compile branches on
+    them freely (it calls this once while tracing)."""
+    return _route_kinds(pattern, grid_h, grid_w, cls_pos)
+
+
+@functools.lru_cache(maxsize=256)
+def _route_kinds(pattern: ScanPattern, grid_h: int, grid_w: int, cls_pos: int | None) -> tuple[str, ...]:
+    index = pattern._checked_index(grid_h, grid_w, cls_pos)
+    ar = torch.arange(index.shape[1])
+    return tuple("identity" if torch.equal(r, ar) else "reverse" if torch.equal(r, ar.flip(0)) else "gather" for r in index)
 
 
 SCAN_PATTERNS: dict[str, ScanPattern] = {}
@@ -183,9 +213,11 @@ class MultiRouteMamba(nn.Module):
     (E -> dt_rank + 2N, no bias), dt_proj (dt_rank -> E; its bias is the scan's delta_bias, softplus inside the scan),
     A = -exp(A_log), D. out = out_proj(mean_r(y_r) * silu(z)).
 
-    path="fused" builds token-order inputs for all routes and calls the multi-route scan once (with the triton
-    backend the route convs are one gather kernel too: vim_kernels.route_conv1d_silu); path="reference" permutes
-    into each route's order, scans it alone and un-permutes (the oracle for the fused path).
+    path="fused": on the triton backend the whole interior is one fused custom op (vim_kernels.mamba_inner with
+    autograd, memory-lean: its backward recomputes the convs, delta and the scan's states unless save_scan_states;
+    without gradients vim_kernels.mamba_mixer_inference, in_proj and out_proj included); on the torch and ref
+    backends the same function in PyTorch ops around one multi-route scan. path="reference" permutes into each
+    route's order, scans it alone and un-permutes (the oracle for the fused path).
     """
 
     def __init__(
@@ -202,6 +234,7 @@ class MultiRouteMamba(nn.Module):
         num_layers: int = 1,
         scan_backend: str = "auto",
         path: str = "fused",
+        save_scan_states: bool = False,
     ):
         super().__init__()
         self.pattern = get_scan_pattern(pattern)
@@ -212,6 +245,8 @@ class MultiRouteMamba(nn.Module):
         self.num_layers = num_layers
         self.scan_backend = scan.check_backend(scan_backend)
         self.path = path
+        self.save_scan_states = save_scan_states
+        self._packed = None  # (key, the inference kernel's weights): see _inference_weights
 
         e = self.d_inner
         self.in_proj = nn.Linear(dim, 2 * e, bias=False)
@@ -276,11 +311,51 @@ class MultiRouteMamba(nn.Module):
             raise ValueError(
                 f"got {routes.num_routes} routes for a {self.pattern.name!r} mixer ({self.pattern.num_routes} routes)"
             )
-        if self.path == "fused" and not torch.is_grad_enabled():
-            return self._forward_inference(hidden, routes)
-        x, z = self.in_proj(hidden).chunk(2, dim=-1)  # (batch, L, E) each, channel-last
-        y = self._scan_fused(x, z, routes) if self.path == "fused" else self._scan_reference(x, z, routes)
-        return self.out_proj(y)
+        backend = scan.resolve_backend(self.scan_backend, hidden.device)
+        if self.path == "fused" and backend == "triton":
+            if not torch.is_grad_enabled():
+                weights = self._inference_weights(hidden.dtype)
+                return vim_kernels.mamba_mixer_inference(hidden, weights, routes.index, routes.index32, routes.inverse32)
+            x, z = self.in_proj(hidden).chunk(2, dim=-1)  # (batch, L, E) each, channel-last
+            y = vim_kernels.mamba_inner(
+                x, z, *self._stacked_params(), routes.index, routes.index32, routes.inverse32, self.save_scan_states
+            )
+            return self.out_proj(y)
+        x, z = self.in_proj(hidden).chunk(2, dim=-1)
+        if self.path == "fused":
+            return self.out_proj(self._scan_decomposed(x, z, routes, backend))
+        return self.out_proj(self._scan_reference(x, z, routes, backend))
+
+    def _stacked_params(self) -> tuple[torch.Tensor, ...]:
+        """Every route's (conv weight (R, E, K), conv bias, x_proj (R, rank + 2N, E), dt_proj (R, E, rank),
+        dt_proj bias, A_log (R, E, N), D), stacked over routes as the fused kernels take them."""
+        params = [self.route_params(r) for r in range(self.pattern.num_routes)]
+        return (
+            torch.stack([p[0].weight.squeeze(1) for p in params]),
+            torch.stack([p[0].bias for p in params]),
+            torch.stack([p[1].weight for p in params]),
+            torch.stack([p[2].weight for p in params]),
+            torch.stack([p[2].bias for p in params]),
+            torch.stack([p[3] for p in params]),
+            torch.stack([p[4] for p in params]),
+        )
+
+    def _inference_weights(self, dtype: torch.dtype):
+        """The weights in the inference kernel's layouts (vim_kernels.pack_mixer_weights), kept until a weight
+        changes (its storage or its version counter) or the activation dtype does: eagerly, packing them per call
+        would cost more launches than the mixer itself. Under torch.compile they are packed in the graph."""
+        def pack():
+            conv_w, conv_b, x_proj, dt_proj, dt_bias, a_log, d = self._stacked_params()
+            return vim_kernels.pack_mixer_weights(
+                self.in_proj.weight, conv_w, conv_b, x_proj, dt_proj, dt_bias, a_log, d, self.out_proj.weight, dtype
+            )
+
+        if torch.compiler.is_compiling():
+            return pack()
+        key = (dtype, *((p.data_ptr(), p._version) for p in self.parameters()))
+        if self._packed is None or self._packed[0] != key:
+            self._packed = (key, pack())
+        return self._packed[1]
 
     def _route_conv(self, xt: torch.Tensor, r: int, routes: ScanRoutes) -> torch.Tensor:
         """Depthwise conv of route r, causal along the route, returned in token order. xt: (batch, E, L)."""
@@ -295,57 +370,26 @@ class MultiRouteMamba(nn.Module):
         out = F.conv1d(xr, conv.weight, conv.bias, padding=k - 1, groups=self.d_inner)[..., :length]
         return out[:, :, routes.inverse[r]]
 
-    def _conv_and_project(self, x: torch.Tensor, routes: ScanRoutes):
-        """Every route's conv + SiLU, then x_proj: u (R, batch, L, E) in token order, channel-last, and the
-        low-rank dt, B, C (R, batch, L, dt_rank | N | N) views of x_proj's output."""
+    def _scan_decomposed(self, x: torch.Tensor, z: torch.Tensor, routes: ScanRoutes, backend: str) -> torch.Tensor:
+        """The fused path's function in PyTorch ops around one multi-route scan (the ref and torch backends):
+        every route's conv + SiLU (F.conv1d; identity and reversed routes without a permuted copy), x_proj and
+        dt_proj as batched matmuls over the routes, in token order."""
         num_routes = self.pattern.num_routes
+        xt = x.transpose(1, 2)
+        # the stack writes the transposed outputs contiguously: u (R, batch, L, E), channel-last
+        u = F.silu(torch.stack([self._route_conv(xt, r, routes).transpose(1, 2) for r in range(num_routes)]))
         params = [self.route_params(r) for r in range(num_routes)]
-        # Triton: one kernel gathers every route's conv taps through its index map
-        u = scan.route_conv_silu(
-            x,
-            torch.stack([p[0].weight.squeeze(1) for p in params]),
-            torch.stack([p[0].bias for p in params]),
-            routes.index,
-            routes.inverse,
-            backend=self.scan_backend,
-        )
-        if u is None:  # torch: F.conv1d per route (the stack writes the transposed outputs contiguously)
-            xt = x.transpose(1, 2)
-            u = F.silu(torch.stack([self._route_conv(xt, r, routes).transpose(1, 2) for r in range(num_routes)]))
         w_x = torch.stack([p[1].weight for p in params])  # (R, dt_rank + 2N, E)
-        return u, *scan.project_scan_inputs(u, w_x, self.dt_rank, self.d_state, backend=self.scan_backend)
-
-    def _ssm_params(self):
-        """Stacked over routes: A = -exp(A_log), D, delta_bias (float32) and dt_proj's weight (R, E, dt_rank)."""
-        params = [self.route_params(r) for r in range(self.pattern.num_routes)]
+        x_dbl = torch.matmul(u, w_x.unsqueeze(1).transpose(-1, -2))
+        dt, b, c = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1)
+        w_dt = torch.stack([p[2].weight for p in params])  # (R, E, dt_rank)
+        delta = torch.matmul(dt, w_dt.unsqueeze(1).transpose(-1, -2))  # (R, batch, L, E); bias: delta_bias
         a = -torch.exp(torch.stack([p[3] for p in params]).float())
         d = torch.stack([p[4] for p in params]).float()
         delta_bias = torch.stack([p[2].bias for p in params]).float()
-        return a, d, delta_bias, torch.stack([p[2].weight for p in params])
+        return scan.multi_route_scan(u, delta, a, b, c, d, z, delta_bias, routes.index, backend)
 
-    def _scan_fused(self, x: torch.Tensor, z: torch.Tensor, routes: ScanRoutes) -> torch.Tensor:
-        u, dt, b, c = self._conv_and_project(x, routes)
-        a, d, delta_bias, w_dt = self._ssm_params()
-        delta = torch.matmul(dt, w_dt.unsqueeze(1).transpose(-1, -2))  # (R, batch, L, E); bias: delta_bias
-        return scan.multi_route_scan(u, delta, a, b, c, d, z, delta_bias, routes.index, backend=self.scan_backend)
-
-    def _forward_inference(self, hidden: torch.Tensor, routes: ScanRoutes) -> torch.Tensor:
-        """The fused path without autograd, ordered for peak memory (vim_tiny at 1248 px, batch 16: see
-        benchmarks/README.md): x and z from the two halves of in_proj, x dropped once the convs have read it and z
-        formed last; dt_proj handed to the scan, which forms delta per step in registers where its kernels can (no
-        (R, batch, L, E) delta tensor). With Triton, x_proj writes the rows the scan reads (no packing copy) and the
-        gated output is written over z."""
-        e = self.d_inner
-        u, dt, b, c = self._conv_and_project(F.linear(hidden, self.in_proj.weight[:e]), routes)
-        a, d, delta_bias, w_dt = self._ssm_params()
-        z = F.linear(hidden, self.in_proj.weight[e:])
-        into_z = scan.resolve_backend(self.scan_backend, z.device) == "triton"
-        y = scan.multi_route_scan(
-            u, dt, a, b, c, d, z, delta_bias, routes.index, self.scan_backend, delta_proj=w_dt, out=z if into_z else None
-        )
-        return self.out_proj(y)
-
-    def _scan_reference(self, x: torch.Tensor, z: torch.Tensor, routes: ScanRoutes) -> torch.Tensor:
+    def _scan_reference(self, x: torch.Tensor, z: torch.Tensor, routes: ScanRoutes, backend: str) -> torch.Tensor:
         length, k = x.shape[1], self.d_conv
         ys = []
         for r in range(self.pattern.num_routes):
@@ -364,7 +408,7 @@ class MultiRouteMamba(nn.Module):
                 d.float(),
                 zr,
                 dt_proj.bias.float(),
-                backend=self.scan_backend,
+                backend=backend,
             )
             ys.append(y.transpose(1, 2)[:, routes.inverse[r]])  # back to token order
         return torch.stack(ys).mean(0)

@@ -1,10 +1,14 @@
-"""Feature pyramids for dense tasks: one-stride maps of a plain backbone turned into a 4-level pyramid."""
+"""Feature pyramids for dense tasks: the one-stride maps of a plain backbone turned into a multi-level pyramid
+(UperNet's, from several blocks; ViTDet's simple feature pyramid, from the last block, for the detectors)."""
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
+from timm.layers import LayerNorm2d
 from torch import nn
 
 
@@ -58,3 +62,58 @@ class PlainFeaturePyramid(nn.Module):
         if len(features) != len(self.levels):
             raise ValueError(f"expected {len(self.levels)} feature maps, got {len(features)}")
         return [level(x) for level, x in zip(self.levels, features)]
+
+
+class SimpleFeaturePyramid(nn.Module):
+    """ViTDet's simple feature pyramid: one stride-s map -> maps at ``scales`` x its resolution, plus a 'pool' level.
+
+    x4: two 2x2 transposed convs (channels halved each time, channels-last LayerNorm + GELU between), x2: one,
+    x1: identity, x0.5: 2x2 max-pool; each level then gets a 1x1 and a 3x3 conv (no bias, each followed by LN) to
+    ``out_channels``. ``top_block`` adds 'pool', a stride-2 subsampling of the coarsest level (the FPN ``P6`` the RPN
+    uses for the largest anchors). Keys '0'..'3' and 'pool' are what torchvision's RoI poolers and RPN expect.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int = 256,
+        scales: Sequence[float] = (4.0, 2.0, 1.0, 0.5),
+        top_block: bool = True,
+    ) -> None:
+        super().__init__()
+        self.scales = tuple(float(s) for s in scales)
+        self.out_channels = out_channels
+        self.top_block = top_block
+        self.stages = nn.ModuleList()
+        for scale in self.scales:
+            c = in_channels
+            if scale == 4.0:
+                layers = [
+                    nn.ConvTranspose2d(c, c // 2, 2, stride=2),
+                    LayerNorm2d(c // 2),
+                    nn.GELU(),
+                    nn.ConvTranspose2d(c // 2, c // 4, 2, stride=2),
+                ]
+                c = c // 4
+            elif scale == 2.0:
+                layers, c = [nn.ConvTranspose2d(c, c // 2, 2, stride=2)], c // 2
+            elif scale == 1.0:
+                layers = []
+            elif scale == 0.5:
+                layers = [nn.MaxPool2d(2, stride=2)]
+            else:
+                raise ValueError(f"unsupported pyramid scale {scale}: use 4, 2, 1 or 0.5")
+            # LN already shifts, so the convs carry no bias (as in ViTDet)
+            layers += [
+                nn.Conv2d(c, out_channels, 1, bias=False),
+                LayerNorm2d(out_channels),
+                nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=False),
+                LayerNorm2d(out_channels),
+            ]
+            self.stages.append(nn.Sequential(*layers))
+
+    def forward(self, x: torch.Tensor) -> OrderedDict[str, torch.Tensor]:
+        out = OrderedDict((str(i), stage(x)) for i, stage in enumerate(self.stages))
+        if self.top_block:
+            out["pool"] = F.max_pool2d(out[str(len(self.stages) - 1)], kernel_size=1, stride=2)
+        return out

@@ -108,9 +108,8 @@ class MambaBlock(nn.Module):
         # mixer's in_proj takes under autocast (same values: it would cast the float32 norm to it)
         dev = hidden.device.type
         out_dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else torch.float32
-        normed, residual = scan.add_rms_norm(
-            hidden, residual, self.norm.weight, self.norm.eps, out_dtype, inplace, self.mixer.scan_backend
-        )
+        backend = scan.resolve_backend(self.mixer.scan_backend, hidden.device)
+        normed, residual = scan.add_rms_norm(hidden, residual, self.norm.weight, self.norm.eps, out_dtype, inplace, backend)
         return self.mixer(normed, routes), residual
 
 
@@ -136,6 +135,7 @@ class VisionMamba(nn.Module):
         scan: str = "bidirectional",
         scan_backend: str = "auto",
         scan_path: str = "fused",
+        save_scan_states: bool = False,
         dynamic_img_size: bool = True,
     ):
         super().__init__()
@@ -164,6 +164,7 @@ class VisionMamba(nn.Module):
             num_layers=depth,
             scan_backend=scan_backend,
             path=scan_path,
+            save_scan_states=save_scan_states,
         )
         self.layers = nn.ModuleList(
             MambaBlock(embed_dim, mixer(embed_dim), layer_dpr[i], norm_eps) for i in range(depth)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import time
 from functools import partial
 from typing import Any
 
@@ -13,6 +14,10 @@ from torch.optim.lr_scheduler import LambdaLR
 
 from vision_mamba.tasks.optim import build_param_groups, warmup_schedule
 from vision_mamba.utils.errors import UserError
+from vision_mamba.utils.pylogger import RankedLogger
+
+log = RankedLogger(__name__, rank_zero_only=True)
+NET_ARCHITECTURE_KEY = "net_architecture"  # the network's name, kept in each checkpoint for error messages
 
 
 class VisionTask(LightningModule):
@@ -21,6 +26,12 @@ class VisionTask(LightningModule):
     The learning rate is ``base_lr * global_batch / base_batch_size`` (the DeiT/Vim linear scaling rule) when
     ``base_batch_size`` is set. The schedule is stepped every optimiser step: linear warm-up over
     ``warmup_epochs`` (or ``warmup_steps``), then ``schedule.kind`` decay.
+
+    ``compile``: ``auto`` (on when training on CUDA), ``true`` or ``false``: the network runs through torch.compile
+    (its parameters keep their names), with CUDA graphs by default on CUDA (``compile_mode``, default
+    ``reduce-overhead`` on CUDA: the launches of a step replayed as one graph per input shape); the first step's
+    time, compilation included, is logged. Subclasses whose network sees varying shapes compile only the part that
+    does not (``modules_to_compile``).
     """
 
     def __init__(
@@ -32,7 +43,8 @@ class VisionTask(LightningModule):
         weight_decay: float = 0.05,
         layer_decay: float | None = None,
         schedule: dict[str, Any] | None = None,
-        compile: bool = False,
+        compile: bool | str = "auto",
+        compile_mode: str | None = None,
         optimized_metric: str | None = None,
         monitor: str | None = None,
         monitor_mode: str = "max",
@@ -44,9 +56,42 @@ class VisionTask(LightningModule):
         self.optimizer_factory = optimizer or partial(torch.optim.AdamW, betas=(0.9, 0.999), eps=1e-8)
         self.schedule_cfg = dict(schedule or {})
 
-    def setup(self, stage: str) -> None:
-        if self.hparams.get("compile") and stage == "fit":
-            self.net = torch.compile(self.net)
+    cuda_graphs = True  # the compiled modules see fixed shapes: CUDA graphs by default on CUDA
+
+    def compile_enabled(self) -> bool:
+        setting = str(self.hparams.get("compile", "auto")).lower()
+        if setting not in ("auto", "true", "false"):
+            raise ValueError(f"task.compile must be auto, true or false; got {self.hparams.compile!r}")
+        if setting == "auto":
+            return self.trainer is not None and self.trainer.strategy.root_device.type == "cuda"
+        return setting == "true"
+
+    def modules_to_compile(self) -> list[nn.Module]:
+        """The modules torch.compile compiles in place (the whole network by default)."""
+        return [self.net]
+
+    def configure_model(self) -> None:
+        if getattr(self, "_compiled", False) or not self.compile_enabled():
+            return
+        cuda = self.trainer.strategy.root_device.type == "cuda"
+        mode = self.hparams.get("compile_mode") or ("reduce-overhead" if cuda and self.cuda_graphs else None)
+        for module in self.modules_to_compile():
+            module.compile(mode=mode)
+        self._compiled = True
+        self._first_step_start = None
+        log.info(f"torch.compile ({mode or 'default'} mode): the first step includes the compilation")
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        if getattr(self, "_compiled", False) and self._first_step_start is None:
+            self._first_step_start = time.perf_counter()
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        start = getattr(self, "_first_step_start", None)
+        if start is not None and start > 0:
+            seconds = time.perf_counter() - start
+            self._first_step_start = -1.0  # reported once
+            log.info(f"first training step (torch.compile included): {seconds:.1f} s")
+            self.log("compile/first_step_s", seconds, rank_zero_only=True)
 
     def global_batch_size(self) -> int | None:
         dm = getattr(self.trainer, "datamodule", None)
@@ -95,9 +140,59 @@ class VisionTask(LightningModule):
         return max(1, math.ceil(batches / self.trainer.accumulate_grad_batches))
 
     def print_lr_summary(self, lr: float, total: int, warmup: int) -> None:
-        from vision_mamba.utils.pylogger import RankedLogger
-
-        RankedLogger(__name__).info(
+        log.info(
             f"optimiser: lr {lr:.3g} (base {self.hparams.base_lr:g} x batch {self.global_batch_size()} / "
             f"{self.hparams.base_batch_size}), {total} steps, {warmup} warm-up"
         )
+
+    # --- checkpoints --------------------------------------------------------------------------------------------
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint[NET_ARCHITECTURE_KEY] = _architecture(self.net)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Refuse a checkpoint whose weights do not fit this network in one line (what it was made for, what this
+        run builds, the first differences) instead of Lightning's list of every mismatched tensor."""
+        if not self.strict_loading:
+            return
+        theirs, ours = checkpoint.get("state_dict", {}), self.state_dict()
+        shapes = [f"{k} {tuple(v.shape)} vs {tuple(ours[k].shape)}" for k, v in theirs.items()
+                  if k in ours and hasattr(v, "shape") and v.shape != ours[k].shape]
+        missing, unexpected = [k for k in ours if k not in theirs], [k for k in theirs if k not in ours]
+        if not (shapes or missing or unexpected):
+            return
+        problems = [f"{len(shapes)} of {len(ours)} tensors differ in shape, e.g. {', '.join(shapes[:3])}"] if shapes else []
+        problems += [f"{len(missing)} tensors of this model are missing, e.g. {', '.join(missing[:3])}"] if missing else []
+        problems += [f"{len(unexpected)} tensors the model does not have, e.g. {', '.join(unexpected[:3])}"] if unexpected else []
+        path = getattr(self._trainer, "ckpt_path", None) or "the checkpoint"  # no trainer: load_from_checkpoint
+        raise UserError(
+            f"{path}: checkpoint of a {_describe(checkpoint.get(NET_ARCHITECTURE_KEY), theirs)}, "
+            f"this run builds a {_describe(_architecture(self.net), ours)}: {'; '.join(problems)}. Give the model "
+            "and data settings it was trained with (resuming inside its run folder does: hydra.run.dir=<run> "
+            "ckpt_path=last), or load only its network weights with model.pretrained=<checkpoint>"
+        )
+
+
+def _architecture(net: nn.Module) -> str:
+    """timm's architecture name of the network (or its backbone's), else its class name."""
+    for module in (net, getattr(net, "backbone", None)):
+        name = (getattr(module, "pretrained_cfg", None) or {}).get("architecture")
+        if name:
+            return name
+    return type(net).__name__
+
+
+def _describe(architecture: str | None, state: dict[str, Any]) -> str:
+    """``vim_small_patch16_224 (embed 384, depth 24, 1000 classes)``, the sizes read from the weights' shapes."""
+    sizes = []
+    embed = next((v.shape[-1] for k, v in state.items() if k.endswith("pos_embed")), None)
+    if embed is not None:
+        sizes.append(f"embed {embed}")
+    layers = {k.split("layers.")[1].split(".")[0] for k in state if ".layers." in k or k.startswith("layers.")}
+    if layers:
+        sizes.append(f"depth {len(layers)}")
+    head = state.get("net.head.weight")
+    if head is not None:
+        sizes.append(f"{head.shape[0]} classes")
+    return f"{architecture or 'network'}" + (f" ({', '.join(sizes)})" if sizes else "")
+

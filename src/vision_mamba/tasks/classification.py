@@ -42,6 +42,9 @@ class ClassificationTask(VisionTask):
         self.train_criterion = SoftTargetCrossEntropy() if active else nn.CrossEntropyLoss(label_smoothing=label_smoothing)
         self.eval_criterion = nn.CrossEntropyLoss()
         self.ema = ModelEmaV3(net, decay=ema_decay, use_warmup=ema_warmup) if ema_decay else None
+        if self.ema is not None:
+            # updated by copying, never by gradients: left trainable, DDP would find its parameters unused
+            self.ema.requires_grad_(False)
 
         top5 = min(5, num_classes)
         self.train_loss = MeanMetric()
@@ -69,7 +72,10 @@ class ClassificationTask(VisionTask):
         self.log("train/loss", self.train_loss, on_step=True, on_epoch=True, prog_bar=True)
         return loss
 
-    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        # the EMA follows every optimiser step, before any callback's on_train_batch_end (the interval and
+        # preemption checkpoints are written there and must hold the EMA of the weights they hold)
+        super().optimizer_step(*args, **kwargs)
         if self.ema is not None:
             self.ema.update(self.net, step=self.global_step)
 

@@ -1,4 +1,5 @@
-"""DetectionTask: Mask R-CNN training (torchvision losses) and COCO bbox/segm AP evaluation, results json, drawings."""
+"""DetectionTask: Mask R-CNN or box-only Faster R-CNN training (torchvision losses) and COCO bbox (and segm) AP
+evaluation, results json, drawings."""
 
 from __future__ import annotations
 
@@ -54,16 +55,19 @@ def to_coco_results(pred: dict[str, torch.Tensor], image_id: int, label_to_cat_i
 
 
 class DetectionTask(VisionTask):
-    """Instance detection and segmentation with a torchvision-style detector.
+    """Instance detection and segmentation (``masks=True``) or box detection only (``masks=False``) with a
+    torchvision-style detector.
 
     ``detector`` is a partial (from the config) that wraps the backbone ``net`` into the detector, e.g.
-    ``VimMaskRCNN(backbone=net, num_classes=K)``; the detector takes a list of images (and targets when training)
-    and returns torchvision's loss dict or per-image predictions. Batches are ``(list of images, list of targets)``.
+    ``VimRCNN(backbone=net, num_classes=K, masks=True)``; the detector takes a list of images (and targets when
+    training) and returns torchvision's loss dict or per-image predictions. Batches are ``(list of images, list of
+    targets)``; ``masks`` says whether targets and predictions carry masks (the config sets the detector's and the
+    datamodule's from ``task.masks``).
 
     Logged: ``train/loss`` and each torchvision loss (``train/loss_classifier``, ``train/loss_box_reg``,
-    ``train/loss_mask``, ``train/loss_objectness``, ``train/loss_rpn_box_reg``); ``val/bbox_mAP``,
-    ``val/bbox_mAP_50``, ``val/bbox_mAP_75``, ``val/segm_mAP``... (COCO AP over IoU 0.5:0.95), ``val/bbox_mAP_best``;
-    the same under ``test/``. With ``write_results``, predictions go to ``<output_dir>/coco_results_{stage}.json``.
+    ``train/loss_mask`` with masks, ``train/loss_objectness``, ``train/loss_rpn_box_reg``); ``val/bbox_mAP``,
+    ``val/bbox_mAP_50``, ``val/bbox_mAP_75``, with masks ``val/segm_mAP``... (COCO AP over IoU 0.5:0.95),
+    ``val/bbox_mAP_best``; the same under ``test/``. With ``write_results``, predictions go to ``<output_dir>/coco_results_{stage}.json``.
     Every validation epoch, the first validation image with objects is drawn with its predictions to
     ``<output_dir>/predictions/`` and sent to the loggers that take images.
     """
@@ -73,6 +77,7 @@ class DetectionTask(VisionTask):
         net: nn.Module,
         detector: partial,
         num_classes: int,
+        masks: bool = True,
         write_results: bool = False,
         output_dir: str | None = None,
         draw_predictions: bool = True,
@@ -86,13 +91,23 @@ class DetectionTask(VisionTask):
         # again, without the detector partial: checkpoints must stay loadable with torch.load(weights_only=True)
         self.save_hyperparameters(ignore=["net", "optimizer", "detector"], logger=False)
         self.output_dir = Path(output_dir) if output_dir else None
+        self.target_keys = ("boxes", "labels", "masks") if masks else ("boxes", "labels")
+        self.iou_types = ("bbox", "segm") if masks else ("bbox",)
         self.metrics = nn.ModuleDict({
-            stage: MeanAveragePrecision(iou_type=("bbox", "segm"), backend=coco_backend()) for stage in ("val", "test")
+            stage: MeanAveragePrecision(iou_type=self.iou_types, backend=coco_backend()) for stage in ("val", "test")
         })
         self.val_map_best = MaxMetric()
         self.val_map_best.persistent(True)  # kept across a resume; sanity-check validation never updates it
         self._results: list[dict] = []
         self._drawn: tuple[torch.Tensor, dict] | None = None
+
+    # torchvision's detection heads have data-dependent shapes (proposals, detections per image): only the backbone,
+    # which sees the fixed square batch of SquarePadTransform, is compiled, without CUDA graphs (its outputs feed
+    # the eager heads)
+    cuda_graphs = False
+
+    def modules_to_compile(self) -> list[nn.Module]:
+        return [self.net.backbone]
 
     def forward(self, images: list[torch.Tensor], targets: list[dict] | None = None):
         return self.net(images, targets)
@@ -100,7 +115,7 @@ class DetectionTask(VisionTask):
 
     def training_step(self, batch: tuple[list[torch.Tensor], list[dict]], batch_idx: int) -> torch.Tensor:
         images, targets = batch
-        losses = self.net(images, [{k: t[k] for k in ("boxes", "labels", "masks")} for t in targets])
+        losses = self.net(images, [{k: t[k] for k in self.target_keys} for t in targets])
         loss = sum(losses.values())
         n = len(images)
         for name, value in losses.items():
@@ -120,12 +135,12 @@ class DetectionTask(VisionTask):
     def _eval_step(self, stage: str, batch: tuple[list[torch.Tensor], list[dict]], batch_idx: int) -> None:
         images, targets = batch
         preds = self.net(images)
-        thr = self.hparams.mask_threshold
+        thr, masks = self.hparams.mask_threshold, self.hparams.masks
         self.metrics[stage].update(
-            [{"boxes": p["boxes"], "scores": p["scores"], "labels": p["labels"], "masks": p["masks"][:, 0] > thr}
-             for p in preds],
-            [{"boxes": t["boxes"], "labels": t["labels"], "masks": t["masks"].bool(), "iscrowd": t["iscrowd"]}
-             for t in targets],
+            [{"boxes": p["boxes"], "scores": p["scores"], "labels": p["labels"],
+              **({"masks": p["masks"][:, 0] > thr} if masks else {})} for p in preds],
+            [{"boxes": t["boxes"], "labels": t["labels"], "iscrowd": t["iscrowd"],
+              **({"masks": t["masks"].bool()} if masks else {})} for t in targets],
         )
         if self.hparams.write_results:
             to_cat = self._label_to_cat_id()
@@ -154,9 +169,10 @@ class DetectionTask(VisionTask):
         computed = self.metrics[stage].compute()
         self.metrics[stage].reset()
         logged = {}
-        for iou in ("bbox", "segm"):
+        for iou in self.iou_types:
+            prefix = f"{iou}_" if len(self.iou_types) > 1 else ""  # torchmetrics prefixes only with several types
             for key, name in METRICS.items():
-                value = computed.get(f"{iou}_{key}")
+                value = computed.get(prefix + key)
                 if value is not None:
                     logged[f"{stage}/{iou}_{name}"] = value.float()
         for name, value in logged.items():  # already synced over ranks by the metric's compute()

@@ -23,14 +23,15 @@ def describe_devices(trainer_cfg: DictConfig) -> str:
 
 
 def run_banner(cfg: DictConfig) -> str:
-    """One line that says how this run computes, from the config (before anything is built)."""
-    from vision_mamba.models.scan import resolve_backend
+    """One line that says how this run computes, from the config (before anything is built): the scan backend is
+    the one asked for, or for ``auto`` the one vim_kernels picks for the run's device."""
+    import vim_kernels
 
     model_cfg = cfg.get("model") or {}
     requested = model_cfg.get("scan_backend", "auto")
     accelerator = cfg.trainer.get("accelerator", "auto")
     device = torch.device("cuda" if torch.cuda.is_available() and accelerator in ("auto", "gpu", "cuda") else "cpu")
-    backend = resolve_backend(requested, device)
+    backend = vim_kernels.best_backend(device) if requested == "auto" else requested
     return (
         f"vision-mamba | model {model_cfg.get('model_name', '?')} ({model_cfg.get('scan', 'bidirectional')} scan) | "
         f"scan backend {backend} (asked: {requested}) | precision {cfg.trainer.get('precision')} | "

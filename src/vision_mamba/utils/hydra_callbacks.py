@@ -1,20 +1,28 @@
-"""Hydra glue for runs at scale: the multirun summary, one run folder per run under DDP/torchrun/SLURM."""
+"""Hydra glue for runs at scale: the multirun summary, and one writable output folder per run -- unique per launch,
+shared by every process of a DDP/torchrun/SLURM launch."""
 
 from __future__ import annotations
 
 import csv
+import itertools
 import os
+import secrets
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
+from vision_mamba.utils.utils import exit_with_user_error
+
 RUN_ID_ENV = "VIM_RUN_ID"
+# where the processes of one torchrun launch agree on a run id (a key of the elastic agent's store)
+RUN_ID_STORE_KEY = "vision_mamba/run_id"
 
 
-# --- multirun summary -------------------------------------------------------------------------------------------
+# --- multirun summary ----------------------------------------------------------------------------------------------
 
 
 class MultirunSummary(Callback):
@@ -37,6 +45,8 @@ class MultirunSummary(Callback):
             return
         status = getattr(job_return.status, "name", str(job_return.status))
         value = job_return._return_value if status == "COMPLETED" else None
+        if status == "COMPLETED" and value is None and config.get("optimized_metric"):
+            status = "NO_METRIC"  # the job ended before it validated (see get_metric_value): missing, not failed
         overrides = list(job_return.overrides or [])
         row: dict[str, Any] = {
             "job": hydra_cfg.job.num,
@@ -79,7 +89,7 @@ def _number(value: Any) -> float | None:
         return None
 
 
-# --- one output folder per run ----------------------------------------------------------------------------------
+# --- one writable output folder per run ----------------------------------------------------------------------------
 
 
 def pin_run_id_from_launcher(environ: dict[str, str] = os.environ) -> str | None:
@@ -87,19 +97,101 @@ def pin_run_id_from_launcher(environ: dict[str, str] = os.environ) -> str | None
 
     With torchrun or srun each process composes its own config, and ``${now:...}`` can differ by a second
     between them (or between nodes). conf/hydra/default.yaml names the folder ``$VIM_RUN_ID`` when it is set;
-    here it is set from the launcher's shared job id when the user did not set it. Returns the id used.
+    here it is set, when the user did not set it, from the launcher's job id (torchrun's ``--rdzv-id``, SLURM's
+    job id) or else from a name the processes of a torchrun launch agree on through its agent's store (a static
+    ``--master-addr``/``--master-port`` launch has no job id). Returns the id used.
     """
     if environ.get(RUN_ID_ENV):
         return environ[RUN_ID_ENV]
     run_id = None
-    if environ.get("TORCHELASTIC_RUN_ID", "none") != "none" and int(environ.get("WORLD_SIZE", "1")) > 1:
+    torchrun = "TORCHELASTIC_RUN_ID" in environ and int(environ.get("WORLD_SIZE", "1")) > 1
+    if torchrun and environ["TORCHELASTIC_RUN_ID"] != "none":
         run_id = f"torchrun_{environ['TORCHELASTIC_RUN_ID']}"
     elif environ.get("SLURM_JOB_ID") and int(environ.get("SLURM_NTASKS", "1")) > 1:
         # the same id after a requeue, so the requeued job resumes in the same folder
         run_id = f"slurm_{environ['SLURM_JOB_ID']}"
+    elif torchrun and environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        run_id = agreed_run_id(environ["MASTER_ADDR"], int(environ["MASTER_PORT"]))
     if run_id:
         environ[RUN_ID_ENV] = run_id
     return run_id
+
+
+def agreed_run_id(host: str, port: int) -> str:
+    """The run id of a torchrun launch, through the store its elastic agent serves at MASTER_ADDR:MASTER_PORT: the
+    first process to ask proposes the launch time (plus a random suffix), every other one reads that proposal.
+    The store outlives worker restarts, so a restarted worker lands in the same folder."""
+    from datetime import timedelta
+
+    from torch.distributed import TCPStore
+
+    store = TCPStore(host, port, is_master=False, timeout=timedelta(minutes=5))
+    proposal = f"{time.strftime('%Y-%m-%d_%H-%M-%S')}_{secrets.token_hex(3)}"
+    return store.compare_set(RUN_ID_STORE_KEY, "", proposal).decode()
+
+
+def unwritable_reason(folder: Path) -> str | None:
+    """Why this process could not create or write ``folder`` (checked on its nearest existing ancestor), or None.
+    Nothing is created."""
+    folder = folder.absolute()
+    probe = folder
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        return f"{probe} is a file, not a folder"
+    if not os.access(probe, os.W_OK | os.X_OK):
+        return f"{probe} is not writable"
+    return None
+
+
+def claim_unique_folder(folder: Path) -> Path:
+    """Create ``folder``, or ``folder_1``, ``folder_2``... if another run holds it: mkdir is atomic, so two runs
+    started in the same second never get the same folder."""
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    for n in itertools.count():
+        candidate = folder if n == 0 else folder.with_name(f"{folder.name}_{n}")
+        try:
+            candidate.mkdir()
+            return candidate
+        except FileExistsError:
+            continue
+    raise AssertionError("unreachable")
+
+
+class RunFolder(Callback):
+    """Checks the output folder of a run (or a sweep) before Hydra makes it, and makes one named by the time unique.
+
+    A folder that cannot be written is one ``error:`` line (exit status 2) before anything runs. Hydra names the
+    folder by the launch time to the second; when the name comes from the time (not from ``$VIM_RUN_ID``, which
+    all processes of a launch share, nor from an explicit ``hydra.run.dir``), the folder is claimed here, so that
+    two runs started in the same second get two folders.
+    """
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self.claim(config, "run")
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self.claim(config, "sweep")
+
+    @staticmethod
+    def claim(config: DictConfig, mode: str) -> None:
+        node = config.hydra[mode]
+        folder = Path(str(node.dir))
+        fix = "set paths.log_dir=<a writable folder> (or hydra.run.dir=...)"
+        reason = unwritable_reason(folder)
+        if reason:
+            exit_with_user_error(f"the output folder {folder} cannot be written ({reason}): {fix}")
+        named_by_time = "${now:" in str(OmegaConf.to_container(node, resolve=False)["dir"])
+        if not named_by_time or os.environ.get(RUN_ID_ENV):
+            return
+        try:
+            folder = claim_unique_folder(folder)
+        except OSError as e:  # refused although its parent looked writable (an ACL, a full disk)
+            exit_with_user_error(f"the output folder {folder} cannot be made ({e.strerror}): {fix}")
+        with read_write(config.hydra), open_dict(config.hydra):
+            node.dir = str(folder)
+            if mode == "sweep":  # each job re-composes its config from these overrides
+                config.hydra.overrides.hydra.append(f"hydra.sweep.dir='{folder}'")
 
 
 def pin_ddp_relaunch() -> None:

@@ -7,7 +7,7 @@ import warnings
 from collections.abc import Callable
 from functools import wraps
 from importlib.util import find_spec
-from typing import Any
+from typing import Any, NoReturn
 
 from omegaconf import DictConfig
 
@@ -60,16 +60,22 @@ def task_wrapper(task_func: Callable) -> Callable:
 
 
 def get_metric_value(metric_dict: dict[str, Any], metric_name: str | None) -> float | None:
-    """Return the metric a sweep optimises, with a clear error when it was never logged."""
+    """The metric a sweep optimises, or None with a warning when the run ended before it was ever logged.
+
+    The names themselves are checked before the run (vision_mamba.config_checks), so a missing value means the run
+    stopped before its first validation: None is what a sweep records as missing (the basic sweeper's summary.csv
+    marks the job NO_METRIC, the Optuna sweeper marks the trial failed and goes on).
+    """
     if not metric_name:
         log.info("Metric name is None! Skipping metric value retrieval...")
         return None
     if metric_name not in metric_dict:
-        raise Exception(
-            f"Metric value not found! <metric_name={metric_name}>\n"
-            "Make sure metric name logged in LightningModule is correct!\n"
-            "Make sure `optimized_metric` name in `hparams_search` config is correct!"
+        log.warning(
+            f"optimized_metric={metric_name} was never logged: the run ended before its first validation "
+            "(trainer.max_epochs=0, trainer.max_steps shorter than an epoch, or trainer.limit_val_batches=0). "
+            "No value is returned; a sweep records this job as missing."
         )
+        return None
     metric_value = metric_dict[metric_name].item()
     log.info(f"Retrieved metric value! <{metric_name}={metric_value}>")
     return metric_value
@@ -91,8 +97,13 @@ def exit_on_user_error(main: Callable[[], Any]) -> Callable[[], Any]:
                 user_error = f"{missing} must be set: pass {missing}=VALUE on the command line"
                 if missing == "data.root":
                     user_error += " (the folder that holds your dataset in its standard layout)"
-            print(f"error: {user_error}", file=sys.stderr)
-            sys.exit(2)
+            exit_with_user_error(user_error)
 
     return wrap
+
+
+def exit_with_user_error(message: object) -> NoReturn:
+    """The one-line report of a user error: ``error: <what is wrong and how to fix it>`` on stderr, exit status 2."""
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
 

@@ -1,0 +1,205 @@
+"""data.bad_images: an unusable image or mask stops a run with one line naming it and the option (error), or is
+skipped, counted and listed (skip), found in the main process or in loader workers, for ImageNet, ADE20K and COCO."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image, ImageFile
+from test_train import write_tiny_imagenet
+from test_user_errors import assert_short_error, run
+
+from data.awkward import set_coco_entry, truncate, write_awkward_ade20k, write_awkward_coco, write_bad_images
+from vision_mamba.data.ade20k import ADE20KDataModule
+from vision_mamba.data.bad_files import MAX_IN_A_ROW, BadFiles
+from vision_mamba.data.coco import CocoDataModule
+from vision_mamba.data.errors import BadImageError, DatasetError
+from vision_mamba.data.imagenet import ImageFolderDataModule
+from vision_mamba.data.images import read_mask, read_rgb
+
+PROBLEMS = {"truncated": "is truncated", "corrupt": "cannot be read (OSError: ", "text": "is not an image",
+            "empty": "is empty"}
+
+
+# ---- reading -------------------------------------------------------------------------------------------------------
+def test_each_kind_of_bad_file_is_one_line_naming_it_and_the_option(tmp_path) -> None:
+    for kind, path in write_bad_images(tmp_path).items():
+        with pytest.raises(BadImageError) as caught:
+            read_rgb(path)
+        err = caught.value
+        assert err.path == str(path) and err.problem.startswith(PROBLEMS[kind])
+        assert str(err).startswith(f"{path} {PROBLEMS[kind]}") and "data.bad_images=skip" in str(err)
+        assert "\n" not in str(err)
+
+
+def test_truncated_and_non_index_masks_are_bad_files(tmp_path) -> None:
+    labels = (np.arange(40 * 60).reshape(40, 60) % 7).astype(np.uint8)
+    Image.fromarray(labels).save(tmp_path / "mask.png")
+    assert np.array_equal(read_mask(tmp_path / "mask.png"), labels)
+    with pytest.raises(BadImageError, match=r"mask\.png is truncated"):
+        read_mask(truncate(tmp_path / "mask.png"))
+    Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(tmp_path / "rgb.png")
+    with pytest.raises(BadImageError, match=r"rgb\.png is a RGB image, not a single-channel class-index mask"):
+        read_mask(tmp_path / "rgb.png")
+
+
+def test_nothing_we_import_lets_pillow_accept_truncated_files() -> None:
+    """Truncation is detected by Pillow's decoder, unless LOAD_TRUNCATED_IMAGES is set somewhere."""
+    import check_data  # noqa: F401
+    import eval  # noqa: F401
+    import train  # noqa: F401
+
+    assert ImageFile.LOAD_TRUNCATED_IMAGES is False
+
+
+# ---- the policy ----------------------------------------------------------------------------------------------------
+def test_skip_replaces_deterministically_counts_and_gives_up_on_a_broken_dataset() -> None:
+    bad_at = {2, 3}
+
+    def load(i: int) -> int:
+        if i in bad_at:
+            raise BadImageError.of(f"/data/{i}.JPEG", "is truncated")
+        return i
+
+    with pytest.raises(DatasetError, match="data.bad_images=bogus is not an option"):
+        BadFiles("bogus")
+    with pytest.raises(BadImageError, match="2.JPEG"):
+        BadFiles("error").load(2, 6, load)
+    skip = BadFiles("skip")
+    assert [skip.load(i, 6, load) for i in range(6)] == [0, 1, 4, 4, 4, 5]  # the next usable index, every time
+    assert [skip.load(i, 6, load) for i in range(6)] == [0, 1, 4, 4, 4, 5]
+    assert skip.read_new() == [(f"/data/{i}.JPEG", "is truncated") for i in (2, 3, 3)] * 2
+    assert skip.read_new() == []
+    bad_at = set(range(1000))
+    with pytest.raises(DatasetError, match=f"{MAX_IN_A_ROW} samples in a row from index 7 cannot be used"):
+        skip.load(7, 1000, load)
+
+
+# ---- ImageNet, in loader workers -----------------------------------------------------------------------------------
+@pytest.fixture
+def imagenet_with_bad_files(tmp_path) -> tuple[Path, dict[str, Path]]:
+    root = write_tiny_imagenet(tmp_path / "imagenet", per_class=(6, 4))
+    bad = {f"train_{k}": v for k, v in write_bad_images(root / "train" / "n01443537").items()}
+    bad |= {f"val_{k}": v for k, v in write_bad_images(root / "val" / "n01484850").items()}
+    return root, bad
+
+
+def imagenet(root: Path, mode: str, workers: int = 2) -> ImageFolderDataModule:
+    dm = ImageFolderDataModule(root=str(root), num_classes=3, img_size=32, batch_size=3, num_workers=workers,
+                               persistent_workers=False, pin_memory=False, bad_images=mode,
+                               train_transform={"auto_augment": None, "re_prob": 0.0})
+    dm.setup("fit")
+    return dm
+
+
+def test_error_in_a_loader_worker_is_one_line_naming_the_file(imagenet_with_bad_files) -> None:
+    root, bad = imagenet_with_bad_files
+    dm = imagenet(root, "error")
+    with pytest.raises(BadImageError) as caught:
+        for _ in dm.val_dataloader():
+            pass
+    message = str(caught.value)
+    assert "Traceback" not in message and "\n" not in message
+    assert any(message.startswith(f"{path} {PROBLEMS[k[4:]]}") for k, path in bad.items() if k.startswith("val_"))
+    assert message.endswith("or pass data.bad_images=skip to skip such files (python src/check_data.py lists them all)")
+
+
+def test_skip_in_loader_workers_records_every_bad_file(imagenet_with_bad_files) -> None:
+    root, bad = imagenet_with_bad_files
+    dm = imagenet(root, "skip")
+    batches = [b for loader in (dm.train_dataloader(), dm.val_dataloader()) for b in loader]
+    assert sum(len(y) for _, y in batches) == (len(dm.data_train) // 3) * 3 + len(dm.data_val)
+    assert all(x.shape[1:] == (3, 32, 32) for x, _ in batches)
+    recorded = dict(dm.bad_files.read_new())  # written by the worker processes
+    assert set(recorded) == {str(p) for p in bad.values()}
+    assert all(recorded[str(p)].startswith(PROBLEMS[k.split("_", 1)[1]]) for k, p in bad.items()), recorded
+
+
+# ---- ADE20K: images and masks --------------------------------------------------------------------------------------
+def test_ade20k_bad_image_and_masks_error_or_skip(tmp_path) -> None:
+    write_awkward_ade20k(tmp_path / "ade")
+    base = tmp_path / "ade" / "ADEChallengeData2016"
+    truncate(base / "annotations" / "training" / "rgba.png")
+    truncate(base / "images" / "training" / "grey_jpeg.jpg")
+    small = base / "annotations" / "validation" / "odd.png"
+    Image.fromarray(np.asarray(Image.open(small))[:-3]).save(small)
+
+    def datamodule(mode: str) -> ADE20KDataModule:
+        dm = ADE20KDataModule(root=str(tmp_path / "ade"), num_classes=5, img_size=32, scale=(128, 32),
+                              batch_size=2, num_workers=1, persistent_workers=False, pin_memory=False,
+                              bad_images=mode)
+        dm.setup("fit")
+        return dm
+
+    dm = datamodule("error")
+    index = {image.name: i for i, (image, _) in enumerate(dm.data_train.pairs)}
+    with pytest.raises(BadImageError, match=r"training/rgba\.png is truncated .*data\.bad_images=skip"):
+        dm.data_train[index["rgba.png"]]
+    with pytest.raises(BadImageError, match=r"training/grey_jpeg\.jpg is truncated"):
+        dm.data_train[index["grey_jpeg.jpg"]]
+    with pytest.raises(BadImageError, match=r"validation/odd\.png is 53x34 but its image odd\.png is 53x37: a mask "
+                                            r"must have its image's size"):
+        for _ in dm.val_dataloader():  # in a loader worker
+            pass
+    dm = datamodule("skip")
+    assert len([dm.data_train[i] for i in range(len(dm.data_train))]) == 15
+    assert sum(len(y) for _, y in dm.val_dataloader()) == 15  # in a loader worker
+    assert {str(Path(p).relative_to(base)) for p, _ in dm.bad_files.read_new()} == {
+        "annotations/training/rgba.png", "images/training/grey_jpeg.jpg", "annotations/validation/odd.png"}
+
+
+# ---- COCO ----------------------------------------------------------------------------------------------------------
+def test_coco_bad_image_files_and_sizes_error_or_skip(tmp_path) -> None:
+    root = tmp_path / "coco"
+    expected = write_awkward_coco(root, "val2017")
+    write_awkward_coco(root, "train2017")
+    truncate(expected["rgb"]["image"].path)  # the val copy
+    (root / "val2017" / "palette.png").write_text("not a png")
+    set_coco_entry(root, "val2017", "odd.png", width=53 + 1)
+
+    def datamodule(mode: str) -> CocoDataModule:
+        dm = CocoDataModule(root=str(root), num_classes=1, img_size=64, batch_size=2, num_workers=0,
+                            persistent_workers=False, pin_memory=False, bad_images=mode)
+        dm.setup("fit")
+        return dm
+
+    val = datamodule("error").data_val
+    index = {kind: val.ids.index(e["id"]) for kind, e in expected.items()}
+    with pytest.raises(BadImageError, match=r"val2017/rgb\.png is truncated"):
+        val[index["rgb"]]
+    with pytest.raises(BadImageError, match=r"val2017/palette\.png is not an image"):
+        val[index["palette"]]
+    with pytest.raises(BadImageError, match=r"odd\.png is 53x37 but its entry in instances_val2017\.json says 54x37: "
+                                            r"fix width/height in the json"):
+        val[index["odd"]]
+    dm = datamodule("skip")
+    assert sum(len(t) for _, t in dm.val_dataloader()) == len(expected)
+    assert {Path(p).name for p, _ in dm.bad_files.read_new()} == {"rgb.png", "palette.png", "odd.png"}
+
+
+# ---- through src/train.py ------------------------------------------------------------------------------------------
+TRAIN = ["model=vim_digits", "data=imagenet", "data.num_classes=3", "data.img_size=32", "data.batch_size=2",
+         "data.num_workers=2", "data.persistent_workers=false", "data.pin_memory=false", "trainer=cpu",
+         "trainer.max_epochs=2", "task.schedule.warmup_epochs=1", "model.scan_backend=torch", "extras.print_config=false", "~logger",
+         "~callbacks.lr_monitor", "callbacks.rich_progress_bar=null", "callbacks.model_summary=null", "test=false"]
+
+
+def test_train_py_error_and_skip(imagenet_with_bad_files, tmp_path) -> None:
+    root, bad = imagenet_with_bad_files
+    proc = run([*TRAIN, f"data.root={root}"], tmp_path)
+    assert_short_error(proc, "data.bad_images=skip")
+    assert proc.returncode == 2 and len([line for line in proc.stderr.splitlines() if "error:" in line]) == 1
+    assert any(f"error: {path} {PROBLEMS[k.split('_', 1)[1]]}" in proc.stderr for k, path in bad.items())
+
+    run_dir = tmp_path / "skip_run"
+    proc = run([*TRAIN, f"data.root={root}", "data.bad_images=skip", f"hydra.run.dir={run_dir}"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    listed = dict(line.split("\t") for line in (run_dir / "bad_images.txt").read_text().splitlines())
+    assert set(listed) == {str(p) for p in bad.values()}
+    log = (run_dir / "train.log").read_text()
+    # once per epoch (sanity-check finds are reported with epoch 0), naming the run folder's list
+    for epoch in (0, 1):
+        assert log.count(f"data.bad_images=skip: epoch {epoch} skipped") == 1, log[-3000:]
+    assert f"listed in {run_dir / 'bad_images.txt'}" in log
