@@ -19,15 +19,18 @@ from vision_mamba.tasks.segmentation import SegmentationTask
 
 
 class TwoHeads(nn.Module):
-    """A 'segmentor' whose main and auxiliary logits are fixed tensors (scaled by a parameter, for gradients)."""
+    """A 'segmentor' whose main and auxiliary logits are fixed tensors (scaled by a parameter, for gradients); it
+    records the images it is given."""
 
     def __init__(self, logits: torch.Tensor, aux: torch.Tensor) -> None:
         super().__init__()
         self.logits, self.aux = logits, aux
         self.scale = nn.Parameter(torch.ones(()))
         self.aux_calls = 0
+        self.inputs: list[torch.Tensor] = []
 
     def forward(self, x: torch.Tensor, with_aux: bool = False):
+        self.inputs.append(x)
         if with_aux:
             self.aux_calls += 1
             return self.logits * self.scale, self.aux * self.scale
@@ -46,7 +49,9 @@ def test_training_loss_is_torch_cross_entropy_ignoring_255_plus_the_weighted_aux
     target[torch.rand(2, 6, 7) < 0.3] = 255
     target[1, :3] = 255  # images with different numbers of labelled pixels: a per-image mean would differ
     net = TwoHeads(logits, aux)
-    loss = task_for(net, 5, aux_weight=aux_weight).training_step((torch.zeros(2, 3, 6, 7), target), 0)
+    images = torch.zeros(2, 3, 6, 7)
+    loss = task_for(net, 5, aux_weight=aux_weight).training_step((images, target), 0)
+    assert len(net.inputs) == 1 and net.inputs[0] is images
     want = F.cross_entropy(logits, target, ignore_index=255)
     if aux_weight:
         want = want + aux_weight * F.cross_entropy(aux, target, ignore_index=255)
