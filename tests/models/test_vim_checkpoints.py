@@ -215,10 +215,16 @@ def test_safetensors_need_the_head_to_fit_and_are_written_atomically_with_their_
 def test_a_failed_safetensors_write_leaves_no_file(tmp_path, monkeypatch):
     import safetensors.torch
 
-    def disk_full(*args, **kwargs):
+    written = []
+
+    def disk_full(sd, filename, metadata=None):
+        written.append(pathlib.Path(filename))
         raise OSError("No space left on device")
 
     monkeypatch.setattr(safetensors.torch, "save_file", disk_full)
     with pytest.raises(OSError, match="No space left"):
         save_safetensors(small(), tmp_path / "w.safetensors")
     assert list(tmp_path.iterdir()) == []
+    # the temporary file sits beside the target (os.replace is atomic only within one file system), hidden
+    (tmp,) = written
+    assert tmp.parent == tmp_path and tmp.name.startswith(".w.safetensors.") and tmp.name.endswith(".tmp")

@@ -115,3 +115,38 @@ def test_miou_pixel_accuracy_and_loss_accumulate_over_the_whole_split(tmp_path: 
     # one-hot logits: a pixel costs log(e + 3) - 1 when right and log(e + 3) when wrong; the loss is the mean over
     # every labelled pixel of the split, not a mean of per-image means
     assert metrics["val/loss"] == pytest.approx(math.log(math.e + 3) - CORRECT / LABELLED, abs=1e-6)
+
+
+class WindowMean(nn.Module):
+    """Logits that depend on the window: each pixel's first three channels plus their mean over the window."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x[:, :3] + x[:, :3].mean((2, 3), keepdim=True)
+
+
+def slide_by_hand(x: torch.Tensor, rows: list[int], cols: list[int], crop: int) -> torch.Tensor:
+    total, count = torch.zeros(1, 3, *x.shape[-2:]), torch.zeros(1, 1, *x.shape[-2:])
+    for r in rows:
+        for c in cols:
+            total[..., r : r + crop, c : c + crop] += WindowMean()(x[..., r : r + crop, c : c + crop])
+            count[..., r : r + crop, c : c + crop] += 1
+    return total / count
+
+
+def test_slide_inference_through_the_task_and_eval_logits_resized_to_the_mask(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    x = torch.randn(1, 3, 9, 12)
+    # stride unset: mmseg's crop * 2 // 3 = 4 -> rows 0, 3; columns 0, 4 and 6 (the last windows flush with the edge)
+    task = task_for(WindowMean(), 3, inference={"mode": "slide", "crop_size": 6, "stride": None}, overlay_images=0)
+    want = slide_by_hand(x, [0, 3], [0, 4, 6], 6)
+    assert torch.allclose(task.predict_logits(x), want, atol=1e-6)
+    strided = task_for(WindowMean(), 3, inference={"mode": "slide", "crop_size": 6, "stride": 5}, overlay_images=0)
+    assert torch.allclose(strided.predict_logits(x), slide_by_hand(x, [0, 3], [0, 5, 6], 6), atol=1e-6)
+    # a mask of twice the size: the logits are resized bilinearly to it before the loss and the metrics
+    up = F.interpolate(want, size=(18, 24), mode="bilinear", align_corners=False)
+    target = up.argmax(1)
+    trainer = Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
+                      default_root_dir=str(tmp_path))
+    metrics = trainer.validate(task, dataloaders=DataLoader(TensorDataset(x, target), batch_size=1), verbose=False)[0]
+    assert metrics["val/pixel_acc"] == pytest.approx(1.0)
+    assert metrics["val/loss"] == pytest.approx(F.cross_entropy(up, target).item(), rel=1e-5)
