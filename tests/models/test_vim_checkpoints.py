@@ -170,6 +170,8 @@ def test_checkpoint_filter_fn_takes_a_plain_or_ddp_state_dict_and_names_the_stat
         assert out.keys() == plain.keys() and all(torch.equal(out[k], plain[k]) for k in plain)
     with pytest.raises(CheckpointError, match=r"^<state dict>: no state dict found \(top-level keys: \['epoch'\]\)$"):
         checkpoint_filter_fn({"epoch": 3}, small())
+    with pytest.raises(CheckpointError, match=r"^<state dict>: holds a list, not a state dict or a training checkpoint$"):
+        checkpoint_filter_fn([], small())
     with pytest.raises(CheckpointError, match=r"^<state dict>: pos_embed \(1, 5, 32\) does not fit"):
         checkpoint_filter_fn({**plain, "pos_embed": torch.zeros(1, 5, 32)}, small(embed_dim=48))
 

@@ -142,6 +142,8 @@ def test_slide_inference_through_the_task_and_eval_logits_resized_to_the_mask(tm
     assert torch.allclose(task.predict_logits(x), want, atol=1e-6)
     strided = task_for(WindowMean(), 3, inference={"mode": "slide", "crop_size": 6, "stride": 5}, overlay_images=0)
     assert torch.allclose(strided.predict_logits(x), slide_by_hand(x, [0, 3], [0, 5, 6], 6), atol=1e-6)
+    whole = task_for(WindowMean(), 3, inference={"mode": "whole"}, overlay_images=0)
+    assert torch.equal(whole.predict_logits(x), WindowMean()(x))  # one window: the whole image, unpadded
     # a mask of twice the size: the logits are resized bilinearly to it before the loss and the metrics
     up = F.interpolate(want, size=(18, 24), mode="bilinear", align_corners=False)
     target = up.argmax(1)
