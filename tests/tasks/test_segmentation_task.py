@@ -152,3 +152,11 @@ def test_slide_inference_through_the_task_and_eval_logits_resized_to_the_mask(tm
     metrics = trainer.validate(task, dataloaders=DataLoader(TensorDataset(x, target), batch_size=1), verbose=False)[0]
     assert metrics["val/pixel_acc"] == pytest.approx(1.0)
     assert metrics["val/loss"] == pytest.approx(F.cross_entropy(up, target).item(), rel=1e-5)
+
+
+def test_the_loss_of_a_single_labelled_pixel_is_its_cross_entropy() -> None:
+    logits = torch.randn(1, 3, 2, 2, generator=torch.Generator().manual_seed(1))
+    target = torch.full((1, 2, 2), 255)
+    target[0, 1, 0] = 2
+    got = task_for(nn.Identity(), 3).criterion(logits, target)
+    assert got.item() == pytest.approx(F.cross_entropy(logits, target, ignore_index=255).item(), rel=1e-6)
