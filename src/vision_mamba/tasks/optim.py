@@ -8,8 +8,6 @@ from collections.abc import Callable
 from timm.optim import param_groups_layer_decay, param_groups_weight_decay
 from torch import nn
 
-from vision_mamba.utils.errors import UserError
-
 SCHEDULE_KINDS = ("cosine", "poly", "step", "constant")
 
 
@@ -52,7 +50,7 @@ def warmup_schedule(
     ``milestones`` (for ``step``) are fractions of ``total_steps``.
     """
     if kind not in SCHEDULE_KINDS:  # checked now, not when the warm-up ends hours into the run
-        raise UserError(f"task.schedule.kind={kind!r} is not a schedule: use one of {', '.join(SCHEDULE_KINDS)}")
+        raise ValueError(f"unknown schedule kind {kind!r}: use {', '.join(SCHEDULE_KINDS[:-1])} or {SCHEDULE_KINDS[-1]}")
     total_steps = max(1, total_steps)
     warmup_steps = min(max(0, warmup_steps), total_steps - 1) if total_steps > 1 else 0
 
