@@ -5,7 +5,7 @@ STAMP := $(VENV)/.installed-stamp
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: help install train test test-fast lint format clean
+.PHONY: help install train test test-fast mutants lint format clean
 
 help:  ## show the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  make %-10s %s\n", $$1, $$2}'
@@ -27,6 +27,11 @@ test: $(STAMP)  ## run the test suite (CPU; GPU tests skip without CUDA), two wo
 
 test-fast: $(STAMP)  ## the test suite without the slow learning checks
 	$(PY) -m pytest -n 2 -m "not slow" $(PYTEST_ARGS)
+
+mutants:  ## mutation testing of the files [tool.mutmut] lists (docs/MUTATION.md; not in CI, installs nothing)
+	rm -rf mutants
+	$(PY) -m mutmut run --max-children 2
+	$(PY) -m mutmut results
 
 lint: $(STAMP)  ## ruff check
 	$(PY) -m ruff check src kernels tests benchmarks

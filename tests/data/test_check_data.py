@@ -83,3 +83,22 @@ def test_coco_images_sizes_and_annotation_summary(tmp_path) -> None:
     train = splits[0].summary
     assert (train["images"], train["annotations"], train["crowd"], train["categories"]) == (16, 17, 1, 1)
     assert train["box-only (no usable segmentation)"] == 1 and train["images without annotation"] == 0
+
+
+def test_a_bad_sample_is_named_by_its_file_and_problem_or_by_the_item_and_message() -> None:
+    from vision_mamba.data.check import _read_one
+    from vision_mamba.data.errors import BadImageError
+    from vision_mamba.data.imagenet import names_list
+
+    def read(item):
+        if item == "bad":
+            raise BadImageError.of("/data/x.jpg", "is truncated")
+        if item == "odd":
+            raise DatasetError("labels out of range")
+        return len(item)
+
+    assert _read_one(read, "fine") == (None, 4)
+    assert _read_one(read, "bad") == (("/data/x.jpg", "is truncated"), None)
+    assert _read_one(read, "odd") == (("odd", "labels out of range"), None)
+    assert names_list([]) == "none" and names_list(["a", "b"], shown=2) == "a, b"
+    assert names_list(["a", "b", "c"], shown=2) == "a, b and 1 more"

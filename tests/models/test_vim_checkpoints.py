@@ -159,3 +159,74 @@ def test_checkpoint_filter_fn_unwraps_resizes_and_drops_the_head():
     out = checkpoint_filter_fn(ckpt, small(img_size=64, num_classes=3))
     assert out["pos_embed"].shape == (1, 17, 32) and "head.weight" not in out
     assert "layers.1.mixer.A_b_log" in out
+
+
+def test_checkpoint_filter_fn_takes_a_plain_or_ddp_state_dict_and_names_the_state_dict_in_errors():
+    src = small()
+    plain = src.state_dict()
+    ddp = {"module." + k: v for k, v in plain.items()}  # tensors only: the second branch strips the prefix
+    for given in (plain, ddp):
+        out = checkpoint_filter_fn(given, small())
+        assert out.keys() == plain.keys() and all(torch.equal(out[k], plain[k]) for k in plain)
+    with pytest.raises(CheckpointError, match=r"^<state dict>: no state dict found \(top-level keys: \['epoch'\]\)$"):
+        checkpoint_filter_fn({"epoch": 3}, small())
+    with pytest.raises(CheckpointError, match=r"^<state dict>: holds a list, not a state dict or a training checkpoint$"):
+        checkpoint_filter_fn([], small())
+    with pytest.raises(CheckpointError, match=r"^<state dict>: pos_embed \(1, 5, 32\) does not fit"):
+        checkpoint_filter_fn({**plain, "pos_embed": torch.zeros(1, 5, 32)}, small(embed_dim=48))
+
+
+def test_grid_of_a_stored_pos_embed_is_square_or_an_error():
+    from vision_mamba.models.checkpoints import _grid_of
+
+    assert _grid_of(6, (2, 3)) == (2, 3)  # the model's own (non-square) grid
+    assert _grid_of(16, (2, 3)) == (4, 4)
+    with pytest.raises(ValueError, match=r"^cannot infer the patch grid of a pos_embed with 12 patch rows"):
+        _grid_of(12, (2, 3))
+
+
+def test_error_text_helpers():
+    from vision_mamba.models.checkpoints import _refusal, _short, _text_line
+
+    assert _short(ValueError("")) == "ValueError"
+    assert _short(ValueError("  first line\nsecond")) == "ValueError: first line"
+    assert _short(KeyError("k" * 159)) == "KeyError: '" + "k" * 156 + "..."  # str(KeyError) adds quotes: 161
+    assert _short(ValueError("v" * 159)) == "ValueError: " + "v" * 159
+    assert _short(ValueError("v" * 160)) == "ValueError: " + "v" * 157 + "..."
+    assert _text_line(b"not a checkpoint\nsecond line") == "not a checkpoint"
+    assert _text_line(b"  " + b"x" * 50) == "x" * 40
+    assert _text_line(b"caf\xc3\xa9 \xff au lait") == "café  au lait"  # undecodable bytes are dropped
+    assert _text_line(b" \n\t ") is None and _text_line(b"ab\x00cd") is None
+    assert _refusal(pathlib.Path("w.pth"), "os.system") == (
+        "w.pth: holds os.system; only tensors, plain containers and argparse.Namespace are loaded (torch.load "
+        "weights_only=True): unpickling anything else could run code, so this file is refused")
+
+
+def test_safetensors_need_the_head_to_fit_and_are_written_atomically_with_their_format(tmp_path):
+    from safetensors import safe_open
+
+    path = tmp_path / "new" / "deeper" / "w.safetensors"
+    save_safetensors(small(), path, metadata={"variant": "small"})
+    assert [p.name for p in path.parent.iterdir()] == ["w.safetensors"]  # no temporary file left
+    with safe_open(str(path), "pt") as f:
+        assert f.metadata() == {"format": "pt", "variant": "small"}
+    with pytest.raises(CheckpointError, match="head"):
+        load_safetensors(small(num_classes=3), path)
+
+
+def test_a_failed_safetensors_write_leaves_no_file(tmp_path, monkeypatch):
+    import safetensors.torch
+
+    written = []
+
+    def disk_full(sd, filename, metadata=None):
+        written.append(pathlib.Path(filename))
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        save_safetensors(small(), tmp_path / "w.safetensors")
+    assert list(tmp_path.iterdir()) == []
+    # the temporary file sits beside the target (os.replace is atomic only within one file system), hidden
+    (tmp,) = written
+    assert tmp.parent == tmp_path and tmp.name.startswith(".w.safetensors.") and tmp.name.endswith(".tmp")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from model_reference import rel_err
 
 from vision_mamba.models import scan
 from vision_mamba.models.mixer import (
@@ -124,7 +125,7 @@ def test_register_a_new_pattern_needs_no_mixer_change():
         x = torch.randn(2, 13, 16)
         fused = m(x, routes)
         m.path = "reference"
-        torch.testing.assert_close(fused, m(x, routes), rtol=1e-4, atol=1e-5)
+        assert rel_err(fused, m(x, routes)) < 1e-5
     finally:
         SCAN_PATTERNS.pop("test_zigzag")
 
@@ -172,9 +173,10 @@ def test_cross_fused_path_equals_per_route_reference(grid, with_cls):
     out_fused, g_fused = _run(m, x, routes)
     m.path = "reference"
     out_ref, g_ref = _run(m, x, routes)
-    torch.testing.assert_close(out_fused, out_ref, rtol=1e-4, atol=1e-5)
+    # float32, measured: outputs 1e-7, gradients (input and every parameter) up to 2.2e-7
+    assert rel_err(out_fused, out_ref) < 1e-5
     for a, b in zip(g_fused, g_ref):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+        assert rel_err(a, b) < 1e-5
 
 
 def test_cross_has_named_parameters_per_route():
@@ -203,8 +205,8 @@ def test_bidirectional_mixer_equals_the_official_computation(path):
     x2 = x.detach().clone().requires_grad_(True)
     expected = official_mixer(m, x2)
     (g_x2,) = torch.autograd.grad(expected.pow(2).sum(), x2)
-    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(g_x, g_x2, rtol=1e-4, atol=1e-5)
+    assert rel_err(out, expected) < 1e-5  # measured 1e-7
+    assert rel_err(g_x, g_x2) < 1e-5  # measured 1.3e-7
 
 
 def test_bidirectional_model_equals_the_official_forward():
@@ -213,7 +215,7 @@ def test_bidirectional_model_equals_the_official_forward():
         img_size=(20, 12), patch_size=4, embed_dim=32, depth=2, num_classes=5, scan_backend="torch"
     ).eval()
     img = torch.randn(2, 3, 20, 12)
-    torch.testing.assert_close(model(img), official_model(model, img), rtol=1e-4, atol=1e-5)
+    assert rel_err(model(img), official_model(model, img)) < 1e-5  # measured 1.7e-7
 
 
 def test_mixer_under_bf16_autocast():
@@ -223,8 +225,8 @@ def test_mixer_under_bf16_autocast():
     x = torch.randn(2, 10, 16)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = m(x, routes)
-    assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
-    torch.testing.assert_close(out.float(), m(x, routes), rtol=0.1, atol=0.05)
+    assert out.dtype == torch.bfloat16
+    assert rel_err(out.float(), m(x, routes)) < 2e-2  # measured 4.8e-3 to 6.2e-3 over seeds 0-2
 
 
 def test_row_major_is_the_official_order():

@@ -144,6 +144,7 @@ def test_window_starts_cover_the_axis_like_mmseg() -> None:
     assert window_starts(512, 512, 341) == [0]
     assert window_starts(40, 512, 341) == [0]
     assert window_starts(1100, 512, 341) == [0, 341, 588]
+    assert window_starts(513, 512, 341) == [0, 1]  # one pixel past the crop still gets its flush window
 
 
 def test_slide_equals_a_direct_forward_for_a_per_pixel_net() -> None:
@@ -295,3 +296,31 @@ def test_shapes_seg_default_writes_the_ade_layout_once_and_trains(tmp_path, data
     dm = hydra.utils.instantiate(cfg.data)
     dm.setup("validate")
     assert int(dm.data_val[0][1].max()) <= 3 and int(dm.data_val[0][1].min()) >= 0  # background is a real class
+
+
+def test_validation_batches_stack_only_same_size_pairs() -> None:
+    from vision_mamba.data.ade20k import collate_same_size
+
+    a, b = (torch.zeros(3, 4, 5), torch.zeros(4, 5, dtype=torch.int64)), (torch.ones(3, 4, 5), torch.ones(4, 5))
+    images, masks = collate_same_size([a, b])
+    assert images.shape == (2, 3, 4, 5) and torch.equal(images[1], b[0]) and masks.shape == (2, 4, 5)
+    message = "validation images differ in size and cannot share a batch: set data.val_batch_size=1"
+    for other in ((torch.zeros(3, 4, 6), torch.zeros(4, 5)), (torch.zeros(3, 4, 5), torch.zeros(4, 6))):
+        with pytest.raises(DatasetError) as error:  # the image or only the mask of another size
+            collate_same_size([a, other])
+        assert str(error.value) == message
+
+
+@pytest.mark.parametrize("reduce_zero_label", [False, True])
+def test_label_histogram_sums_masks_and_reports_the_ignored_share(reduce_zero_label: bool) -> None:
+    from vision_mamba.data.ade20k import LabelHistogram
+
+    histogram = LabelHistogram(reduce_zero_label)
+    assert str(histogram) == "no mask read"
+    first, second = np.zeros(256, np.int64), np.zeros(256, np.int64)
+    first[[0, 3, 255]] = (1, 5, 2)
+    second[[0, 7]] = (3, 1)
+    histogram.add(first)
+    histogram.add(second)
+    ignored, share = (0, 4 / 12) if reduce_zero_label else (255, 2 / 12)
+    assert str(histogram) == f"0-255 (4 distinct; label {ignored}, ignored: {share:.1%} of pixels)"

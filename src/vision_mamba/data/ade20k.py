@@ -259,7 +259,7 @@ class ADE20KDataModule(LightningDataModule):
         std: Sequence[float] = (0.229, 0.224, 0.225),
         class_names: Sequence[str] | None = None,
         bad_images: str = "error",
-    ) -> None:
+    ) -> None:  # pragma: no mutate block (save_hyperparameters reads this frame, which mutmut would wrap)
         super().__init__()
         self.save_hyperparameters(logger=False)
         check_loader_settings(batch_size=batch_size, val_batch_size=val_batch_size, num_workers=num_workers)

@@ -374,7 +374,7 @@ class CocoDataModule(LightningDataModule):
         eval_batch_size: int | None = None,
         masks: bool = True,
         bad_images: str = "error",
-    ) -> None:
+    ) -> None:  # pragma: no mutate block (save_hyperparameters reads this frame, which mutmut would wrap)
         super().__init__()
         self.save_hyperparameters(logger=False)
         check_loader_settings(batch_size=batch_size, eval_batch_size=eval_batch_size, num_workers=num_workers)

@@ -40,7 +40,9 @@ def write_digits_imagefolder(root: str | Path, val_fraction: float = 0.2, seed: 
 class DigitsDataModule(ImageFolderDataModule):
     """The ImageNet loader over scikit-learn's digits, written to ``root`` by ``prepare_data``."""
 
-    def __init__(self, root: str, val_fraction: float = 0.2, **kwargs) -> None:
+    def __init__(
+        self, root: str, val_fraction: float = 0.2, **kwargs,
+    ) -> None:  # pragma: no mutate block (save_hyperparameters reads this frame, which mutmut would wrap)
         kwargs.setdefault("num_classes", 10)
         super().__init__(root=root, **kwargs)
         self.val_fraction = val_fraction

@@ -132,7 +132,9 @@ def write_shapes_coco(root: str | Path, num_train: int = 400, num_val: int = 60,
 class ShapesDetDataModule(CocoDataModule):
     """The COCO loader over the drawn shapes, written to ``root`` by ``prepare_data``."""
 
-    def __init__(self, root: str, num_train: int = 400, num_val: int = 60, **kwargs) -> None:
+    def __init__(
+        self, root: str, num_train: int = 400, num_val: int = 60, **kwargs,
+    ) -> None:  # pragma: no mutate block (save_hyperparameters reads this frame, which mutmut would wrap)
         kwargs.setdefault("num_classes", len(CATEGORIES))
         super().__init__(root=root, **kwargs)
         self.num_train, self.num_val = num_train, num_val

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from functools import partial
 from typing import Any
@@ -47,7 +48,7 @@ class VisionTask(LightningModule):
         optimized_metric: str | None = None,
         monitor: str | None = None,
         monitor_mode: str = "max",
-    ) -> None:
+    ) -> None:  # pragma: no mutate block (save_hyperparameters reads this frame, which mutmut would wrap)
         super().__init__()
         # called here (not in subclasses) so Lightning collects the arguments of the whole __init__ chain
         self.save_hyperparameters(ignore=["net", "optimizer"], logger=False)
@@ -115,11 +116,10 @@ class VisionTask(LightningModule):
 
         total = int(self.trainer.estimated_stepping_batches)
         cfg = dict(self.schedule_cfg)
-        steps_per_epoch = max(1, total // max(1, self.trainer.max_epochs or 1))
         warmup_steps = cfg.pop("warmup_steps", None)
+        warmup_epochs = cfg.pop("warmup_epochs", None)
         if warmup_steps is None:
-            warmup_steps = round(cfg.pop("warmup_epochs", 0) * steps_per_epoch)
-        cfg.pop("warmup_epochs", None)
+            warmup_steps = round(warmup_epochs * self.optimizer_steps_per_epoch()) if warmup_epochs else 0
         cfg.setdefault("kind", "cosine")
         if "milestones" in cfg:
             cfg["milestones"] = tuple(cfg["milestones"])
@@ -127,6 +127,17 @@ class VisionTask(LightningModule):
         scheduler = LambdaLR(optimizer, lr_lambda=factor)
         self.print_lr_summary(lr, total, int(warmup_steps))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1}}
+
+    def optimizer_steps_per_epoch(self) -> int:
+        """Optimiser steps in one training epoch (Lightning also steps on an epoch's last, partial accumulation),
+        whether the run is bounded by max_epochs or by max_steps."""
+        if self.trainer.train_dataloader is None:  # a max_steps run has not loaded it yet (estimated_stepping_batches)
+            self.trainer.fit_loop.setup_data()
+        batches = self.trainer.num_training_batches
+        if math.isinf(batches):
+            raise UserError("task.schedule.warmup_epochs needs a training loader of known length: "
+                            "set task.schedule.warmup_steps instead")
+        return max(1, math.ceil(batches / self.trainer.accumulate_grad_batches))
 
     def print_lr_summary(self, lr: float, total: int, warmup: int) -> None:
         log.info(

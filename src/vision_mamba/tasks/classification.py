@@ -31,7 +31,7 @@ class ClassificationTask(VisionTask):
         ema_decay: float | None = 0.99996,
         ema_warmup: bool = False,
         **kwargs: Any,
-    ) -> None:
+    ) -> None:  # pragma: no mutate block (save_hyperparameters reads this frame, which mutmut would wrap)
         kwargs.setdefault("optimized_metric", "val/acc1_best")
         kwargs.setdefault("monitor", "val/acc1")
         super().__init__(net=net, **kwargs)
@@ -83,7 +83,8 @@ class ClassificationTask(VisionTask):
         images, targets = batch
         logits = self(images)
         m = self.metrics
-        m[f"{stage}_loss"](self.eval_criterion(logits.float(), targets))
+        # weighted by batch size: the epoch loss is the per-sample mean, also with a smaller last batch
+        m[f"{stage}_loss"](self.eval_criterion(logits.float(), targets), weight=len(targets))
         m[f"{stage}_acc1"](logits, targets)
         m[f"{stage}_acc5"](logits, targets)
         self.log(f"{stage}/loss", m[f"{stage}_loss"], on_epoch=True, prog_bar=False, sync_dist=True)

@@ -84,7 +84,7 @@ class DetectionTask(VisionTask):
         draw_score_threshold: float = 0.5,
         mask_threshold: float = 0.5,
         **kwargs: Any,
-    ) -> None:
+    ) -> None:  # pragma: no mutate block (save_hyperparameters reads this frame, which mutmut would wrap)
         kwargs.setdefault("optimized_metric", "val/bbox_mAP_best")
         kwargs.setdefault("monitor", "val/bbox_mAP")
         super().__init__(net=detector(backbone=net, num_classes=num_classes), **kwargs)

@@ -8,6 +8,8 @@ from collections.abc import Callable
 from timm.optim import param_groups_layer_decay, param_groups_weight_decay
 from torch import nn
 
+SCHEDULE_KINDS = ("cosine", "poly", "step", "constant")
+
 
 def no_weight_decay_names(net: nn.Module) -> set[str]:
     """Full names of parameters that must not be decayed: what the model declares, plus anything 1-D."""
@@ -42,10 +44,13 @@ def warmup_schedule(
     total_steps: int, warmup_steps: int, kind: str = "cosine", warmup_factor: float = 1e-3, min_factor: float = 0.0,
     power: float = 1.0, milestones: tuple[float, ...] = (), gamma: float = 0.1,
 ) -> Callable[[int], float]:
-    """A per-step LR multiplier: linear warm-up from ``warmup_factor``, then ``cosine``, ``poly`` or ``step`` decay.
+    """A per-step LR multiplier: linear warm-up from ``warmup_factor``, then ``cosine``, ``poly`` or ``step`` decay,
+    or none (``constant``).
 
     ``milestones`` (for ``step``) are fractions of ``total_steps``.
     """
+    if kind not in SCHEDULE_KINDS:  # checked now, not when the warm-up ends hours into the run
+        raise ValueError(f"unknown schedule kind {kind!r}: use {', '.join(SCHEDULE_KINDS[:-1])} or {SCHEDULE_KINDS[-1]}")
     total_steps = max(1, total_steps)
     warmup_steps = min(max(0, warmup_steps), total_steps - 1) if total_steps > 1 else 0
 
@@ -59,8 +64,6 @@ def warmup_schedule(
             return min_factor + (1.0 - min_factor) * (1.0 - progress) ** power
         if kind == "step":
             return gamma ** sum(step >= m * total_steps for m in milestones)
-        if kind == "constant":
-            return 1.0
-        raise ValueError(f"unknown schedule kind {kind!r}: use cosine, poly, step or constant")
+        return 1.0  # constant
 
     return factor

@@ -88,7 +88,7 @@ class SegmentationTask(VisionTask):
         inference: dict[str, Any] | None = None,
         overlay_images: int = 4,
         **kwargs: Any,
-    ) -> None:
+    ) -> None:  # pragma: no mutate block (save_hyperparameters reads this frame, which mutmut would wrap)
         kwargs.setdefault("optimized_metric", "val/mIoU_best")
         kwargs.setdefault("monitor", "val/mIoU")
         super().__init__(net=segmentor(backbone=net), **kwargs)
@@ -147,7 +147,8 @@ class SegmentationTask(VisionTask):
             logits = F.interpolate(logits, size=targets.shape[-2:], mode="bilinear", align_corners=False)
         preds = logits.argmax(1)
         m = self.metrics
-        m[f"{stage}_loss"](self.criterion(logits, targets))
+        # weighted by labelled pixels: the epoch loss is the mean over every labelled pixel, whatever the batching
+        m[f"{stage}_loss"](self.criterion(logits, targets), weight=(targets != IGNORE_INDEX).sum())
         m[f"{stage}_mIoU"](preds, targets)
         m[f"{stage}_pixel_acc"](preds, targets)
         self.log(f"{stage}/loss", m[f"{stage}_loss"], on_epoch=True, sync_dist=True)
