@@ -39,6 +39,7 @@ def env() -> dict[str, str]:
     # one thread per process: on a shared 2-core machine, more threads only contend
     e.update(OMP_NUM_THREADS="1", WANDB_MODE="offline", WANDB_SILENT="true", HYDRA_FULL_ERROR="1")
     e.pop("VIM_RUN_ID", None)
+    e["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT / "tests" / "scale"), e.get("PYTHONPATH")]))  # stall.py
     return e
 
 
@@ -322,7 +323,9 @@ def test_sigterm_then_kill_9_then_resume_ends_like_the_uninterrupted_run(tmp_pat
     assert ckpt["loops"]["fit_loop"]["state_dict"]["combined_loader"][0]["consumed"] == ckpt["global_step"]
     sigterm_step = ckpt["global_step"]
 
-    proc = start(tmp_path, data_dir, run, "ckpt_path=last", "callbacks.last_checkpoint.every_n_train_steps=3")
+    # the process stalls after step 6 (tests/scale/stall.py), so the kill lands there however busy the machine is
+    proc = start(tmp_path, data_dir, run, "ckpt_path=last", "callbacks.last_checkpoint.every_n_train_steps=3",
+                 "+callbacks.stall._target_=stall.StallAtStep", "+callbacks.stall.step=6")
     wait_for(proc, lambda: last.is_file() and load_checkpoint(last)["global_step"] >= 6, "last.ckpt at step 6")
     proc.kill()
     proc.wait()
