@@ -195,6 +195,30 @@ def test_bad_annotations_are_counted_and_missing_files_are_clear_errors(tmp_path
                        batch_size=2, num_workers=0).setup("validate")
 
 
+def test_summary_counts_crowds_box_only_annotations_and_rles_of_another_size(tmp_path) -> None:
+    h, w = 60, 76  # image 1 of write_tiny_coco
+    other_size = _rle(np.ones((h + 1, w), np.uint8))
+    root = write_tiny_coco(tmp_path / "coco", extra_anns=[
+        {"id": 900, "image_id": 1, "category_id": 3, "bbox": [1, 1, 5, 5], "area": 12.5,
+         "segmentation": [[1, 1, 6, 1, 6, 6]]},  # no iscrowd key: not a crowd
+        {"id": 901, "image_id": 1, "category_id": 7, "iscrowd": 0, "bbox": [0, 0, w, h + 1], "area": 4636.0,
+         "segmentation": other_size},  # an RLE one row taller than its image
+    ])
+    ann_file = root / "annotations/instances_val2017.json"
+    # write_tiny_coco: images 1-4 have a square and a disc, 2 and 4 a triangle, 3 a crowd region, 5 nothing
+    assert CocoInstances(root / "val2017", ann_file).summary() == {
+        "images": 5, "categories": 3, "annotations": 8 + 2 + 1 + 2, "crowd": 1,
+        "box-only (no usable segmentation)": 0, "RLE masks of another size than their image": 1,
+        "images without annotation": 1, "skipped with a mask of another size than its image": 1,
+    }
+    data = json.loads(ann_file.read_text())
+    data["annotations"].append({"id": 902, "image_id": 1, "category_id": 7, "iscrowd": 0, "bbox": [0, 0, w, h],
+                                "area": 4560.0, "segmentation": {"counts": other_size["counts"]}})
+    ann_file.write_text(json.dumps(data))
+    summary = CocoInstances(root / "val2017", ann_file).summary()  # an RLE without its size is no usable mask
+    assert summary["box-only (no usable segmentation)"] == 1 and summary["annotations"] == 14
+
+
 # ---- evaluation: ground truth as predictions -----------------------------------------------------------------------
 class _Oracle(torch.nn.Module):
     """A 'detector' that returns whatever predictions the test queued."""

@@ -15,7 +15,7 @@ import torch
 from helpers import ROOT, compose_config, make_fast, run_train
 from omegaconf import open_dict
 from PIL import Image
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, RandomSampler, TensorDataset
 
 from vision_mamba.data.ade20k import ADE20KDataModule, RescaleToFit
 from vision_mamba.data.errors import DatasetError
@@ -24,16 +24,16 @@ from vision_mamba.tasks.segmentation import SegmentationTask, slide_inference, w
 SIZES = [(40, 56), (48, 40), (36, 64)]  # (H, W): deliberately not square and not multiples of the patch
 
 
-def write_tiny_ade(root: Path, num_classes: int = 5, per_split=(6, 3), nest: bool = True) -> Path:
+def write_tiny_ade(root: Path, num_classes: int = 5, per_split=(6, 3), nest: bool = True, sizes=SIZES) -> Path:
     """A tiny ADE20K release: images/{training,validation}/*.jpg, annotations/.../*.png with labels 0..num_classes
-    (0 = "other"); each class is a coloured band, so the task is learnable."""
+    (0 = "other"); each class is a coloured band, so the task is learnable. Image i has size ``sizes[i % len]``."""
     rng = np.random.default_rng(0)
     base = root / "ADEChallengeData2016" if nest else root
     for split, count in zip(("training", "validation"), per_split):
         (base / "images" / split).mkdir(parents=True, exist_ok=True)
         (base / "annotations" / split).mkdir(parents=True, exist_ok=True)
         for i in range(count):
-            h, w = SIZES[i % len(SIZES)]
+            h, w = sizes[i % len(sizes)]
             mask = np.repeat(np.arange(w)[None, :] * (num_classes + 1) // w, h, axis=0).astype(np.uint8)
             image = (mask[..., None] * np.array([40, 25, 10]) + rng.integers(0, 20, (h, w, 3))).clip(0, 255)
             Image.fromarray(image.astype(np.uint8)).save(base / "images" / split / f"ADE_{split}_{i:04d}.jpg")
@@ -309,6 +309,34 @@ def test_validation_batches_stack_only_same_size_pairs() -> None:
         with pytest.raises(DatasetError) as error:  # the image or only the mask of another size
             collate_same_size([a, other])
         assert str(error.value) == message
+
+
+def test_training_batches_are_shuffled_and_full_validation_keeps_file_order_and_every_pair(tmp_path) -> None:
+    # 5 training pairs in batches of 2: two full batches (the odd one dropped), drawn in a random order;
+    # 7 validation pairs of one size in batches of 2: three batches of 2 then the last one, in file order (a shuffle
+    # keeps the file order once in 5040)
+    root = write_tiny_ade(tmp_path / "ade", per_split=(5, 7), sizes=[(40, 56)])
+    dm = ADE20KDataModule(root=str(root), num_classes=5, img_size=32, scale=(128, 32), batch_size=2,
+                          val_batch_size=2, num_workers=0, photometric=False)
+    dm.setup("fit")
+    train = dm.train_dataloader()
+    assert isinstance(train.sampler, RandomSampler)
+    assert [tuple(images.shape) for images, _ in train] == [(2, 3, 32, 32)] * 2
+    batches = list(dm.val_dataloader())
+    assert [len(masks) for _, masks in batches] == [2, 2, 2, 1]
+    files = sorted((root / "ADEChallengeData2016" / "annotations" / "validation").glob("*.png"))
+    raw = [np.asarray(Image.open(f)).astype(np.int64) for f in files]
+    expected = np.stack([np.where(m == 0, 255, m - 1) for m in raw])  # reduce_zero_label
+    assert np.array_equal(torch.cat([masks for _, masks in batches]).numpy(), expected)
+    # the masks are alike (bands); the images' noise tells the order: that of the sorted files
+    assert [image.name for image, _ in dm.data_val.pairs] == [f.with_suffix(".jpg").name for f in files]
+    assert torch.equal(torch.cat([images for images, _ in batches]), torch.stack([x for x, _ in dm.data_val]))
+    # pairs of different sizes cannot share a validation batch: the loader says so instead of torch.stack failing
+    mixed = ADE20KDataModule(root=str(write_tiny_ade(tmp_path / "mixed")), num_classes=5, img_size=32,
+                             scale=(128, 32), batch_size=2, val_batch_size=2, num_workers=0)
+    mixed.setup("validate")
+    with pytest.raises(DatasetError, match="set data.val_batch_size=1"):
+        next(iter(mixed.val_dataloader()))
 
 
 @pytest.mark.parametrize("reduce_zero_label", [False, True])

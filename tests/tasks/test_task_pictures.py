@@ -182,6 +182,34 @@ def test_segmentation_overlay_is_saved_and_sent_to_both_kinds_of_logger(tmp_path
     assert kwargs == {"dataformats": "HWC"}
 
 
+def test_overlay_keeps_validation_rows_only_up_to_the_limit_and_stretches_a_narrow_range(tmp_path) -> None:
+    # overlay_images=1 and batches of 2: the first validation batch crosses the limit. A test run before must not
+    # fill the overlay; the validation images span less than 1, so the stretch divides by that span
+    g = torch.Generator().manual_seed(1)
+    tested, validated = torch.randn(2, 3, 4, 6, generator=g), 0.01 * torch.randn(2, 3, 4, 6, generator=g)
+    targets = torch.randint(0, 3, (2, 4, 6), generator=g)
+    task = SegmentationTask(net=nn.Identity(), segmentor=lambda backbone: backbone, num_classes=3,
+                            inference={"mode": "whole"}, overlay_images=1)
+    run = trainer(tmp_path / "runs" / "seg", [])  # the run folder does not exist yet
+    run.test(task, DataLoader(TensorDataset(tested, targets), batch_size=2), verbose=False)
+    stretched = (validated[0] - validated[0].min()) / (validated[0].max() - validated[0].min()) * 255
+    want_image = np.asarray(Image.fromarray(stretched.byte().permute(1, 2, 0).numpy()).resize((288, 192),
+                                                                                               Image.BILINEAR))
+    for _ in range(2):  # a second validation writes into the existing folder
+        run.validate(task, DataLoader(TensorDataset(validated, targets), batch_size=2), verbose=False)
+        saved = np.asarray(Image.open(tmp_path / "runs" / "seg" / "predictions" / "epoch_000.png"))
+        assert saved.shape == (192, 3 * 288, 3)  # one row: 4x6 tiles 192 px high
+        assert np.array_equal(saved[:, :288], want_image)
+
+
+def test_a_mask_under_one_pixel_wide_at_the_tile_height_gets_one_pixel_column() -> None:
+    row = (np.zeros((400, 1, 3), np.uint8), np.zeros((400, 1), np.uint8), np.ones((400, 1), np.uint8))
+    grid = overlay_grid([row], height=192)  # 192 * 1 / 400 rounds to 0
+    colours = palette()
+    assert grid.shape == (192, 3, 3)
+    assert (grid[:, 0] == 0).all() and (grid[:, 1] == colours[0]).all() and (grid[:, 2] == colours[1]).all()
+
+
 def test_overlay_rows_of_different_widths_are_padded_on_the_right() -> None:
     wide = (np.zeros((2, 4, 3), np.uint8), np.zeros((2, 4), np.uint8), np.ones((2, 4), np.uint8))
     narrow = (np.full((4, 2, 3), 255, np.uint8), np.ones((4, 2), np.uint8), np.zeros((4, 2), np.uint8))
