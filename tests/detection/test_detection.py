@@ -217,6 +217,7 @@ def test_summary_counts_crowds_box_only_annotations_and_rles_of_another_size(tmp
     ann_file.write_text(json.dumps(data))
     summary = CocoInstances(root / "val2017", ann_file).summary()  # an RLE without its size is no usable mask
     assert summary["box-only (no usable segmentation)"] == 1 and summary["annotations"] == 14
+    assert summary["RLE masks of another size than their image"] == 1  # counted once, as box-only
 
 
 # ---- evaluation: ground truth as predictions -----------------------------------------------------------------------

@@ -250,10 +250,10 @@ class CocoInstances(Dataset):
         annotated = {a.get("image_id") for a in anns}
         imgs = self.coco.imgs
 
-        def rle_of_another_size(ann: dict) -> bool:
+        def rle_of_another_size(ann: dict) -> bool:  # a usable RLE (one without a size is box-only above)
             seg, img = ann.get("segmentation"), imgs.get(ann.get("image_id"))
-            return isinstance(seg, dict) and img is not None and list(seg.get("size", [])) != [img["height"],
-                                                                                             img["width"]]
+            return (isinstance(seg, dict) and _valid_segmentation(seg) and img is not None
+                    and list(seg["size"]) != [img["height"], img["width"]])  # fmt: skip
 
         return {
             "images": len(imgs), "categories": len(self.categories), "annotations": len(anns),
