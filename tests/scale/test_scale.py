@@ -262,6 +262,11 @@ def test_ddp_two_cpu_processes_match_one_process(tmp_path, data_dir, reference_r
     assert ddp["val/loss"] == pytest.approx(single["val/loss"], abs=2e-3)
 
 
+def STALL_AT(step: int) -> list[str]:  # noqa: N802 - reads as the overrides it is
+    """The overrides that make a run wait after optimiser step `step` until it receives a signal (tests/scale/stall.py)."""
+    return ["+callbacks.stall._target_=stall.StallAtStep", f"+callbacks.stall.step={step}"]
+
+
 def start(tmp: Path, data_dir: Path, run: Path, *overrides: str) -> subprocess.Popen:
     cmd = [*TRAIN, f"paths.log_dir={tmp}", f"paths.data_dir={data_dir}", *FAST, f"hydra.run.dir={run}", *overrides]
     return subprocess.Popen(cmd, cwd=ROOT, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -325,7 +330,7 @@ def test_sigterm_then_kill_9_then_resume_ends_like_the_uninterrupted_run(tmp_pat
 
     # the process stalls after step 6 (tests/scale/stall.py), so the kill lands there however busy the machine is
     proc = start(tmp_path, data_dir, run, "ckpt_path=last", "callbacks.last_checkpoint.every_n_train_steps=3",
-                 "+callbacks.stall._target_=stall.StallAtStep", "+callbacks.stall.step=6")
+                 *STALL_AT(6))
     wait_for(proc, lambda: last.is_file() and load_checkpoint(last)["global_step"] >= 6, "last.ckpt at step 6")
     proc.kill()
     proc.wait()
@@ -341,6 +346,28 @@ def test_sigterm_then_kill_9_then_resume_ends_like_the_uninterrupted_run(tmp_pat
 
 
 @pytest.mark.slow
+@pytest.mark.slow
+def test_sigterm_on_an_epochs_last_step_validates_that_epoch_then_resume_ends_like_the_uninterrupted_run(
+    tmp_path, data_dir, reference_run
+) -> None:
+    """SIGTERM landing on step 4, epoch 0's last: the epoch's validation runs in full before the run stops (143), the
+    checkpoint is the completed epoch's, and the resumed run (which does not validate epoch 0 again) ends with the
+    uninterrupted run's weights and metrics."""
+    run = tmp_path / "run"
+    proc = start(tmp_path, data_dir, run, "logger=csv", *STALL_AT(3))
+    wait_for(proc, lambda: (run / "stalled").is_file(), "the run waiting before step 4")
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=120) == 143, proc.stderr.read()[-3000:]
+    ckpt = load_checkpoint(run / "checkpoints" / "last.ckpt")
+    assert ckpt["global_step"] == 4
+    assert ckpt["loops"]["fit_loop"]["epoch_progress"]["current"]["completed"] == 1  # the epoch is complete
+    rows = list(csv.DictReader(open(run / "csv" / "version_0" / "metrics.csv")))
+    assert [r["epoch"] for r in rows if r.get("val/acc1")] == ["0"]  # epoch 0 validated, once
+
+    train(tmp_path, data_dir, f"hydra.run.dir={run}", "ckpt_path=last")
+    assert_ends_like(run, reference_run)
+
+
 def test_sigint_then_resume_with_only_the_run_folder_keeps_the_run(tmp_path, data_dir) -> None:
     """A run with non-default sizes, stopped by Ctrl+C (exit 130, last step saved), resumes from `hydra.run.dir=<run>
     ckpt_path=last` alone: the run's recorded config is composed again (the default one would not fit the
@@ -348,9 +375,9 @@ def test_sigint_then_resume_with_only_the_run_folder_keeps_the_run(tmp_path, dat
     evaluate(), in-process: the eval.py entry point itself runs in tests/scale/test_checkpoint_files.py)."""
     run = tmp_path / "run"
     proc = start(tmp_path, data_dir, run, "logger=csv", "+logger.csv.flush_logs_every_n_steps=1", "+model.depth=2",
-                 "task.base_lr=4e-3")
-    wait_for(proc, lambda: steps_logged(run) >= 6, "step 6 in the CSV log")
-    proc.send_signal(signal.SIGINT)
+                 "task.base_lr=4e-3", *STALL_AT(5))
+    wait_for(proc, lambda: (run / "stalled").is_file(), "the run waiting before step 6")
+    proc.send_signal(signal.SIGINT)  # lands on step 6, mid-epoch 1
     assert proc.wait(timeout=120) == 130, proc.stderr.read()[-3000:]
     assert load_checkpoint(run / "checkpoints" / "last.ckpt")["global_step"] == steps_logged(run)
     record = {p.name: p.read_bytes() for p in (run / ".hydra").iterdir()}

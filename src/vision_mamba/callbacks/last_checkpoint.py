@@ -37,7 +37,9 @@ class LastCheckpoint(ModelCheckpoint):
       Under DDP the ranks agree on the step to stop after (any rank's signal counts). Under SLURM auto-requeue
       (``trainer=slurm``: SIGUSR1 before the time limit, then SIGTERM) the same state is also saved as the next
       ``hpc_ckpt_N.ckpt``, which the requeued job resumes from. A signal during validation
-      takes effect at the next training step, or at the end of training. The handlers are active while training
+      takes effect at the next training step, or at the end of training; one on a step that validation follows
+      (an epoch's last) lets that validation run first, and the run stops with the epoch complete (a resume would
+      not validate that epoch again). The handlers are active while training
       runs (from ``on_train_start``); before that Lightning's own handling applies.
     """
 
@@ -55,6 +57,7 @@ class LastCheckpoint(ModelCheckpoint):
         self.last_train_time_interval = train_time_interval
         self.signals = [signal.Signals[s] if isinstance(s, str) else signal.Signals(s) for s in signals]
         self.received: signal.Signals | None = None
+        self._stop_after_validation = False
         self._last_save_time = time.monotonic()
 
     def write_last(self, trainer) -> None:
@@ -82,6 +85,11 @@ class LastCheckpoint(ModelCheckpoint):
             # batch-end hook, e.g. the EMA update) when this flag is set; on_exception then saves. Set here, on
             # every rank at the same step, rather than from the signal handler.
             self.received = self.received or signal.SIGTERM  # another rank's signal
+            if trainer.fit_loop.epoch_loop._should_check_val_fx(trainer.fit_loop._data_fetcher):
+                # Lightning would stop the validation after its first batch, and a resume skips the validation of
+                # a step saved before it: the flag waits for on_validation_end (the same decision on every rank)
+                self._stop_after_validation = True
+                return
             trainer._signal_connector.received_sigterm = True
             return
         if not self._may_save(trainer) or self._last_global_step_saved == trainer.global_step:
@@ -104,6 +112,9 @@ class LastCheckpoint(ModelCheckpoint):
             self.write_last(trainer)
 
     def on_validation_end(self, trainer, pl_module) -> None:
+        if self._stop_after_validation and not trainer.sanity_checking:
+            self._stop_after_validation = False
+            trainer._signal_connector.received_sigterm = True  # stops after the epoch end (or at the next step)
         if self._may_save(trainer) and not self._should_save_on_train_epoch_end(trainer):
             self.write_last(trainer)
 
@@ -114,6 +125,7 @@ class LastCheckpoint(ModelCheckpoint):
         if threading.current_thread() is not threading.main_thread():
             return
         self.received = None
+        self._stop_after_validation = False
         for sig in self.signals:
             signal.signal(sig, self._on_signal)
 
