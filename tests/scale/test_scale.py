@@ -262,7 +262,7 @@ def test_ddp_two_cpu_processes_match_one_process(tmp_path, data_dir, reference_r
     assert ddp["val/loss"] == pytest.approx(single["val/loss"], abs=2e-3)
 
 
-def STALL_AT(step: int) -> list[str]:  # noqa: N802 - reads as the overrides it is
+def stall_at(step: int) -> list[str]:
     """The overrides that make a run wait after optimiser step `step` until it receives a signal (tests/scale/stall.py)."""
     return ["+callbacks.stall._target_=stall.StallAtStep", f"+callbacks.stall.step={step}"]
 
@@ -330,7 +330,7 @@ def test_sigterm_then_kill_9_then_resume_ends_like_the_uninterrupted_run(tmp_pat
 
     # the process stalls after step 6 (tests/scale/stall.py), so the kill lands there however busy the machine is
     proc = start(tmp_path, data_dir, run, "ckpt_path=last", "callbacks.last_checkpoint.every_n_train_steps=3",
-                 *STALL_AT(6))
+                 *stall_at(6))
     wait_for(proc, lambda: last.is_file() and load_checkpoint(last)["global_step"] >= 6, "last.ckpt at step 6")
     proc.kill()
     proc.wait()
@@ -354,7 +354,7 @@ def test_sigterm_on_an_epochs_last_step_validates_that_epoch_then_resume_ends_li
     checkpoint is the completed epoch's, and the resumed run (which does not validate epoch 0 again) ends with the
     uninterrupted run's weights and metrics."""
     run = tmp_path / "run"
-    proc = start(tmp_path, data_dir, run, "logger=csv", *STALL_AT(3))
+    proc = start(tmp_path, data_dir, run, "logger=csv", *stall_at(3))
     wait_for(proc, lambda: (run / "stalled").is_file(), "the run waiting before step 4")
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=120) == 143, proc.stderr.read()[-3000:]
@@ -375,7 +375,7 @@ def test_sigint_then_resume_with_only_the_run_folder_keeps_the_run(tmp_path, dat
     evaluate(), in-process: the eval.py entry point itself runs in tests/scale/test_checkpoint_files.py)."""
     run = tmp_path / "run"
     proc = start(tmp_path, data_dir, run, "logger=csv", "+logger.csv.flush_logs_every_n_steps=1", "+model.depth=2",
-                 "task.base_lr=4e-3", *STALL_AT(5))
+                 "task.base_lr=4e-3", *stall_at(5))
     wait_for(proc, lambda: (run / "stalled").is_file(), "the run waiting before step 6")
     proc.send_signal(signal.SIGINT)  # lands on step 6, mid-epoch 1
     assert proc.wait(timeout=120) == 130, proc.stderr.read()[-3000:]
