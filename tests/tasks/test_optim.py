@@ -154,8 +154,19 @@ def test_warmup_epochs_of_a_loader_without_length_is_a_user_error() -> None:
     task = ClassificationTask(net=tiny_vim(), num_classes=3, ema_decay=None, schedule={"warmup_epochs": 1})
     trainer = Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
                       enable_model_summary=False, max_steps=2)
-    with pytest.raises(UserError, match="warmup_epochs needs a training loader of known length.*warmup_steps"):
+    message = ("^task\\.schedule\\.warmup_epochs needs a training loader of known length: "
+               "set task\\.schedule\\.warmup_steps instead$")
+    with pytest.raises(UserError, match=message):
         trainer.fit(task, datamodule=StreamData(2, 0))
+
+
+def test_warmup_epochs_of_an_epoch_of_one_batch_is_one_step() -> None:
+    # 3 epochs of one batch: warm-up 1 step, then cosine over the other 2 (by hand: 1e-3, 1, cos at half-way 0.5)
+    task = ClassificationTask(net=tiny_vim(), num_classes=3, ema_decay=None, base_lr=1e-3, base_batch_size=None,
+                              schedule={"kind": "cosine", "warmup_epochs": 1})
+    steps = fit(task, batch_size=2, batches=1, accumulate=1, max_epochs=3).steps
+    head = id(task.net.head.weight)
+    assert [s[head][0] / 1e-3 for s in steps] == pytest.approx([1e-3, 1.0, 0.5], rel=1e-9)
 
 
 # ---- the schedule factors at known steps ---------------------------------------------------------------------------

@@ -57,13 +57,16 @@ class VisionTask(LightningModule):
         self.schedule_cfg = dict(schedule or {})
 
     cuda_graphs = True  # the compiled modules see fixed shapes: CUDA graphs by default on CUDA
+    _compiled = False  # configure_model has compiled the network (it runs again on each fit/validate/test)
+    _time_next_step = False  # just compiled: the next training step's time, compilation included, is logged
+    _first_step_start: float | None = None  # perf_counter at that step's start, until it is logged
 
     def compile_enabled(self) -> bool:
-        setting = str(self.hparams.get("compile", "auto")).lower()
+        setting = str(self.hparams.compile).lower()  # YAML gives true/false as booleans
         if setting not in ("auto", "true", "false"):
             raise ValueError(f"task.compile must be auto, true or false; got {self.hparams.compile!r}")
-        if setting == "auto":
-            return self.trainer is not None and self.trainer.strategy.root_device.type == "cuda"
+        if setting == "auto":  # called by the trainer (configure_model), which knows the device
+            return self.trainer.strategy.root_device.type == "cuda"
         return setting == "true"
 
     def modules_to_compile(self) -> list[nn.Module]:
@@ -71,31 +74,29 @@ class VisionTask(LightningModule):
         return [self.net]
 
     def configure_model(self) -> None:
-        if getattr(self, "_compiled", False) or not self.compile_enabled():
+        if self._compiled or not self.compile_enabled():
             return
         cuda = self.trainer.strategy.root_device.type == "cuda"
-        mode = self.hparams.get("compile_mode") or ("reduce-overhead" if cuda and self.cuda_graphs else None)
+        mode = self.hparams.compile_mode or ("reduce-overhead" if cuda and self.cuda_graphs else None)
         for module in self.modules_to_compile():
             module.compile(mode=mode)
-        self._compiled = True
-        self._first_step_start = None
+        self._compiled = self._time_next_step = True
         log.info(f"torch.compile ({mode or 'default'} mode): the first step includes the compilation")
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
-        if getattr(self, "_compiled", False) and self._first_step_start is None:
+        if self._time_next_step:
+            self._time_next_step = False
             self._first_step_start = time.perf_counter()
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        start = getattr(self, "_first_step_start", None)
-        if start is not None and start > 0:
-            seconds = time.perf_counter() - start
-            self._first_step_start = -1.0  # reported once
+        if self._first_step_start is not None:
+            seconds = time.perf_counter() - self._first_step_start
+            self._first_step_start = None  # reported once
             log.info(f"first training step (torch.compile included): {seconds:.1f} s")
             self.log("compile/first_step_s", seconds, rank_zero_only=True)
 
     def global_batch_size(self) -> int | None:
-        dm = getattr(self.trainer, "datamodule", None)
-        batch = getattr(dm, "batch_size", None)
+        batch = getattr(self.trainer.datamodule, "batch_size", None)  # no datamodule: loaders given to fit()
         if batch is None:
             return None
         return batch * self.trainer.accumulate_grad_batches
@@ -121,12 +122,10 @@ class VisionTask(LightningModule):
         if warmup_steps is None:
             warmup_steps = round(warmup_epochs * self.optimizer_steps_per_epoch()) if warmup_epochs else 0
         cfg.setdefault("kind", "cosine")
-        if "milestones" in cfg:
-            cfg["milestones"] = tuple(cfg["milestones"])
         factor = warmup_schedule(total, int(warmup_steps), **cfg)
         scheduler = LambdaLR(optimizer, lr_lambda=factor)
         self.print_lr_summary(lr, total, int(warmup_steps))
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1}}
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def optimizer_steps_per_epoch(self) -> int:
         """Optimiser steps in one training epoch (Lightning also steps on an epoch's last, partial accumulation),

@@ -77,7 +77,9 @@ class ClassificationTask(VisionTask):
         # preemption checkpoints are written there and must hold the EMA of the weights they hold)
         super().optimizer_step(*args, **kwargs)
         if self.ema is not None:
-            self.ema.update(self.net, step=self.global_step)
+            # timm's step: the optimiser steps taken, this one included (global_step counts it only once this hook
+            # returns); the first update copies the weights, the later ones average
+            self.ema.update(self.net, step=self.global_step + 1)
 
     def _eval_step(self, stage: str, batch: tuple[torch.Tensor, torch.Tensor]) -> None:
         images, targets = batch
