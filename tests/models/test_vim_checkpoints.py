@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import io
 import logging
+import os
 import pathlib
+import pickle
+import zipfile
 
 import pytest
 import timm
@@ -12,7 +16,11 @@ import torch
 
 from vision_mamba.models.checkpoints import (
     CheckpointError,
+    _first_global,
+    _refusal,
+    check_checkpoint_file,
     checkpoint_filter_fn,
+    load_checkpoint,
     load_pretrained,
     load_safetensors,
     read_state_dict,
@@ -230,3 +238,104 @@ def test_a_failed_safetensors_write_leaves_no_file(tmp_path, monkeypatch):
     # the temporary file sits beside the target (os.replace is atomic only within one file system), hidden
     (tmp,) = written
     assert tmp.parent == tmp_path and tmp.name.startswith(".w.safetensors.") and tmp.name.endswith(".tmp")
+
+
+# ---- hostile pickles: refused, and the global they would call is named ----------------------------------------------
+
+
+def globals_called(data: bytes) -> list[str]:
+    """The globals Python's own unpickler looks up for `data`, in order; each resolves to a no-op (nothing runs)."""
+    found = []
+
+    class Recorder(pickle.Unpickler):
+        def find_class(self, module, name):
+            found.append(f"{module}.{name}")
+            return lambda *args: None
+
+    Recorder(io.BytesIO(data)).load()
+    return found
+
+
+def op(code: bytes, *args: bytes) -> bytes:
+    return code + b"".join(args)
+
+
+def text(s: str) -> bytes:  # a str pushed the way protocol 4 writes it
+    return op(pickle.SHORT_BINUNICODE, bytes([len(s)]), s.encode())
+
+
+# Crafted pickles: the module and name of STACK_GLOBAL pushed as strings of every kind, or fetched back from the memo
+# through every kind of memo slot, after decoy strings that a parser keeping no memo (or miscounting its slots) would
+# name instead. Each calls posix.system('true') when unpickled without weights_only.
+PROTO2, CALL = op(pickle.PROTO, b"\x02"), op(pickle.STACK_GLOBAL) + text("true") + op(pickle.TUPLE1, pickle.REDUCE, pickle.STOP)
+CRAFTED = {
+    "GLOBAL": PROTO2 + op(pickle.GLOBAL, b"posix\nsystem\n") + text("true") + op(pickle.TUPLE1, pickle.REDUCE, pickle.STOP),
+    "INST": PROTO2 + op(pickle.MARK) + text("true") + op(pickle.INST, b"posix\nsystem\n", pickle.STOP),
+    "exactly two strings": PROTO2 + text("posix") + text("system") + CALL,
+    "MEMOIZE after a dict": PROTO2 + op(pickle.EMPTY_DICT, pickle.MEMOIZE, pickle.POP) + text("posix")
+    + op(pickle.MEMOIZE, pickle.POP) + text("system") + op(pickle.MEMOIZE, pickle.POP) + text("a") + text("b")
+    + op(pickle.POP, pickle.POP, pickle.BINGET, b"\x01", pickle.BINGET, b"\x02") + CALL,
+    "BINPUT": PROTO2 + text("posix") + op(pickle.BINPUT, b"\x07", pickle.POP) + text("system")
+    + op(pickle.BINPUT, b"\x08", pickle.POP) + text("a") + text("b") + op(pickle.POP, pickle.POP)
+    + op(pickle.BINGET, b"\x07", pickle.BINGET, b"\x08") + CALL,
+    "LONG_BINPUT": PROTO2 + text("posix") + op(pickle.LONG_BINPUT, (300).to_bytes(4, "little"), pickle.POP)
+    + text("system") + op(pickle.LONG_BINPUT, (301).to_bytes(4, "little"), pickle.POP) + text("a") + text("b")
+    + op(pickle.POP, pickle.POP, pickle.LONG_BINGET, (300).to_bytes(4, "little"))
+    + op(pickle.LONG_BINGET, (301).to_bytes(4, "little")) + CALL,
+    "PUT": PROTO2 + op(pickle.UNICODE, b"posix\n", pickle.PUT, b"5\n", pickle.POP, pickle.UNICODE, b"system\n")
+    + op(pickle.PUT, b"6\n", pickle.POP) + text("a") + text("b") + op(pickle.POP, pickle.POP, pickle.GET, b"5\n")
+    + op(pickle.GET, b"6\n") + CALL,
+    "py2 strings": PROTO2 + text("a") + text("b") + op(pickle.POP, pickle.POP) + op(pickle.SHORT_BINSTRING, b"\x05posix")
+    + op(pickle.BINSTRING, (6).to_bytes(4, "little"), b"system") + CALL,
+    "a memo slot holding no string": PROTO2 + text("a") + op(pickle.BINPUT, b"\x00", pickle.EMPTY_DICT, pickle.BINPUT)
+    + b"\x01" + op(pickle.POP, pickle.POP) + text("posix") + op(pickle.BINGET, b"\x01", pickle.POP) + text("system")
+    + op(pickle.FRAME, (0).to_bytes(8, "little")) + CALL,
+}
+
+
+@pytest.mark.parametrize("kind", CRAFTED)
+def test_the_first_global_of_a_crafted_pickle_is_named(kind, tmp_path):
+    data = CRAFTED[kind]
+    assert globals_called(data) == ["posix.system"]  # what a plain torch.load would run
+    assert _first_global(data) == "posix.system"
+    (tmp_path / "crafted.pth").write_bytes(data)
+    with pytest.raises(CheckpointError) as info:
+        load_checkpoint(tmp_path / "crafted.pth")
+    assert str(info.value) == _refusal(tmp_path / "crafted.pth", "posix.system")
+
+
+def test_pickles_of_every_protocol_are_refused_naming_the_global(tmp_path):
+    class SystemCall:
+        def __reduce__(self):
+            return os.system, ("true",)
+
+    # strings equal to the module and the name come first: protocol 4 and 5 then fetch both from the memo
+    obj = {"model": {}, os.system.__module__: 0, "system": 1, "x": SystemCall()}
+    for protocol in range(pickle.HIGHEST_PROTOCOL + 1):
+        data = pickle.dumps(obj, protocol=protocol)
+        expected = globals_called(data)[0]
+        assert expected == f"{os.system.__module__}.system"
+        path = tmp_path / f"protocol{protocol}.pth"
+        path.write_bytes(data if data.startswith(b"\x80") else PROTO2 + data)  # protocols 0, 1 have no header
+        with pytest.raises(CheckpointError) as info:
+            load_checkpoint(path)
+        assert str(info.value) == _refusal(path, expected), protocol
+
+
+def test_a_torch_archive_with_a_crafted_pickle_record_is_refused_naming_the_global(tmp_path):
+    # torch.save writes protocol 2, which torch's own check reads; a record of protocol 4 only the fallback parser
+    archive = io.BytesIO()
+    torch.save({"w": torch.ones(2)}, archive)
+    with zipfile.ZipFile(archive) as src, zipfile.ZipFile(tmp_path / "crafted.pt", "w") as dst:
+        for name in src.namelist():
+            dst.writestr(name, CRAFTED["MEMOIZE after a dict"] if name.endswith("/data.pkl") else src.read(name))
+    with pytest.raises(CheckpointError) as info:
+        check_checkpoint_file(tmp_path / "crafted.pt")
+    assert str(info.value) == _refusal(tmp_path / "crafted.pt", "posix.system")
+
+
+def test_a_pickle_without_a_global_or_damaged_gives_no_name():
+    assert _first_global(pickle.dumps({"a": ["posix", "system"]}, protocol=4)) is None
+    whole = CRAFTED["exactly two strings"]
+    assert _first_global(whole[: whole.index(pickle.STACK_GLOBAL)]) is None  # cut off before STACK_GLOBAL
+    assert _first_global(b"\x80\x02\xff") is None  # not an instruction
