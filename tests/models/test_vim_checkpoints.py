@@ -339,3 +339,125 @@ def test_a_pickle_without_a_global_or_damaged_gives_no_name():
     whole = CRAFTED["exactly two strings"]
     assert _first_global(whole[: whole.index(pickle.STACK_GLOBAL)]) is None  # cut off before STACK_GLOBAL
     assert _first_global(b"\x80\x02\xff") is None  # not an instruction
+
+
+# ---- where the weights are found, and what a load that does not fit says ------------------------------------------
+
+
+def test_the_model_weights_are_found_in_every_checkpoint_layout(tmp_path):
+    sd = {"a.weight": torch.ones(2), "b.bias": torch.zeros(3)}
+    layouts = {
+        "state_dict": {"state_dict": sd, "epoch": 3},
+        "model_ema only": {"model_ema": sd, "epoch": 3},
+        # a Lightning checkpoint of this project: the task's `net.` weights, not its EMA copy or other modules
+        "lightning": {"pytorch-lightning_version": "2.6", "state_dict": {
+            **{"net." + k: v for k, v in sd.items()}, "ema.module.a.weight": torch.full((2,), 7.0), "loss.w": torch.ones(1)}},
+    }
+    for name, ckpt in layouts.items():
+        torch.save(ckpt, tmp_path / "w.pth")
+        got = read_state_dict(tmp_path / "w.pth")
+        assert got.keys() == sd.keys() and all(torch.equal(got[k], sd[k]) for k in sd), name
+    torch.save({f"k{i}": i for i in range(10)}, tmp_path / "meta.pth")
+    with pytest.raises(CheckpointError) as info:
+        read_state_dict(tmp_path / "meta.pth")
+    keys = sorted(f"k{i}" for i in range(10))[:8]  # the first eight, sorted
+    assert str(info.value) == f"{tmp_path / 'meta.pth'}: no state dict found (top-level keys: {keys})"
+
+
+def test_safetensors_files_that_cannot_be_read_are_named(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    with pytest.raises(CheckpointError) as info:
+        read_state_dict(tmp_path / "nowhere.safetensors")
+    assert str(info.value) == f"{tmp_path / 'nowhere.safetensors'}: no such file"
+    save_file({}, tmp_path / "empty.safetensors")
+    with pytest.raises(CheckpointError) as info:
+        read_state_dict(tmp_path / "empty.safetensors")
+    assert str(info.value) == f"{tmp_path / 'empty.safetensors'}: no state dict found (top-level keys: [])"
+    save_file({"w": torch.ones(64)}, tmp_path / "w.safetensors")
+    (tmp_path / "cut.safetensors").write_bytes((tmp_path / "w.safetensors").read_bytes()[:100])
+    with pytest.raises(Exception) as raised:  # what safetensors itself says of the file
+        load_file(tmp_path / "cut.safetensors")
+    reason = f"{type(raised.value).__name__}: {str(raised.value).splitlines()[0]}"
+    with pytest.raises(CheckpointError) as info:
+        read_state_dict(tmp_path / "cut.safetensors")
+    assert str(info.value) == f"{tmp_path / 'cut.safetensors'}: not a readable safetensors file ({reason})"
+
+
+class Plain(torch.nn.Module):
+    """Any model: `layers` bias-free square linears of `width`, and a head of `classes` (no num_classes attribute)."""
+
+    def __init__(self, width: int = 4, layers: int = 4, classes: int = 3):
+        super().__init__()
+        self.body = torch.nn.Sequential(*(torch.nn.Linear(width, width, bias=False) for _ in range(layers)))
+        self.head = torch.nn.Linear(width, classes)
+
+
+def messages(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name == "vision_mamba.models.checkpoints"]
+
+
+def test_a_head_that_does_not_fit_is_named_or_dropped(tmp_path, caplog):
+    path = tmp_path / "w.pth"
+    save_official(small(), path)
+    with pytest.raises(CheckpointError) as info:
+        load_pretrained(small(num_classes=3), path, strict_head=True)
+    assert str(info.value) == f"{path}: head (5, 32) does not fit the model (num_classes=3) and strict_head=True"
+    with caplog.at_level(logging.INFO):
+        report = load_pretrained(small(num_classes=3), path)
+    assert messages(caplog) == [f"{path}: head does not fit num_classes=3; left at its init"]
+    assert report.path == str(path) and report.dropped_head is True
+    assert load_pretrained(small(), path).dropped_head is False
+    # a checkpoint with only one of the head's tensors: dropped (never half loaded), and named in strict mode
+    torch.save({"model": {k: v for k, v in small().state_dict().items() if k != "head.weight"}}, path)
+    assert load_pretrained(small(), path).missing == ["head.bias", "head.weight"]
+    with pytest.raises(CheckpointError, match=r"w\.pth: head None does not fit the model \(num_classes=5\)"):
+        load_pretrained(small(), path, strict_head=True)
+    torch.save({"model": {k: v for k, v in small().state_dict().items() if k != "head.bias"}}, path)
+    assert load_pretrained(small(), path).dropped_head is True
+    # a model without num_classes
+    torch.save(Plain(classes=3).state_dict(), path)
+    with pytest.raises(CheckpointError) as info:
+        load_pretrained(Plain(classes=2), path, strict_head=True)
+    assert str(info.value) == f"{path}: head (3, 4) does not fit the model (num_classes=?) and strict_head=True"
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        load_pretrained(Plain(classes=2), path)
+    assert messages(caplog) == [f"{path}: head does not fit num_classes=?; left at its init"]
+
+
+def test_a_resized_pos_embed_is_logged_and_an_unknown_grid_is_named(tmp_path, caplog):
+    path = tmp_path / "w.pth"
+    save_official(small(), path)
+    with caplog.at_level(logging.INFO):
+        load_pretrained(small(img_size=64), path)
+    assert messages(caplog) == [f"{path}: pos_embed resized from grid (2, 2) to (4, 4)"]
+    torch.save({"model": {**small().state_dict(), "pos_embed": torch.zeros(1, 7, 32)}}, path)
+    with pytest.raises(CheckpointError) as info:
+        load_pretrained(small(), path)
+    assert str(info.value) == f"{path}: cannot infer the patch grid of a pos_embed with 6 patch rows (not square)"
+
+
+def test_keys_and_shapes_that_do_not_fit_are_listed_in_short(tmp_path, caplog):
+    path = tmp_path / "w.pth"
+    torch.save({**Plain().state_dict(), **{f"extra{i}": torch.zeros(1) for i in range(7)}}, path)
+    with pytest.raises(CheckpointError) as info:
+        load_pretrained(Plain(), path)
+    assert str(info.value) == (f"{path}: 7 keys the model does not have (foreign or other-variant checkpoint?), e.g. "
+                               "['extra0', 'extra1', 'extra2', 'extra3', 'extra4']")
+    torch.save(Plain(width=4).state_dict(), path)
+    with pytest.raises(CheckpointError) as info:
+        load_pretrained(Plain(width=5), path, strict_head=False)
+    # the head's shapes differ too, but a head that does not fit is dropped: the four body weights remain
+    assert str(info.value) == (f"{path}: 4 shapes do not fit (other variant?), e.g. ['body.0.weight (4, 4) vs model "
+                               "(5, 5)', 'body.1.weight (4, 4) vs model (5, 5)', 'body.2.weight (4, 4) vs model (5, 5)']")
+    torch.save({k: v for k, v in Plain(layers=7).state_dict().items() if not k.startswith("body.") or k == "body.0.weight"},
+               path)
+    expected = (f"{path}: 6 backbone keys missing, e.g. ['body.1.weight', 'body.2.weight', 'body.3.weight', "
+                "'body.4.weight', 'body.5.weight']")
+    with pytest.raises(CheckpointError) as info:
+        load_pretrained(Plain(layers=7), path)
+    assert str(info.value) == expected
+    with caplog.at_level(logging.INFO):
+        report = load_pretrained(Plain(layers=7), path, strict_backbone=False)
+    assert messages(caplog) == [expected + " (left at their init)"] and len(report.missing) == 6
