@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import io
 import logging
+import os
 import pathlib
+import pickle
+import zipfile
 
 import pytest
 import timm
@@ -12,7 +16,11 @@ import torch
 
 from vision_mamba.models.checkpoints import (
     CheckpointError,
+    _first_global,
+    _refusal,
+    check_checkpoint_file,
     checkpoint_filter_fn,
+    load_checkpoint,
     load_pretrained,
     load_safetensors,
     read_state_dict,
@@ -230,3 +238,226 @@ def test_a_failed_safetensors_write_leaves_no_file(tmp_path, monkeypatch):
     # the temporary file sits beside the target (os.replace is atomic only within one file system), hidden
     (tmp,) = written
     assert tmp.parent == tmp_path and tmp.name.startswith(".w.safetensors.") and tmp.name.endswith(".tmp")
+
+
+# ---- hostile pickles: refused, and the global they would call is named ----------------------------------------------
+
+
+def globals_called(data: bytes) -> list[str]:
+    """The globals Python's own unpickler looks up for `data`, in order; each resolves to a no-op (nothing runs)."""
+    found = []
+
+    class Recorder(pickle.Unpickler):
+        def find_class(self, module, name):
+            found.append(f"{module}.{name}")
+            return lambda *args: None
+
+    Recorder(io.BytesIO(data)).load()
+    return found
+
+
+def op(code: bytes, *args: bytes) -> bytes:
+    return code + b"".join(args)
+
+
+def text(s: str) -> bytes:  # a str pushed the way protocol 4 writes it
+    return op(pickle.SHORT_BINUNICODE, bytes([len(s)]), s.encode())
+
+
+# Crafted pickles: the module and name of STACK_GLOBAL pushed as strings of every kind, or fetched back from the memo
+# through every kind of memo slot, after decoy strings that a parser keeping no memo (or miscounting its slots) would
+# name instead. Each calls posix.system('true') when unpickled without weights_only.
+PROTO2, CALL = op(pickle.PROTO, b"\x02"), op(pickle.STACK_GLOBAL) + text("true") + op(pickle.TUPLE1, pickle.REDUCE, pickle.STOP)
+CRAFTED = {
+    "GLOBAL": PROTO2 + op(pickle.GLOBAL, b"posix\nsystem\n") + text("true") + op(pickle.TUPLE1, pickle.REDUCE, pickle.STOP),
+    "INST": PROTO2 + op(pickle.MARK) + text("true") + op(pickle.INST, b"posix\nsystem\n", pickle.STOP),
+    "exactly two strings": PROTO2 + text("posix") + text("system") + CALL,
+    "MEMOIZE after a dict": PROTO2 + op(pickle.EMPTY_DICT, pickle.MEMOIZE, pickle.POP) + text("posix")
+    + op(pickle.MEMOIZE, pickle.POP) + text("system") + op(pickle.MEMOIZE, pickle.POP) + text("a") + text("b")
+    + op(pickle.POP, pickle.POP, pickle.BINGET, b"\x01", pickle.BINGET, b"\x02") + CALL,
+    "BINPUT": PROTO2 + text("posix") + op(pickle.BINPUT, b"\x07", pickle.POP) + text("system")
+    + op(pickle.BINPUT, b"\x08", pickle.POP) + text("a") + text("b") + op(pickle.POP, pickle.POP)
+    + op(pickle.BINGET, b"\x07", pickle.BINGET, b"\x08") + CALL,
+    "LONG_BINPUT": PROTO2 + text("posix") + op(pickle.LONG_BINPUT, (300).to_bytes(4, "little"), pickle.POP)
+    + text("system") + op(pickle.LONG_BINPUT, (301).to_bytes(4, "little"), pickle.POP) + text("a") + text("b")
+    + op(pickle.POP, pickle.POP, pickle.LONG_BINGET, (300).to_bytes(4, "little"))
+    + op(pickle.LONG_BINGET, (301).to_bytes(4, "little")) + CALL,
+    "PUT": PROTO2 + op(pickle.UNICODE, b"posix\n", pickle.PUT, b"5\n", pickle.POP, pickle.UNICODE, b"system\n")
+    + op(pickle.PUT, b"6\n", pickle.POP) + text("a") + text("b") + op(pickle.POP, pickle.POP, pickle.GET, b"5\n")
+    + op(pickle.GET, b"6\n") + CALL,
+    "py2 strings": PROTO2 + text("a") + text("b") + op(pickle.POP, pickle.POP) + op(pickle.SHORT_BINSTRING, b"\x05posix")
+    + op(pickle.BINSTRING, (6).to_bytes(4, "little"), b"system") + CALL,
+    "a memo slot holding no string": PROTO2 + text("a") + op(pickle.BINPUT, b"\x00", pickle.EMPTY_DICT, pickle.BINPUT)
+    + b"\x01" + op(pickle.POP, pickle.POP) + text("posix") + op(pickle.BINGET, b"\x01", pickle.POP) + text("system")
+    + op(pickle.FRAME, (0).to_bytes(8, "little")) + CALL,
+}
+
+
+@pytest.mark.parametrize("kind", CRAFTED)
+def test_the_first_global_of_a_crafted_pickle_is_named(kind, tmp_path):
+    data = CRAFTED[kind]
+    assert globals_called(data) == ["posix.system"]  # what a plain torch.load would run
+    assert _first_global(data) == "posix.system"
+    (tmp_path / "crafted.pth").write_bytes(data)
+    with pytest.raises(CheckpointError) as info:
+        load_checkpoint(tmp_path / "crafted.pth")
+    assert str(info.value) == _refusal(tmp_path / "crafted.pth", "posix.system")
+
+
+def test_pickles_of_every_protocol_are_refused_naming_the_global(tmp_path):
+    class SystemCall:
+        def __reduce__(self):
+            return os.system, ("true",)
+
+    # strings equal to the module and the name come first: protocol 4 and 5 then fetch both from the memo
+    obj = {"model": {}, os.system.__module__: 0, "system": 1, "x": SystemCall()}
+    for protocol in range(pickle.HIGHEST_PROTOCOL + 1):
+        data = pickle.dumps(obj, protocol=protocol)
+        expected = globals_called(data)[0]
+        assert expected == f"{os.system.__module__}.system"
+        path = tmp_path / f"protocol{protocol}.pth"
+        path.write_bytes(data if data.startswith(b"\x80") else PROTO2 + data)  # protocols 0, 1 have no header
+        with pytest.raises(CheckpointError) as info:
+            load_checkpoint(path)
+        assert str(info.value) == _refusal(path, expected), protocol
+
+
+def test_a_torch_archive_with_a_crafted_pickle_record_is_refused_naming_the_global(tmp_path):
+    # torch.save writes protocol 2, which torch's own check reads; a record of protocol 4 only the fallback parser
+    archive = io.BytesIO()
+    torch.save({"w": torch.ones(2)}, archive)
+    with zipfile.ZipFile(archive) as src, zipfile.ZipFile(tmp_path / "crafted.pt", "w") as dst:
+        for name in src.namelist():
+            dst.writestr(name, CRAFTED["MEMOIZE after a dict"] if name.endswith("/data.pkl") else src.read(name))
+    with pytest.raises(CheckpointError) as info:
+        check_checkpoint_file(tmp_path / "crafted.pt")
+    assert str(info.value) == _refusal(tmp_path / "crafted.pt", "posix.system")
+
+
+def test_a_pickle_without_a_global_or_damaged_gives_no_name():
+    assert _first_global(pickle.dumps({"a": ["posix", "system"]}, protocol=4)) is None
+    whole = CRAFTED["exactly two strings"]
+    assert _first_global(whole[: whole.index(pickle.STACK_GLOBAL)]) is None  # cut off before STACK_GLOBAL
+    assert _first_global(b"\x80\x02\xff") is None  # not an instruction
+
+
+# ---- where the weights are found, and what a load that does not fit says ------------------------------------------
+
+
+def test_the_model_weights_are_found_in_every_checkpoint_layout(tmp_path):
+    sd = {"a.weight": torch.ones(2), "b.bias": torch.zeros(3)}
+    layouts = {
+        "state_dict": {"state_dict": sd, "epoch": 3},
+        "model_ema only": {"model_ema": sd, "epoch": 3},
+        # a Lightning checkpoint of this project: the task's `net.` weights, not its EMA copy or other modules
+        "lightning": {"pytorch-lightning_version": "2.6", "state_dict": {
+            **{"net." + k: v for k, v in sd.items()}, "ema.module.a.weight": torch.full((2,), 7.0), "loss.w": torch.ones(1)}},
+    }
+    for name, ckpt in layouts.items():
+        torch.save(ckpt, tmp_path / "w.pth")
+        got = read_state_dict(tmp_path / "w.pth")
+        assert got.keys() == sd.keys() and all(torch.equal(got[k], sd[k]) for k in sd), name
+    torch.save({f"k{i}": i for i in range(10)}, tmp_path / "meta.pth")
+    with pytest.raises(CheckpointError) as info:
+        read_state_dict(tmp_path / "meta.pth")
+    keys = sorted(f"k{i}" for i in range(10))[:8]  # the first eight, sorted
+    assert str(info.value) == f"{tmp_path / 'meta.pth'}: no state dict found (top-level keys: {keys})"
+
+
+def test_safetensors_files_that_cannot_be_read_are_named(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    with pytest.raises(CheckpointError) as info:
+        read_state_dict(tmp_path / "nowhere.safetensors")
+    assert str(info.value) == f"{tmp_path / 'nowhere.safetensors'}: no such file"
+    save_file({}, tmp_path / "empty.safetensors")
+    with pytest.raises(CheckpointError) as info:
+        read_state_dict(tmp_path / "empty.safetensors")
+    assert str(info.value) == f"{tmp_path / 'empty.safetensors'}: no state dict found (top-level keys: [])"
+    save_file({"w": torch.ones(64)}, tmp_path / "w.safetensors")
+    (tmp_path / "cut.safetensors").write_bytes((tmp_path / "w.safetensors").read_bytes()[:100])
+    with pytest.raises(Exception) as raised:  # what safetensors itself says of the file
+        load_file(tmp_path / "cut.safetensors")
+    reason = f"{type(raised.value).__name__}: {str(raised.value).splitlines()[0]}"
+    with pytest.raises(CheckpointError) as info:
+        read_state_dict(tmp_path / "cut.safetensors")
+    assert str(info.value) == f"{tmp_path / 'cut.safetensors'}: not a readable safetensors file ({reason})"
+
+
+class Plain(torch.nn.Module):
+    """Any model: `layers` bias-free square linears of `width`, and a head of `classes` (no num_classes attribute)."""
+
+    def __init__(self, width: int = 4, layers: int = 4, classes: int = 3):
+        super().__init__()
+        self.body = torch.nn.Sequential(*(torch.nn.Linear(width, width, bias=False) for _ in range(layers)))
+        self.head = torch.nn.Linear(width, classes)
+
+
+def messages(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name == "vision_mamba.models.checkpoints"]
+
+
+def test_a_head_that_does_not_fit_is_named_or_dropped(tmp_path, caplog):
+    path = tmp_path / "w.pth"
+    save_official(small(), path)
+    with pytest.raises(CheckpointError) as info:
+        load_pretrained(small(num_classes=3), path, strict_head=True)
+    assert str(info.value) == f"{path}: head (5, 32) does not fit the model (num_classes=3) and strict_head=True"
+    with caplog.at_level(logging.INFO):
+        report = load_pretrained(small(num_classes=3), path)
+    assert messages(caplog) == [f"{path}: head does not fit num_classes=3; left at its init"]
+    assert report.path == str(path) and report.dropped_head is True
+    assert load_pretrained(small(), path).dropped_head is False
+    # a checkpoint with only one of the head's tensors: dropped (never half loaded), and named in strict mode
+    torch.save({"model": {k: v for k, v in small().state_dict().items() if k != "head.weight"}}, path)
+    assert load_pretrained(small(), path).missing == ["head.bias", "head.weight"]
+    with pytest.raises(CheckpointError, match=r"w\.pth: head None does not fit the model \(num_classes=5\)"):
+        load_pretrained(small(), path, strict_head=True)
+    torch.save({"model": {k: v for k, v in small().state_dict().items() if k != "head.bias"}}, path)
+    assert load_pretrained(small(), path).dropped_head is True
+    # a model without num_classes
+    torch.save(Plain(classes=3).state_dict(), path)
+    with pytest.raises(CheckpointError) as info:
+        load_pretrained(Plain(classes=2), path, strict_head=True)
+    assert str(info.value) == f"{path}: head (3, 4) does not fit the model (num_classes=?) and strict_head=True"
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        load_pretrained(Plain(classes=2), path)
+    assert messages(caplog) == [f"{path}: head does not fit num_classes=?; left at its init"]
+
+
+def test_a_resized_pos_embed_is_logged_and_an_unknown_grid_is_named(tmp_path, caplog):
+    path = tmp_path / "w.pth"
+    save_official(small(), path)
+    with caplog.at_level(logging.INFO):
+        load_pretrained(small(img_size=64), path)
+    assert messages(caplog) == [f"{path}: pos_embed resized from grid (2, 2) to (4, 4)"]
+    torch.save({"model": {**small().state_dict(), "pos_embed": torch.zeros(1, 7, 32)}}, path)
+    with pytest.raises(CheckpointError) as info:
+        load_pretrained(small(), path)
+    assert str(info.value) == f"{path}: cannot infer the patch grid of a pos_embed with 6 patch rows (not square)"
+
+
+def test_keys_and_shapes_that_do_not_fit_are_listed_in_short(tmp_path, caplog):
+    path = tmp_path / "w.pth"
+    torch.save({**Plain().state_dict(), **{f"extra{i}": torch.zeros(1) for i in range(7)}}, path)
+    with pytest.raises(CheckpointError) as info:
+        load_pretrained(Plain(), path)
+    assert str(info.value) == (f"{path}: 7 keys the model does not have (foreign or other-variant checkpoint?), e.g. "
+                               "['extra0', 'extra1', 'extra2', 'extra3', 'extra4']")
+    torch.save(Plain(width=4).state_dict(), path)
+    with pytest.raises(CheckpointError) as info:
+        load_pretrained(Plain(width=5), path, strict_head=False)
+    # the head's shapes differ too, but a head that does not fit is dropped: the four body weights remain
+    assert str(info.value) == (f"{path}: 4 shapes do not fit (other variant?), e.g. ['body.0.weight (4, 4) vs model "
+                               "(5, 5)', 'body.1.weight (4, 4) vs model (5, 5)', 'body.2.weight (4, 4) vs model (5, 5)']")
+    torch.save({k: v for k, v in Plain(layers=7).state_dict().items() if not k.startswith("body.") or k == "body.0.weight"},
+               path)
+    expected = (f"{path}: 6 backbone keys missing, e.g. ['body.1.weight', 'body.2.weight', 'body.3.weight', "
+                "'body.4.weight', 'body.5.weight']")
+    with pytest.raises(CheckpointError) as info:
+        load_pretrained(Plain(layers=7), path)
+    assert str(info.value) == expected
+    with caplog.at_level(logging.INFO):
+        report = load_pretrained(Plain(layers=7), path, strict_backbone=False)
+    assert messages(caplog) == [expected + " (left at their init)"] and len(report.missing) == 6

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 import torch.nn.functional as F
+import vim_kernels
 from model_reference import rel_err
 
 from vision_mamba.models import scan
@@ -12,6 +15,8 @@ from vision_mamba.models.mixer import (
     SCAN_PATTERNS,
     MultiRouteMamba,
     ScanPattern,
+    _forward_and_reversed,
+    column_major,
     get_scan_pattern,
     register_scan_pattern,
     row_major,
@@ -20,6 +25,7 @@ from vision_mamba.models.mixer import (
 from vision_mamba.models.vim import VisionMamba
 
 GRIDS = [(3, 3), (2, 5), (4, 3)]
+TRITON_HERE = vim_kernels.HAS_TRITON and (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1")
 
 
 # ---- a test-local oracle, written the way hustvl/Vim + mamba_ssm compute it (flipped copies, two scans) -------------
@@ -243,3 +249,77 @@ def test_routes_cached_in_inference_mode_can_be_used_for_training():
         model(x)
     model(x).sum().backward()
     assert model.patch_embed.proj.weight.grad is not None
+
+
+def test_route_builder_gives_each_order_then_its_reverse_on_the_given_device():
+    # 2x3 grid, patches p0..p5 row-major; with the class token at step 3: tokens p0 p1 p2 CLS p3 p4 p5 = 0..6
+    build = _forward_and_reversed(row_major, column_major)
+    assert build(2, 3, 3).tolist() == [
+        [0, 1, 2, 3, 4, 5, 6], [6, 5, 4, 3, 2, 1, 0], [0, 4, 1, 3, 5, 2, 6], [6, 2, 5, 3, 1, 4, 0]
+    ]
+    assert build(2, 3, None).tolist() == [
+        [0, 1, 2, 3, 4, 5], [5, 4, 3, 2, 1, 0], [0, 3, 1, 4, 2, 5], [5, 2, 4, 1, 3, 0]
+    ]
+    # under torch.compile the routes are built on the activations' device (no host-to-device copy)
+    meta = torch.device("meta")
+    assert build(2, 3, 3, meta).device == meta and column_major(2, 3, meta).device == meta
+
+
+def test_route_suffixes_must_start_with_the_plain_names_and_be_unique():
+    build = _forward_and_reversed(row_major)
+    for suffixes in [(), ("_f", "_b"), ("", "")]:
+        with pytest.raises(ValueError) as info:
+            ScanPattern("bad", suffixes, build)
+        assert str(info.value) == "scan pattern 'bad': suffixes must be unique and start with ''"
+
+
+# ---- the triton backend's fused ops (interpreted on the CPU) --------------------------------------------------------
+
+
+def _distinct_routes(m: MultiRouteMamba) -> MultiRouteMamba:
+    """Every parameter random, so that no two routes share a value (the init gives them equal A_log and D)."""
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            p.copy_(torch.rand_like(p) + 0.5 if "A" in name and "log" in name else torch.randn_like(p) * 0.3)
+    return m
+
+
+@pytest.mark.skipif(not TRITON_HERE, reason="needs CUDA or the Triton interpreter")
+def test_triton_fused_ops_equal_the_per_route_reference_with_and_without_gradients():
+    m = _distinct_routes(MultiRouteMamba(16, "cross", scan_backend="triton"))
+    reference = MultiRouteMamba(16, "cross", scan_backend="torch", path="reference")
+    reference.load_state_dict(m.state_dict())
+    routes = m.pattern.routes(2, 3, 3, torch.device("cpu"))
+    x = torch.randn(1, 7, 16)
+    expected = reference(x, routes).detach()
+    out = m(x, routes)  # mamba_inner: the training op
+    assert out.requires_grad and rel_err(out, expected) < 1e-5  # measured 3.4e-7
+    with torch.no_grad():  # mamba_mixer_inference with the packed weights
+        assert rel_err(m(x, routes), expected) < 1e-5  # measured 3.4e-7
+
+
+def test_inference_weights_are_packed_once_and_again_when_a_weight_or_the_dtype_changes():
+    m = _distinct_routes(MultiRouteMamba(16, "cross", scan_backend="triton"))
+
+    def stacked(name):  # a per-route parameter stacked over the routes, by its official names
+        return torch.stack([m.get_parameter(name.format(s)) for s in m.pattern.suffixes])
+
+    def assert_packs_the_weights(w, dtype):
+        assert torch.equal(w.in_proj, m.in_proj.weight.to(dtype)) and torch.equal(w.out_proj, m.out_proj.weight.to(dtype))
+        assert torch.equal(w.conv_w, stacked("conv1d{}.weight").squeeze(2)) and torch.equal(w.conv_b, stacked("conv1d{}.bias"))
+        assert torch.equal(w.dt_proj, stacked("dt_proj{}.weight").to(dtype)) and torch.equal(w.dt_bias, stacked("dt_proj{}.bias"))
+        assert torch.equal(w.D, stacked("D{}"))
+
+    w = m._inference_weights(torch.float32)
+    assert_packs_the_weights(w, torch.float32)
+    assert m._inference_weights(torch.float32) is w  # kept while nothing changes
+    m.D_c.grad = torch.ones_like(m.D_c)
+    torch.optim.SGD([m.D_c], lr=1.0).step()  # an in-place update: the weight's version changes
+    w2 = m._inference_weights(torch.float32)
+    assert w2 is not w and torch.equal(w2.D[2], m.D_c.detach()) and m._inference_weights(torch.float32) is w2
+    m.D_b.data = torch.full_like(m.D_b, 3.0)  # new storage
+    assert_packs_the_weights(m._inference_weights(torch.float32), torch.float32)
+    w16 = m._inference_weights(torch.bfloat16)
+    assert w16.in_proj.dtype == torch.bfloat16
+    assert_packs_the_weights(w16, torch.bfloat16)

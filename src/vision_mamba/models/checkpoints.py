@@ -193,23 +193,29 @@ def _pickle_record(path: Path) -> bytes:
 
 
 def _first_global(data: bytes) -> str | None:
-    """The first class/function a pickle refers to, found by parsing its instructions (nothing runs)."""
+    """The first class/function a pickle refers to, found by parsing its instructions (nothing runs).
+
+    GLOBAL and INST name it in their argument; STACK_GLOBAL takes module and name from the stack: the last two
+    strings pushed, directly or fetched from the memo, so every memo slot is followed (a slot holding no string too).
+    """
     strings: list[str] = []
-    memo: dict[int, str] = {}
+    memo: dict[int, str | None] = {}
+    top: str | None = None  # what the last instruction pushed, if a string
     try:
         for op, arg, _ in pickletools.genops(data):
-            if op.name == "GLOBAL":
+            if op.name in ("GLOBAL", "INST"):
                 return str(arg).replace(" ", ".")
             if op.name == "STACK_GLOBAL" and len(strings) >= 2:
                 return f"{strings[-2]}.{strings[-1]}"
-            if isinstance(arg, str) and "UNICODE" in op.name:
-                strings.append(arg)
-            elif op.name == "MEMOIZE" and strings:
-                memo[len(memo)] = strings[-1]
-            elif op.name in ("BINPUT", "LONG_BINPUT", "PUT") and strings:
-                memo[arg] = strings[-1]
-            elif op.name in ("BINGET", "LONG_BINGET", "GET") and arg in memo:
-                strings.append(memo[arg])
+            if op.name == "MEMOIZE":
+                memo[len(memo)] = top
+            elif op.name in ("BINPUT", "LONG_BINPUT", "PUT"):
+                memo[arg] = top
+            elif op.stack_after:  # an instruction that pushes a value (FRAME, PROTO and the like push nothing)
+                fetched = op.name in ("BINGET", "LONG_BINGET", "GET")
+                top = memo.get(arg) if fetched else arg if "UNICODE" in op.name or "STRING" in op.name else None
+                if top is not None:
+                    strings.append(top)
     except Exception:  # a damaged pickle: no name to give
         return None
     return None
