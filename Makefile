@@ -31,7 +31,7 @@ test-fast: $(STAMP)  ## the test suite without the slow learning checks
 mutants:  ## mutation testing of the files [tool.mutmut] lists (docs/MUTATION.md; not in CI, installs nothing)
 	rm -rf mutants
 	$(PY) -m mutmut run --max-children 2
-	$(PY) -m mutmut results
+	$(PY) tools/mutation_report.py
 
 lint: $(STAMP)  ## ruff check
 	$(PY) -m ruff check src kernels tests benchmarks
