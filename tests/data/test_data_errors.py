@@ -49,9 +49,14 @@ def test_a_training_split_smaller_than_the_global_batch_says_both_numbers(tmp_pa
     big = write_tiny_imagenet(tmp_path / "big", per_class=(100, 1))
     dm = ImageFolderDataModule(root=str(big), num_classes=3, batch_size=280, num_workers=0, repeated_aug=True)
     dm.setup("fit")
-    with pytest.raises(DatasetError, match=r"data.repeated_aug=true draws 256 of the 300 training images per epoch "
-                                           r"\(whole multiples of 256\), fewer than one global batch"):
+    with pytest.raises(DatasetError) as caught:
         dm.train_dataloader()
+    assert str(caught.value) == (
+        "data.repeated_aug=true draws 256 of the 300 training images per epoch (whole multiples of 256), fewer than "
+        "one global batch (data.batch_size=280): set data.repeated_aug=false or data.batch_size=256 or less")
+    dm = ImageFolderDataModule(root=str(big), num_classes=3, batch_size=256, num_workers=0, repeated_aug=True)
+    dm.setup("fit")
+    assert len(dm.train_dataloader()) == 1  # exactly one batch of 256
     write_awkward_ade20k(tmp_path / "ade")  # 15 training pairs
     with pytest.raises(DatasetError, match=r"images/training has 15 training samples, fewer than one global batch "
                                            r"\(data.batch_size=16\)"):

@@ -12,8 +12,8 @@ from timm.data.distributed_sampler import RepeatAugSampler
 from torch.utils.data import DataLoader, DistributedSampler, SequentialSampler
 
 from vision_mamba.data.errors import DatasetError
-from vision_mamba.data.images import check_image
 from vision_mamba.data.imagenet import ImageFolderDataModule
+from vision_mamba.data.images import check_image
 from vision_mamba.data.resumable import ResumableDataLoader
 
 CLASSES = ["n01440764", "n01443537", "n01484850"]

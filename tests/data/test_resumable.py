@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import pytest
+import torch
+from lightning import LightningModule, Trainer
+from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.utils.data import BatchSampler, DistributedSampler, SequentialSampler
 
+from vision_mamba.callbacks.resume import ExactResume
 from vision_mamba.data.resumable import EpochRandomSampler, ResumableDataLoader
 
 N, BATCH = 23, 4  # 6 batches an epoch, the last one short
@@ -124,3 +128,36 @@ def test_resume_with_a_batch_sampler_or_no_epoch_at_all() -> None:
     lists.load_state_dict({"epoch": 0, "consumed": 1, "exhausted": False})
     assert read(lists) == [[2, 3], [4]]
     assert lists.state_dict() == {"epoch": 0, "consumed": 3, "exhausted": True}
+
+
+class _Recorder(LightningModule):
+    """Trains on nothing: records the index batches Lightning hands its training step."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.zeros(1))
+        self.seen: list[list[int]] = []
+
+    def train_dataloader(self) -> ResumableDataLoader:
+        return ResumableDataLoader(list(range(N)), batch_size=BATCH, seed=5, shuffle=True, drop_last=True)
+
+    def training_step(self, batch, batch_idx):
+        self.seen.append(batch.tolist())
+        return (self.weight * batch.float()).sum()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.0)
+
+
+def test_a_lightning_run_stopped_mid_epoch_resumes_with_the_rest_of_that_epoch(tmp_path) -> None:
+    def trainer(**kw) -> Trainer:
+        return Trainer(accelerator="cpu", max_epochs=2, logger=False, enable_progress_bar=False,
+                       enable_model_summary=False, default_root_dir=tmp_path, **kw)
+
+    epochs = [batched(distributed_order(5, e))[:-1] for e in (0, 1)]  # 5 whole batches an epoch
+    whole = _Recorder()  # saves a checkpoint after 7 steps: 2 batches into the second epoch
+    trainer(callbacks=[ExactResume(), ModelCheckpoint(tmp_path, "{step}", every_n_train_steps=7, save_top_k=-1)]).fit(whole)
+    assert whole.seen == epochs[0] + epochs[1]
+    resumed = _Recorder()
+    trainer(callbacks=[ExactResume()], enable_checkpointing=False).fit(resumed, ckpt_path=tmp_path / "step=7.ckpt")
+    assert resumed.seen == epochs[1][2:]
