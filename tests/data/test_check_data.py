@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -105,23 +106,25 @@ def test_a_bad_sample_is_named_by_its_file_and_problem_or_by_the_item_and_messag
 
 
 def _read_even(item: int) -> int:
-    """A check's reader (module level: worker processes import it): odd items are unusable."""
+    """A check's reader (module level: worker processes import it): odd items are unusable; gives its process id."""
     if item % 2:
         raise DatasetError(f"item {item} is odd")
-    return item
+    return os.getpid()
 
 
-def test_every_item_is_read_in_worker_processes_and_shown_in_the_progress_bar(capsys) -> None:
-    merged = []
-    split = SplitCheck("train", list(range(40)), _read_even, merge=merged.append)
+def test_every_item_is_read_in_worker_processes_and_shown_in_the_progress_bar(capsys, monkeypatch) -> None:
+    pids = []
+    split = SplitCheck("train", list(range(40)), _read_even, merge=pids.append)
     bad = check_splits([split], workers=2, show_progress=True)
     assert [(b.split, b.path, b.problem) for b in bad] == sorted(
         ("train", str(i), f"item {i} is odd") for i in range(1, 40, 2))
-    assert sorted(merged) == list(range(0, 40, 2))
+    assert len(pids) == 20 and os.getpid() not in pids  # merged here, read in the workers
     out = capsys.readouterr().out
     assert f"{'train':>12} " in out and " 40/40 " in out  # the split's name right-aligned, items done of the total
-    # one worker: read here, in order
-    merged.clear()
+    # one worker: read in this process; so too where the number of CPUs is unknown
+    pids.clear()
     assert len(check_splits([split], workers=1, show_progress=False)) == 20
-    assert merged == list(range(0, 40, 2))
+    monkeypatch.setattr(os, "cpu_count", lambda: None)
+    assert len(check_splits([split], show_progress=False)) == 20
+    assert pids == [os.getpid()] * 40
     assert capsys.readouterr().out == ""
