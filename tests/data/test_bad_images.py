@@ -104,7 +104,7 @@ def test_the_record_gives_back_each_skip_once_whole() -> None:
 def test_the_report_lists_skipped_files_once_per_epoch_in_the_log_and_the_run_folder(tmp_path, caplog) -> None:
     skip = BadFiles("skip")
     report = BadFileReport(skip)
-    run_dir = tmp_path / "run"  # made by the report
+    run_dir = tmp_path / "runs" / "run"  # made by the report, parents and all
     trainer = SimpleNamespace(global_rank=0, default_root_dir=str(run_dir), current_epoch=0, sanity_checking=True)
     listed = run_dir / "bad_images.txt"
 
@@ -125,17 +125,19 @@ def test_the_report_lists_skipped_files_once_per_epoch_in_the_log_and_the_run_fo
     assert len(caplog.messages) == 1
 
     trainer.current_epoch = 1
-    twelve = [f"{i:02d}" for i in range(12)]
-    met(*twelve)
+    ten = [f"{i:02d}" for i in range(10)]
+    met(*ten)
     report.on_train_epoch_end(trainer, None)
-    shown = "; ".join(f"/d/{n}.JPEG (problem {n})" for n in twelve[:10])
-    assert caplog.messages[-1] == (f"data.bad_images=skip: epoch 1 skipped 12 unusable file(s) (12 time(s)), 14 in "
-                                   f"this run so far, listed in {listed}: {shown}; and 2 more")
-    met("a")
+    shown = "; ".join(f"/d/{n}.JPEG (problem {n})" for n in ten)
+    assert caplog.messages[-1] == (f"data.bad_images=skip: epoch 1 skipped 10 unusable file(s) (10 time(s)), 12 in "
+                                   f"this run so far, listed in {listed}: {shown}")  # all ten shown
+    twelve = [f"{i:02d}" for i in range(10, 22)]
+    met("a", *twelve)
     report.on_test_epoch_end(trainer, None)
-    assert caplog.messages[-1] == (f"data.bad_images=skip: the test skipped 1 unusable file(s) (1 time(s)), 14 in this "
-                                   f"run so far, listed in {listed}: /d/a.JPEG (problem a)")
-    assert listed.read_text() == "".join(f"/d/{n}.JPEG\tproblem {n}\n" for n in sorted(twelve + ["a", "b"]))
+    shown = "; ".join(f"/d/{n}.JPEG (problem {n})" for n in ["a", *twelve[:9]])
+    assert caplog.messages[-1] == (f"data.bad_images=skip: the test skipped 13 unusable file(s) (13 time(s)), 24 in "
+                                   f"this run so far, listed in {listed}: {shown}; and 3 more")
+    assert listed.read_text() == "".join(f"/d/{n}.JPEG\tproblem {n}\n" for n in sorted(ten + twelve + ["a", "b"]))
     assert sorted(p.name for p in run_dir.iterdir()) == ["bad_images.txt"]
 
     # another process of a multi-process run lists what it met in a file of its own
@@ -143,7 +145,7 @@ def test_the_report_lists_skipped_files_once_per_epoch_in_the_log_and_the_run_fo
     other.record(BadImageError.of("/d/z.JPEG", "problem z"))
     BadFileReport(other).on_test_epoch_end(SimpleNamespace(global_rank=1, default_root_dir=str(run_dir)), None)
     assert (run_dir / "bad_images.rank1.txt").read_text() == "/d/z.JPEG\tproblem z\n"
-    assert listed.read_text().count("\n") == 14
+    assert listed.read_text().count("\n") == 24
 
 
 # ---- ImageNet, in loader workers -----------------------------------------------------------------------------------
