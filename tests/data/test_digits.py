@@ -23,23 +23,23 @@ def written(root: Path) -> dict[str, dict[int, int]]:
 
 
 def test_digits_are_written_in_the_imagenet_layout_split_by_class(tmp_path) -> None:
-    root = write_digits_imagefolder(tmp_path / "digits", val_fraction=0.25, seed=3)
+    root = write_digits_imagefolder(tmp_path / "digits", seed=3)  # a fifth for validation by default
     assert root == tmp_path / "digits"
     assert sorted(p.name for p in root.iterdir()) == [".complete", "train", "val"]
     files = written(root)
-    n_val = math.ceil(0.25 * N)  # scikit-learn rounds the test share up
+    n_val = math.ceil(0.2 * N)  # scikit-learn rounds the test share up
     assert (len(files["train"]), len(files["val"])) == (N - n_val, n_val)
     assert (root / ".complete").read_text() == f"{N - n_val} train, {n_val} val\n"
     assert sorted(files["train"] | files["val"]) == list(range(N))  # every digit once, in one split
     assert all(DIGITS.target[i] == label for split in files.values() for i, label in split.items())
     for split in files:
         assert sorted((root / split).iterdir()) == [root / split / str(c) for c in range(10)]
-    # stratified: each class's validation share within one image of a quarter
+    # stratified: each class's validation share within one image of a fifth
     per_class = np.bincount(DIGITS.target)
     val_per_class = np.bincount(list(files["val"].values()), minlength=10)
-    assert np.all(np.abs(val_per_class - 0.25 * per_class) <= 1), val_per_class
+    assert np.all(np.abs(val_per_class - 0.2 * per_class) <= 1), val_per_class
     # the split is scikit-learn's stratified one for this seed
-    expected_val = train_test_split(np.arange(N), test_size=0.25, random_state=3, stratify=DIGITS.target)[1]
+    expected_val = train_test_split(np.arange(N), test_size=0.2, random_state=3, stratify=DIGITS.target)[1]
     assert sorted(files["val"]) == sorted(expected_val)
     # 8x8 greyscale PNGs, 0-16 scaled to 0-255
     for i in (0, 1, 500, N - 1):
