@@ -3,7 +3,9 @@ skipped, counted and listed (skip), found in the main process or in loader worke
 
 from __future__ import annotations
 
+import gc
 import logging
+import os
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -15,7 +17,7 @@ from test_user_errors import assert_short_error, run
 
 from data.awkward import set_coco_entry, truncate, write_awkward_ade20k, write_awkward_coco, write_bad_images
 from vision_mamba.data.ade20k import ADE20KDataModule
-from vision_mamba.data.bad_files import MAX_IN_A_ROW, BadFileReport, BadFiles
+from vision_mamba.data.bad_files import MAX_IN_A_ROW, BadFileReport, BadFiles, _remove
 from vision_mamba.data.coco import CocoDataModule
 from vision_mamba.data.errors import BadImageError, DatasetError
 from vision_mamba.data.imagenet import ImageFolderDataModule
@@ -99,6 +101,17 @@ def test_the_record_gives_back_each_skip_once_whole() -> None:
     with open(skip.record_path, "ab") as f:
         f.write(b"ty (0 bytes)\n")
     assert skip.read_new() == [("/data/f.JPEG", "is empty (0 bytes)")]
+
+
+def test_the_record_is_removed_with_its_policy_by_the_process_that_made_it() -> None:
+    skip = BadFiles("skip")
+    path = skip.record_path
+    _remove(path, os.getpid() + 1)  # a forked loader worker's copy of the finalizer leaves it
+    assert os.path.exists(path)
+    del skip
+    gc.collect()
+    assert not os.path.exists(path)
+    _remove(path, os.getpid())  # already gone: nothing to do
 
 
 def test_the_report_lists_skipped_files_once_per_epoch_in_the_log_and_the_run_folder(tmp_path, caplog) -> None:
