@@ -3,7 +3,11 @@ skipped, counted and listed (skip), found in the main process or in loader worke
 
 from __future__ import annotations
 
+import gc
+import logging
+import os
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -13,7 +17,7 @@ from test_user_errors import assert_short_error, run
 
 from data.awkward import set_coco_entry, truncate, write_awkward_ade20k, write_awkward_coco, write_bad_images
 from vision_mamba.data.ade20k import ADE20KDataModule
-from vision_mamba.data.bad_files import MAX_IN_A_ROW, BadFiles
+from vision_mamba.data.bad_files import MAX_IN_A_ROW, BadFileReport, BadFiles, _remove
 from vision_mamba.data.coco import CocoDataModule
 from vision_mamba.data.errors import BadImageError, DatasetError
 from vision_mamba.data.imagenet import ImageFolderDataModule
@@ -75,6 +79,86 @@ def test_skip_replaces_deterministically_counts_and_gives_up_on_a_broken_dataset
     bad_at = set(range(1000))
     with pytest.raises(DatasetError, match=f"{MAX_IN_A_ROW} samples in a row from index 7 cannot be used"):
         skip.load(7, 1000, load)
+
+
+def test_the_record_gives_back_each_skip_once_whole() -> None:
+    err = BadImageError.of("/data/a photo.JPEG", "is empty (0 bytes)")
+    assert str(err) == ("/data/a photo.JPEG is empty (0 bytes): replace or delete it, or pass data.bad_images=skip to "
+                        "skip such files (python src/check_data.py lists them all)")
+    skip = BadFiles("skip")
+    skip.record(err)
+    skip.record(BadImageError.of("/data/b.JPEG", "cannot be read (decoder:\tbad\tmarker) X"))  # tabs, a last X
+    skip.record(BadImageError.of("/data/c.JPEG", "is truncated "))  # a trailing space
+    assert skip.read_new() == [("/data/a photo.JPEG", "is empty (0 bytes)"),
+                               ("/data/b.JPEG", "cannot be read (decoder:\tbad\tmarker) X"),
+                               ("/data/c.JPEG", "is truncated ")]
+    for name in ("d", "eeeeeeeeeeee"):  # each read starts where the last one ended
+        skip.record(BadImageError.of(f"/data/{name}.JPEG", "is truncated"))
+        assert skip.read_new() == [(f"/data/{name}.JPEG", "is truncated")]
+    with open(skip.record_path, "ab") as f:  # a line a worker is still writing waits for its end
+        f.write(b"/data/f.JPEG\tis emp")
+    assert skip.read_new() == []
+    with open(skip.record_path, "ab") as f:
+        f.write(b"ty (0 bytes)\n")
+    assert skip.read_new() == [("/data/f.JPEG", "is empty (0 bytes)")]
+
+
+def test_the_record_is_removed_with_its_policy_by_the_process_that_made_it() -> None:
+    skip = BadFiles("skip")
+    path = skip.record_path
+    _remove(path, os.getpid() + 1)  # a forked loader worker's copy of the finalizer leaves it
+    assert os.path.exists(path)
+    del skip
+    gc.collect()
+    assert not os.path.exists(path)
+    _remove(path, os.getpid())  # already gone: nothing to do
+
+
+def test_the_report_lists_skipped_files_once_per_epoch_in_the_log_and_the_run_folder(tmp_path, caplog) -> None:
+    skip = BadFiles("skip")
+    report = BadFileReport(skip)
+    run_dir = tmp_path / "runs" / "run"  # made by the report, parents and all
+    trainer = SimpleNamespace(global_rank=0, default_root_dir=str(run_dir), current_epoch=0, sanity_checking=True)
+    listed = run_dir / "bad_images.txt"
+
+    def met(*names: str) -> None:
+        for name in names:
+            skip.record(BadImageError.of(f"/d/{name}.JPEG", f"problem {name}"))
+
+    caplog.set_level(logging.WARNING, logger="vision_mamba.data.bad_files")
+    met("b", "a", "b")
+    report.on_validation_epoch_end(trainer, None)  # the sanity check: reported with the first epoch
+    assert caplog.messages == [] and not run_dir.exists()
+    trainer.sanity_checking = False
+    report.on_validation_epoch_end(trainer, None)
+    assert caplog.messages == [f"data.bad_images=skip: epoch 0 skipped 2 unusable file(s) (3 time(s)), 2 in this run "
+                               f"so far, listed in {listed}: /d/b.JPEG (problem b); /d/a.JPEG (problem a)"]
+    assert listed.read_text() == "/d/a.JPEG\tproblem a\n/d/b.JPEG\tproblem b\n"
+    report.on_train_epoch_end(trainer, None)  # nothing new since: no line
+    assert len(caplog.messages) == 1
+
+    trainer.current_epoch = 1
+    ten = [f"{i:02d}" for i in range(10)]
+    met(*ten)
+    report.on_train_epoch_end(trainer, None)
+    shown = "; ".join(f"/d/{n}.JPEG (problem {n})" for n in ten)
+    assert caplog.messages[-1] == (f"data.bad_images=skip: epoch 1 skipped 10 unusable file(s) (10 time(s)), 12 in "
+                                   f"this run so far, listed in {listed}: {shown}")  # all ten shown
+    twelve = [f"{i:02d}" for i in range(10, 22)]
+    met("a", *twelve)
+    report.on_test_epoch_end(trainer, None)
+    shown = "; ".join(f"/d/{n}.JPEG (problem {n})" for n in ["a", *twelve[:9]])
+    assert caplog.messages[-1] == (f"data.bad_images=skip: the test skipped 13 unusable file(s) (13 time(s)), 24 in "
+                                   f"this run so far, listed in {listed}: {shown}; and 3 more")
+    assert listed.read_text() == "".join(f"/d/{n}.JPEG\tproblem {n}\n" for n in sorted(ten + twelve + ["a", "b"]))
+    assert sorted(p.name for p in run_dir.iterdir()) == ["bad_images.txt"]
+
+    # another process of a multi-process run lists what it met in a file of its own
+    other = BadFiles("skip")
+    other.record(BadImageError.of("/d/z.JPEG", "problem z"))
+    BadFileReport(other).on_test_epoch_end(SimpleNamespace(global_rank=1, default_root_dir=str(run_dir)), None)
+    assert (run_dir / "bad_images.rank1.txt").read_text() == "/d/z.JPEG\tproblem z\n"
+    assert listed.read_text().count("\n") == 24
 
 
 # ---- ImageNet, in loader workers -----------------------------------------------------------------------------------

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -14,7 +15,7 @@ from test_user_errors import run
 from check_data import check
 from data.awkward import set_coco_entry, truncate, write_awkward_ade20k, write_awkward_coco, write_bad_images
 from vision_mamba.data.ade20k import ADE20KDataModule
-from vision_mamba.data.check import check_splits
+from vision_mamba.data.check import SplitCheck, check_splits
 from vision_mamba.data.coco import CocoDataModule
 from vision_mamba.data.errors import DatasetError
 
@@ -102,3 +103,28 @@ def test_a_bad_sample_is_named_by_its_file_and_problem_or_by_the_item_and_messag
     assert _read_one(read, "odd") == (("odd", "labels out of range"), None)
     assert names_list([]) == "none" and names_list(["a", "b"], shown=2) == "a, b"
     assert names_list(["a", "b", "c"], shown=2) == "a, b and 1 more"
+
+
+def _read_even(item: int) -> int:
+    """A check's reader (module level: worker processes import it): odd items are unusable; gives its process id."""
+    if item % 2:
+        raise DatasetError(f"item {item} is odd")
+    return os.getpid()
+
+
+def test_every_item_is_read_in_worker_processes_and_shown_in_the_progress_bar(capsys, monkeypatch) -> None:
+    pids = []
+    split = SplitCheck("train", list(range(40)), _read_even, merge=pids.append)
+    bad = check_splits([split], workers=2, show_progress=True)
+    assert [(b.split, b.path, b.problem) for b in bad] == sorted(
+        ("train", str(i), f"item {i} is odd") for i in range(1, 40, 2))
+    assert len(pids) == 20 and os.getpid() not in pids  # merged here, read in the workers
+    out = capsys.readouterr().out
+    assert f"{'train':>12} " in out and " 40/40 " in out  # the split's name right-aligned, items done of the total
+    # one worker: read in this process; so too where the number of CPUs is unknown
+    pids.clear()
+    assert len(check_splits([split], workers=1, show_progress=False)) == 20
+    monkeypatch.setattr(os, "cpu_count", lambda: None)
+    assert len(check_splits([split], show_progress=False)) == 20
+    assert pids == [os.getpid()] * 40
+    assert capsys.readouterr().out == ""

@@ -31,7 +31,7 @@ def write_digits_imagefolder(root: str | Path, val_fraction: float = 0.2, seed: 
             for i in indices:
                 class_dir = folder / split / str(digits.target[i])
                 class_dir.mkdir(parents=True, exist_ok=True)
-                Image.fromarray(images[i], mode="L").save(class_dir / f"digit_{i:04d}.png")
+                Image.fromarray(images[i]).save(class_dir / f"digit_{i:04d}.png")  # 2-D uint8: greyscale ("L")
         return f"{len(idx_train)} train, {len(idx_val)} val"
 
     return write_dataset_once(root, write)

@@ -181,9 +181,9 @@ class ImageFolderDataModule(LightningDataModule):
 
     def state_dict(self) -> dict[str, Any]:
         """Saved in every checkpoint (Lightning keys it by this class's name): the class names in label order, so
-        src/predict.py and src/export.py name the classes even where the data folders are gone."""
-        data = self.data_val or self.data_train
-        return {"class_names": list(data.classes)} if data is not None else {}
+        src/predict.py and src/export.py name the classes even where the data folders are gone. Every ``setup`` stage
+        builds the validation split, whose classes are the training split's: empty only before ``setup``."""
+        return {"class_names": list(self.data_val.classes)} if self.data_val is not None else {}
 
     def _loader(self, dataset, shuffle: bool, drop_last: bool, sampler=None) -> DataLoader:
         # the training loader resumes mid-epoch exactly; its shuffle seed is the one Lightning's

@@ -42,11 +42,11 @@ class ResumableDataLoader(DataLoader):
     """
 
     def __init__(self, dataset, *args: Any, seed: int = 0, **kwargs: Any) -> None:
-        if kwargs.get("shuffle") and kwargs.get("sampler") is None and kwargs.get("batch_sampler") is None:
+        # with a batch_sampler too, DataLoader refuses the sampler just as it would have refused shuffle
+        if kwargs.get("shuffle") and kwargs.get("sampler") is None:
             kwargs["shuffle"] = None
             kwargs["sampler"] = EpochRandomSampler(dataset, seed=seed)
         super().__init__(dataset, *args, **kwargs)
-        self.seed = seed
         self._fetched = 0  # batches handed out by the current iterator
         self._exhausted = False
         self._pending: dict[str, Any] | None = None  # a restored position, applied by the next __iter__
