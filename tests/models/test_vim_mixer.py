@@ -273,6 +273,15 @@ def test_route_suffixes_must_start_with_the_plain_names_and_be_unique():
         assert str(info.value) == "scan pattern 'bad': suffixes must be unique and start with ''"
 
 
+def test_routes_are_checked_and_built_on_the_cpu_whatever_the_default_device():
+    """torch.set_default_device("cuda") users: the routes are still checked on the host, then moved once."""
+    pattern = ScanPattern("test_default_device", ("", "_b"), _forward_and_reversed(row_major))
+    with torch.device("meta"):  # the default device for factory calls without one
+        routes = pattern.routes(2, 3, 3, torch.device("cpu"))
+    assert routes.index.device == torch.device("cpu") and routes.kinds == ("identity", "reverse")
+    assert routes.index.tolist() == [[0, 1, 2, 3, 4, 5, 6], [6, 5, 4, 3, 2, 1, 0]]
+
+
 # ---- the triton backend's fused ops (interpreted on the CPU) --------------------------------------------------------
 
 

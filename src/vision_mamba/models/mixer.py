@@ -153,7 +153,7 @@ class ScanPattern:
                 f"scan pattern {self.name!r} built routes of shape {tuple(index.shape)}, "
                 f"expected {(self.num_routes, length)}"
             )
-        ar = torch.arange(length)
+        ar = torch.arange(length, device=index.device)  # the index's, not the default device (set_default_device)
         if not all(torch.equal(r.sort().values, ar) for r in index):
             raise ValueError(f"scan pattern {self.name!r}: every route must be a permutation of the {length} tokens")
         return index
@@ -170,7 +170,7 @@ def route_kinds(pattern: ScanPattern, grid_h: int, grid_w: int, cls_pos: int | N
 @functools.lru_cache(maxsize=256)
 def _route_kinds(pattern: ScanPattern, grid_h: int, grid_w: int, cls_pos: int | None) -> tuple[str, ...]:
     index = pattern._checked_index(grid_h, grid_w, cls_pos)
-    ar = torch.arange(index.shape[1])
+    ar = torch.arange(index.shape[1], device=index.device)
     return tuple("identity" if torch.equal(r, ar) else "reverse" if torch.equal(r, ar.flip(0)) else "gather" for r in index)
 
 
