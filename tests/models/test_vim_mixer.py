@@ -273,6 +273,53 @@ def test_route_suffixes_must_start_with_the_plain_names_and_be_unique():
         assert str(info.value) == "scan pattern 'bad': suffixes must be unique and start with ''"
 
 
+def test_orders_keep_the_device_and_the_class_token_keeps_the_integer_dtype():
+    meta = torch.device("meta")
+    assert row_major(2, 3, meta).device == meta and column_major(2, 3, meta).device == meta
+    tokens = with_class_token(row_major(2, 3, meta), 3)
+    assert tokens.device == meta and tokens.dtype == torch.int64
+    # the routes index tokens: a float class entry would turn the whole route into floats
+    tokens = with_class_token(torch.tensor([5, 0, 3, 1]), 2)  # patch p is token p + (p >= 2); the class token is 2
+    assert tokens.dtype == torch.int64 and tokens.tolist() == [6, 0, 2, 4, 1]
+
+
+def test_routes_carry_int32_copies_of_both_maps_for_the_kernels():
+    # a fresh pattern: its routes are built here, not taken from another test's cache
+    pattern = ScanPattern("test_int32", ("", "_b", "_c", "_cb"), _forward_and_reversed(row_major, column_major))
+    routes = pattern.routes(2, 3, 3, torch.device("cpu"))
+    assert routes.index[3].tolist() == [6, 2, 5, 3, 1, 4, 0]
+    assert routes.inverse[3].tolist() == [6, 4, 1, 3, 5, 2, 0]  # token t is visited at step inverse[t]
+    assert routes.index.dtype == routes.inverse.dtype == torch.int64
+    assert routes.index32.dtype == routes.inverse32.dtype == torch.int32
+    assert torch.equal(routes.index32.long(), routes.index) and torch.equal(routes.inverse32.long(), routes.inverse)
+
+
+def test_routes_are_checked_and_built_on_the_cpu_whatever_the_default_device():
+    """torch.set_default_device("cuda") users: the routes are still checked on the host, then moved once."""
+    pattern = ScanPattern("test_default_device", ("", "_b"), _forward_and_reversed(row_major))
+    with torch.device("meta"):  # the default device for factory calls without one
+        routes = pattern.routes(2, 3, 3, torch.device("cpu"))
+    assert routes.index.device == torch.device("cpu") and routes.kinds == ("identity", "reverse")
+    assert routes.index.tolist() == [[0, 1, 2, 3, 4, 5, 6], [6, 5, 4, 3, 2, 1, 0]]
+
+
+def test_a_bad_route_builder_is_named_with_what_it_built():
+    def wrong_length(h, w, cls_pos, device=None):
+        return torch.stack([torch.arange(h * w, device=device)] * 2)  # forgets the class token
+
+    def repeats_a_token(h, w, cls_pos, device=None):
+        route = torch.arange(h * w + 1, device=device)
+        route[-1] = 0
+        return torch.stack([route, route.flip(0)])
+
+    with pytest.raises(ValueError) as info:
+        ScanPattern("short", ("", "_b"), wrong_length).routes(2, 3, 3, torch.device("cpu"))
+    assert str(info.value) == "scan pattern 'short' built routes of shape (2, 6), expected (2, 7)"
+    with pytest.raises(ValueError) as info:
+        ScanPattern("repeats", ("", "_b"), repeats_a_token).routes(2, 3, 3, torch.device("cpu"))
+    assert str(info.value) == "scan pattern 'repeats': every route must be a permutation of the 7 tokens"
+
+
 # ---- the triton backend's fused ops (interpreted on the CPU) --------------------------------------------------------
 
 

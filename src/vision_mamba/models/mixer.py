@@ -90,8 +90,6 @@ class ScanRoutes(NamedTuple):
     index32: torch.Tensor
     inverse32: torch.Tensor
     kinds: tuple[str, ...]
-    grid: tuple[int, int]
-    cls_pos: int | None
 
     @property
     def num_routes(self) -> int:
@@ -127,7 +125,7 @@ class ScanPattern:
         ops on the device inside the graph (no host-to-device copy, so CUDA graphs can capture it)."""
         if torch.compiler.is_compiling():
             index = self.build(grid_h, grid_w, cls_pos, device)
-            return self._routes_of(index, route_kinds(self, grid_h, grid_w, cls_pos), grid_h, grid_w, cls_pos)
+            return self._routes_of(index, route_kinds(self, grid_h, grid_w, cls_pos))
         return self._cached_routes(grid_h, grid_w, cls_pos, torch.device(device))
 
     @functools.lru_cache(maxsize=64)  # noqa: B019 - patterns are module-level singletons
@@ -137,13 +135,13 @@ class ScanPattern:
         with torch.inference_mode(False):
             index = self._checked_index(grid_h, grid_w, cls_pos)
             kinds = route_kinds(self, grid_h, grid_w, cls_pos)
-            return self._routes_of(index.to(device), kinds, grid_h, grid_w, cls_pos)
+            return self._routes_of(index.to(device), kinds)
 
     @staticmethod
-    def _routes_of(index, kinds, grid_h, grid_w, cls_pos) -> ScanRoutes:
+    def _routes_of(index, kinds) -> ScanRoutes:
         inverse = torch.argsort(index, dim=1)
         i32 = torch.int32
-        return ScanRoutes(index, inverse, index.to(i32), inverse.to(i32), kinds, (grid_h, grid_w), cls_pos)
+        return ScanRoutes(index, inverse, index.to(i32), inverse.to(i32), kinds)
 
     def _checked_index(self, grid_h: int, grid_w: int, cls_pos: int | None) -> torch.Tensor:
         index = self.build(grid_h, grid_w, cls_pos, torch.device("cpu")).long()
@@ -153,7 +151,7 @@ class ScanPattern:
                 f"scan pattern {self.name!r} built routes of shape {tuple(index.shape)}, "
                 f"expected {(self.num_routes, length)}"
             )
-        ar = torch.arange(length)
+        ar = torch.arange(length, device=index.device)  # the index's, not the default device (set_default_device)
         if not all(torch.equal(r.sort().values, ar) for r in index):
             raise ValueError(f"scan pattern {self.name!r}: every route must be a permutation of the {length} tokens")
         return index
@@ -170,7 +168,7 @@ def route_kinds(pattern: ScanPattern, grid_h: int, grid_w: int, cls_pos: int | N
 @functools.lru_cache(maxsize=256)
 def _route_kinds(pattern: ScanPattern, grid_h: int, grid_w: int, cls_pos: int | None) -> tuple[str, ...]:
     index = pattern._checked_index(grid_h, grid_w, cls_pos)
-    ar = torch.arange(index.shape[1])
+    ar = torch.arange(index.shape[1], device=index.device)
     return tuple("identity" if torch.equal(r, ar) else "reverse" if torch.equal(r, ar.flip(0)) else "gather" for r in index)
 
 
