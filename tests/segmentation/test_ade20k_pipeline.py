@@ -17,6 +17,7 @@ from vision_mamba.data.ade20k import (
     CatMaxRatioCrop,
     check_labels,
     label_lut,
+    list_pairs,
     photometric_distortion,
     resolve_root,
 )
@@ -245,3 +246,20 @@ def test_a_root_with_only_images_or_nothing_is_refused_naming_the_layout(tmp_pat
     with pytest.raises(DatasetError) as caught:
         resolve_root(tmp_path / "nope")
     assert str(caught.value) == f"data.root={tmp_path / 'nope'} does not exist ({hint})"
+
+
+def test_pairs_are_the_image_files_with_their_masks_and_a_missing_mask_is_named(tmp_path) -> None:
+    base = tmp_path / "ADEChallengeData2016"
+    write_pairs(base, "training", [label_pattern()] * 2)
+    (base / "images" / "training" / "index.txt").write_text("not an image")  # other files and folders are not images
+    (base / "images" / "training" / "folder.jpg").mkdir()
+    (base / "images" / "training" / "ADE_0002.JPG").write_bytes((base / "images" / "training" / "ADE_0000.png")
+                                                               .read_bytes())
+    with pytest.raises(DatasetError) as caught:
+        list_pairs(base, "training")
+    image, mask = base / "images" / "training" / "ADE_0002.JPG", base / "annotations" / "training" / "ADE_0002.png"
+    assert str(caught.value) == (f"{image} has no annotation {mask}: every image needs a mask of the same name "
+                                 "(or remove the image)")
+    (base / "images" / "training" / "ADE_0002.JPG").unlink()
+    assert [(i.name, m.name) for i, m in list_pairs(base, "training")] == [("ADE_0000.png", "ADE_0000.png"),
+                                                                          ("ADE_0001.png", "ADE_0001.png")]
