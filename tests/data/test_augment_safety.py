@@ -89,6 +89,11 @@ def test_posterize_keeps_the_high_bits_and_zero_bits_is_black() -> None:
     assert not np.asarray(posterize(img, -4)).any() and posterize(img, 12) is img
 
 
+def test_hardened_transform_prints_its_rgb_step_first() -> None:
+    printed = repr(classification_transform(is_training=False, input_size=32))
+    assert printed.startswith("Compose(\n    ToRGB()\n    Resize(")
+
+
 @pytest.mark.parametrize("data", ["imagenet", "digits"])
 def test_recipe_transforms_take_any_mode_and_size(data: str) -> None:
     """The configured train and eval transforms, built by the datamodule, on every mode and size."""

@@ -21,7 +21,7 @@ from vision_mamba.data.bad_files import MAX_IN_A_ROW, BadFileReport, BadFiles, _
 from vision_mamba.data.coco import CocoDataModule
 from vision_mamba.data.errors import BadImageError, DatasetError
 from vision_mamba.data.imagenet import ImageFolderDataModule
-from vision_mamba.data.images import read_mask, read_rgb
+from vision_mamba.data.images import check_image, read_mask, read_rgb
 
 PROBLEMS = {"truncated": "is truncated", "corrupt": "cannot be read (OSError: ", "text": "is not an image",
             "empty": "is empty"}
@@ -45,8 +45,20 @@ def test_truncated_and_non_index_masks_are_bad_files(tmp_path) -> None:
     with pytest.raises(BadImageError, match=r"mask\.png is truncated"):
         read_mask(truncate(tmp_path / "mask.png"))
     Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(tmp_path / "rgb.png")
-    with pytest.raises(BadImageError, match=r"rgb\.png is a RGB image, not a single-channel class-index mask"):
+    with pytest.raises(BadImageError) as caught:
         read_mask(tmp_path / "rgb.png")
+    assert str(caught.value) == (f"{tmp_path / 'rgb.png'} is a RGB image, not a single-channel class-index mask: "
+                                 "save it as a single-channel (L or P) PNG of class indices, or pass "
+                                 "data.bad_images=skip to skip such files (python src/check_data.py lists them all)")
+
+
+def test_the_data_check_reads_an_image_as_the_loaders_do(tmp_path) -> None:
+    Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(tmp_path / "good.png")
+    assert check_image(tmp_path / "good.png") is None
+    (tmp_path / "empty.jpg").write_bytes(b"")
+    with pytest.raises(BadImageError) as caught:
+        check_image(tmp_path / "empty.jpg")
+    assert caught.value.path == str(tmp_path / "empty.jpg") and caught.value.problem == "is empty (0 bytes)"
 
 
 def test_nothing_we_import_lets_pillow_accept_truncated_files() -> None:

@@ -59,6 +59,13 @@ def test_training_loss_is_torch_cross_entropy_ignoring_255_plus_the_weighted_aux
     assert loss.item() == pytest.approx(want.item(), rel=1e-6)
 
 
+def test_calling_the_task_is_the_segmentor_on_the_images() -> None:
+    logits = torch.randn(1, 3, 4, 4)
+    net = TwoHeads(logits, logits)
+    images = torch.rand(1, 3, 4, 4)
+    assert torch.equal(task_for(net, 3)(images), logits) and net.inputs == [images]
+
+
 def test_a_batch_with_no_labelled_pixel_gives_zero_loss_and_zero_gradients() -> None:
     net = TwoHeads(torch.randn(1, 3, 4, 4), torch.randn(1, 3, 4, 4))
     loss = task_for(net, 3).training_step((torch.zeros(1, 3, 4, 4), torch.full((1, 4, 4), 255)), 0)

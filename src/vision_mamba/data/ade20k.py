@@ -186,7 +186,7 @@ class SegmentationFolder(Dataset):
     """
 
     def __init__(self, pairs: list[tuple[Path, Path]], transform: A.Compose, num_classes: int,
-                 reduce_zero_label: bool = True, resize_image: A.BasicTransform | None = None,
+                 reduce_zero_label: bool, resize_image: A.BasicTransform | None = None,
                  bad_files: BadFiles | None = None) -> None:
         self.pairs, self.transform, self.num_classes = pairs, transform, num_classes
         self.reduce_zero_label = reduce_zero_label

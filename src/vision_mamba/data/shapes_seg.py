@@ -27,7 +27,13 @@ def _shape_polygon(kind: int, cx: float, cy: float, r: float, angle: float) -> l
 
 def draw_sample(rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.ndarray]:
     """One noisy RGB image (size, size, 3) and its ADE20K-style mask: 1 = background, 2/3/4 = circle/square/triangle
-    (0, "other", is never used: background is a real class, so mIoU also scores where shapes are *not*)."""
+    (0, "other", is never used: background is a real class, so mIoU also scores where shapes are *not*).
+
+    The background: a colour of 51-200 per channel, a left-to-right gradient of up to +-30 per channel from the centre
+    column to the edges, noise of sigma 18. On it 1-3 shapes (each later one on top), each one flat colour in its
+    class's hue band (``HUES`` +- ``HUE_SPREAD`` degrees, saturation and value 0.6-1), of radius 12-25% of the side
+    (a triangle's corners 1.15 times as far out), circles and squares wholly inside. Over all: noise of sigma 8.
+    """
     base = rng.uniform(60, 200, 3)
     ramp = np.linspace(-1, 1, size)[None, :, None] * rng.uniform(-30, 30, 3)  # a colour gradient
     image = np.clip(base * rng.uniform(0.85, 1.0) + ramp + rng.normal(0, 18, (size, size, 3)), 0, 255)
@@ -53,8 +59,7 @@ def draw_sample(rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.nda
     return np.clip(noisy, 0, 255).astype(np.uint8), np.asarray(mask)
 
 
-def write_shapes_ade20k(root: str | Path, num_train: int = 800, num_val: int = 200, size: int = 64,
-                        seed: int = 0) -> Path:
+def write_shapes_ade20k(root: str | Path, num_train: int, num_val: int, size: int, seed: int = 0) -> Path:
     """Write root/ADEChallengeData2016/{images,annotations}/{training,validation}/ once (JPEG images, PNG masks).
 
     Written under a temporary name and renamed at the end, so an interrupted write never leaves a partial dataset.
