@@ -3,9 +3,9 @@ unexplained.
 
     python tools/mutation_report.py [--doc docs/MUTATION.md]     run where `make mutants` ran (mutmut's mutants/)
 
-A surviving mutant counts as *equivalent* or *needs CUDA/DDP* when the report's section of that name lists it: a
-bullet under the file's `vision_mamba/<file>.py:` line that names the function in backticks first (`func` or
-`Class.method`; a method may be named alone) and ends with the mutant numbers in parentheses, e.g. `(3, 5)`.
+A surviving mutant counts as *equivalent*, *needs CUDA/DDP* or *spec allows* when the report's section of that name
+lists it: a bullet under the file's `vision_mamba/<file>.py:` line that names the function in backticks first (`func`
+or `Class.method`; a method may be named alone) and ends with the mutant numbers in parentheses, e.g. `(3, 5)`.
 Every other survivor is printed, one per line, and makes the exit status 1.
 """
 
@@ -18,10 +18,11 @@ import sys
 from collections import Counter, defaultdict
 from pathlib import Path
 
-SECTIONS = {"## Equivalent mutants": "equivalent", "## Survivors that need CUDA or several processes": "needs CUDA/DDP"}
+SECTIONS = {"## Equivalent mutants": "equivalent", "## Survivors that need CUDA or several processes": "needs CUDA/DDP",
+            "## Survivors the specification allows": "spec allows"}
 STATUSES = {"killed": "killed", "timeout": "timeout", "no tests": "no tests", "not checked": "not run",
             "survived": "survived", "suspicious": "timeout", "segfault": "killed", "skipped": "not run"}
-COLUMNS = ["killed", "equivalent", "needs CUDA/DDP", "survived", "timeout", "no tests", "not run"]
+COLUMNS = ["killed", "equivalent", "needs CUDA/DDP", "spec allows", "survived", "timeout", "no tests", "not run"]
 MUTANT = re.compile(r"^(?P<module>[\w.]+)\.x(?:ǁ(?P<cls>\w+)ǁ|_)(?P<func>\w+?)__mutmut_(?P<n>\d+)$")
 
 
