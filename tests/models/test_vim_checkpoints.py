@@ -461,3 +461,94 @@ def test_keys_and_shapes_that_do_not_fit_are_listed_in_short(tmp_path, caplog):
     with caplog.at_level(logging.INFO):
         report = load_pretrained(Plain(layers=7), path, strict_backbone=False)
     assert messages(caplog) == [expected + " (left at their init)"] and len(report.missing) == 6
+
+
+# --- what check_checkpoint_file and load_checkpoint refuse, message by message -------------------------------------
+
+REFUSED = ("only tensors, plain containers and argparse.Namespace are loaded (torch.load weights_only=True): "
+           "unpickling anything else could run code, so this file is refused")
+
+
+def refused_with(path, check=check_checkpoint_file) -> str:
+    with pytest.raises(CheckpointError) as caught:
+        check(path)
+    return str(caught.value)
+
+
+def test_a_run_folder_points_at_its_last_checkpoint(tmp_path) -> None:
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    assert refused_with(run) == f"{run}: is a folder, not a checkpoint file"
+    torch.save({}, run / "checkpoints" / "last.ckpt")
+    assert refused_with(run) == f"{run}: is a folder, not a checkpoint file (did you mean {run}/checkpoints/last.ckpt?)"
+
+
+def test_text_and_foreign_files_are_named_by_their_first_bytes(tmp_path) -> None:
+    advice = "; give a .ckpt written by train.py or an official .pth"
+    text = tmp_path / "notes.ckpt"
+    text.write_text("version https://git-lfs.github.com/spec/v1\noid sha256:0\n")  # a Git LFS pointer
+    # its first line, cut at 40 characters
+    assert refused_with(text) == (f"{text}: not a readable torch checkpoint: a text file (it begins "
+                                  f"'version https://git-lfs.github.com/spec/'){advice}")
+    # only the first 64 bytes are read: a text head followed by binary bytes is still named as text
+    headed = tmp_path / "headed.ckpt"
+    headed.write_bytes(b"x" * 64 + bytes(range(32)))
+    assert refused_with(headed) == (f"{headed}: not a readable torch checkpoint: a text file (it begins "
+                                    f"'{'x' * 40}'){advice}")
+    foreign = tmp_path / "image.ckpt"
+    foreign.write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(range(100)))
+    assert refused_with(foreign) == (f"{foreign}: not a readable torch checkpoint: an unknown format (it begins "
+                                     f"b'\\x89PNG\\r\\n\\x1a\\n'){advice}")
+
+
+def test_a_truncated_zip_checkpoint_gives_its_size(tmp_path) -> None:
+    path = tmp_path / "cut.ckpt"
+    torch.save({"w": torch.zeros(1000)}, path)
+    path.write_bytes(path.read_bytes()[:2000])  # the zip directory sits at the end
+    assert refused_with(path) == (f"{path}: not a readable torch checkpoint: truncated or damaged (2000 bytes, no "
+                                  "complete zip directory; an interrupted copy or save?): use another checkpoint")
+
+
+def test_several_refused_types_name_one_of_the_files_own_first(tmp_path) -> None:
+    import collections
+    import decimal
+    import fractions
+
+    # refused: builtins.range and collections.deque (first by name), decimal.Decimal and fractions.Fraction; a type
+    # of the file's own is named first, builtins/typing/collections entries last
+    path = tmp_path / "objects.ckpt"
+    torch.save({"r": range(3), "q": collections.deque([1]), "d": decimal.Decimal("1.5"),
+                "f": fractions.Fraction(1, 3)}, path)
+    assert refused_with(path) == f"{path}: holds decimal.Decimal (and 3 other types); {REFUSED}"
+    assert refused_with(path, load_checkpoint) == f"{path}: holds decimal.Decimal (and 3 other types); {REFUSED}"
+    two = tmp_path / "two.ckpt"
+    torch.save({"f": fractions.Fraction(1, 3), "d": decimal.Decimal("1.5")}, two)
+    assert refused_with(two) == f"{two}: holds decimal.Decimal (and 1 other types); {REFUSED}"
+    one = tmp_path / "one.ckpt"
+    torch.save({"f": fractions.Fraction(1, 3)}, one)
+    assert refused_with(one) == f"{one}: holds fractions.Fraction; {REFUSED}"
+
+
+def test_a_pickle_refused_without_a_global_says_so(tmp_path) -> None:
+    # EXT1 (copyreg's extension registry) names no module: the weights_only unpickler refuses the instruction
+    path = tmp_path / "ext.pth"
+    path.write_bytes(b"\x80\x02\x82\x01.")
+    assert refused_with(path, load_checkpoint) == (
+        f"{path}: holds pickle instructions that weights_only loading refuses; {REFUSED}")
+
+
+def test_a_damaged_legacy_checkpoint_and_a_non_dict_are_one_line_each(tmp_path) -> None:
+    legacy = tmp_path / "legacy.pth"
+    torch.save({"w": torch.zeros(3)}, legacy, _use_new_zipfile_serialization=False)
+    legacy.write_bytes(legacy.read_bytes()[:40])
+    try:  # torch's own error for these bytes, as load_checkpoint's message quotes it
+        torch.load(legacy, weights_only=True)
+    except Exception as e:  # noqa: BLE001
+        first_line = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        quoted = f"{type(e).__name__}: {first_line[:157]}" if first_line else type(e).__name__
+    assert refused_with(legacy, load_checkpoint) == (
+        f"{legacy}: not a readable torch checkpoint (truncated or damaged?) ({quoted})")
+    listed = tmp_path / "list.pth"
+    torch.save([torch.zeros(1)], listed)
+    assert refused_with(listed, load_checkpoint) == (
+        f"{listed}: holds a list, not a checkpoint (a dict of tensors and values)")
