@@ -290,6 +290,8 @@ CRAFTED = {
     "a memo slot holding no string": PROTO2 + text("a") + op(pickle.BINPUT, b"\x00", pickle.EMPTY_DICT, pickle.BINPUT)
     + b"\x01" + op(pickle.POP, pickle.POP) + text("posix") + op(pickle.BINGET, b"\x01", pickle.POP) + text("system")
     + op(pickle.FRAME, (0).to_bytes(8, "little")) + CALL,
+    "a number pushed and popped between the name and the call": PROTO2 + text("posix") + text("system")
+    + op(pickle.BININT1, b"\x05", pickle.POP) + CALL,
 }
 
 
@@ -332,6 +334,25 @@ def test_a_torch_archive_with_a_crafted_pickle_record_is_refused_naming_the_glob
     with pytest.raises(CheckpointError) as info:
         check_checkpoint_file(tmp_path / "crafted.pt")
     assert str(info.value) == _refusal(tmp_path / "crafted.pt", "posix.system")
+
+
+def test_a_torch_archive_whose_record_has_no_global_says_what_torch_save_never_writes(tmp_path):
+    archive = io.BytesIO()
+    torch.save({"w": torch.ones(2)}, archive)
+    with zipfile.ZipFile(archive) as src, zipfile.ZipFile(tmp_path / "odd.pt", "w") as dst:
+        for name in src.namelist():  # a protocol-4 record (FRAME, MEMOIZE) naming no global
+            dst.writestr(name, pickle.dumps({"w": 1}, protocol=4) if name.endswith("/data.pkl") else src.read(name))
+    with pytest.raises(CheckpointError) as info:
+        check_checkpoint_file(tmp_path / "odd.pt")
+    assert str(info.value) == _refusal(tmp_path / "odd.pt", "pickle instructions that torch.save never writes")
+
+
+def test_an_empty_file_is_refused_as_a_write_that_never_finished(tmp_path):
+    (tmp_path / "empty.ckpt").write_bytes(b"")
+    with pytest.raises(CheckpointError) as info:
+        check_checkpoint_file(tmp_path / "empty.ckpt")
+    assert str(info.value) == (f"{tmp_path / 'empty.ckpt'}: not a readable torch checkpoint: empty (0 bytes; its "
+                               "write never finished?)")
 
 
 def test_a_pickle_without_a_global_or_damaged_gives_no_name():
@@ -513,6 +534,8 @@ def test_several_refused_types_name_one_of_the_files_own_first(tmp_path) -> None
     import collections
     import decimal
     import fractions
+    import typing
+    import uuid
 
     # refused: builtins.range and collections.deque (first by name), decimal.Decimal and fractions.Fraction; a type
     # of the file's own is named first, builtins/typing/collections entries last
@@ -521,6 +544,9 @@ def test_several_refused_types_name_one_of_the_files_own_first(tmp_path) -> None
                 "f": fractions.Fraction(1, 3)}, path)
     assert refused_with(path) == f"{path}: holds decimal.Decimal (and 3 other types); {REFUSED}"
     assert refused_with(path, load_checkpoint) == f"{path}: holds decimal.Decimal (and 3 other types); {REFUSED}"
+    typed = tmp_path / "typed.ckpt"  # typing.List sorts before uuid.UUID by name, and is named after it
+    torch.save({"t": typing.List, "u": uuid.UUID(int=1)}, typed)  # noqa: UP006 (the typing object is the point)
+    assert refused_with(typed) == f"{typed}: holds uuid.UUID (and 1 other types); {REFUSED}"
     two = tmp_path / "two.ckpt"
     torch.save({"f": fractions.Fraction(1, 3), "d": decimal.Decimal("1.5")}, two)
     assert refused_with(two) == f"{two}: holds decimal.Decimal (and 1 other types); {REFUSED}"

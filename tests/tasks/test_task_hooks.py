@@ -104,11 +104,11 @@ class Tiny(nn.Module):
     def __init__(self, width: int = 4, classes: int = 5) -> None:
         super().__init__()
         self.pos_embed = nn.Parameter(torch.zeros(1, 3, width))
-        self.layers = nn.ModuleList(nn.Linear(width, width) for _ in range(2))
+        self.layers = nn.ModuleList(nn.Linear(width, width) for _ in range(3))
         self.head = nn.Linear(width, classes)
 
 
-OURS = "Tiny (embed 4, depth 2, 5 classes)"
+OURS = "Tiny (embed 4, depth 3, 5 classes)"
 ADVICE = ("Give the model and data settings it was trained with (resuming inside its run folder does: "
           "hydra.run.dir=<run> ckpt_path=last), or load only its network weights with model.pretrained=<checkpoint>")
 
@@ -123,7 +123,7 @@ def refusal(checkpoint: dict, ckpt_path: str | None = None, trainer: bool = True
 
 
 def state_of(net: nn.Module) -> dict[str, torch.Tensor]:
-    """A task's weights: the network's under net., and the best-so-far metric (8 tensors for Tiny)."""
+    """A task's weights: the network's under net., and the best-so-far metric (10 tensors for Tiny)."""
     return task_with(net).state_dict()
 
 
@@ -140,20 +140,20 @@ def test_weights_of_another_width_are_refused_naming_both_networks_and_three_dif
     # every tensor but head.bias (5 classes either way) depends on the width
     checkpoint = {"state_dict": state_of(Tiny(width=6)), "net_architecture": "vim_small_patch16_224"}
     assert refusal(checkpoint, ckpt_path="runs/a/checkpoints/last.ckpt") == (
-        "runs/a/checkpoints/last.ckpt: checkpoint of a vim_small_patch16_224 (embed 6, depth 2, 5 classes), "
-        f"this run builds a {OURS}: 6 of 8 tensors differ in shape, e.g. net.pos_embed (1, 3, 6) vs (1, 3, 4), "
+        "runs/a/checkpoints/last.ckpt: checkpoint of a vim_small_patch16_224 (embed 6, depth 3, 5 classes), "
+        f"this run builds a {OURS}: 8 of 10 tensors differ in shape, e.g. net.pos_embed (1, 3, 6) vs (1, 3, 4), "
         f"net.layers.0.weight (6, 6) vs (4, 4), net.layers.0.bias (6,) vs (4,). {ADVICE}"
     )
 
 
 def test_missing_and_unexpected_tensors_are_counted_with_three_examples_each() -> None:
     theirs = state_of(Tiny())
-    for i in range(2):  # a checkpoint whose blocks are named differently
+    for i in range(2):  # a checkpoint whose first two blocks are named differently: its depth reads as 1
         theirs[f"net.blocks.{i}.weight"] = theirs.pop(f"net.layers.{i}.weight")
         theirs[f"net.blocks.{i}.bias"] = theirs.pop(f"net.layers.{i}.bias")
     # no trainer (LightningModule.load_from_checkpoint) and no architecture saved (an older checkpoint)
     assert refusal({"state_dict": theirs}, trainer=False) == (
-        f"the checkpoint: checkpoint of a network (embed 4, 5 classes), this run builds a {OURS}: "
+        f"the checkpoint: checkpoint of a network (embed 4, depth 1, 5 classes), this run builds a {OURS}: "
         "4 tensors of this model are missing, e.g. net.layers.0.weight, net.layers.0.bias, net.layers.1.weight; "
         "4 tensors the model does not have, e.g. net.blocks.0.weight, net.blocks.0.bias, net.blocks.1.weight. "
         f"{ADVICE}"
@@ -165,8 +165,8 @@ def test_shape_missing_and_unexpected_problems_are_all_named() -> None:
     del theirs["net.layers.1.bias"]
     theirs["net.extra"] = torch.zeros(1)
     assert refusal({"state_dict": theirs}, ckpt_path="x.ckpt") == (
-        "x.ckpt: checkpoint of a network (embed 4, depth 2, 7 classes), "
-        f"this run builds a {OURS}: 2 of 8 tensors differ in shape, e.g. net.head.weight (7, 4) vs (5, 4), "
+        "x.ckpt: checkpoint of a network (embed 4, depth 3, 7 classes), "
+        f"this run builds a {OURS}: 2 of 10 tensors differ in shape, e.g. net.head.weight (7, 4) vs (5, 4), "
         "net.head.bias (7,) vs (5,); 1 tensors of this model are missing, e.g. net.layers.1.bias; "
         f"1 tensors the model does not have, e.g. net.extra. {ADVICE}"
     )
@@ -174,7 +174,7 @@ def test_shape_missing_and_unexpected_problems_are_all_named() -> None:
 
 def test_a_checkpoint_without_weights_is_refused() -> None:
     assert refusal({"epoch": 3}, ckpt_path="x.ckpt") == (
-        f"x.ckpt: checkpoint of a network, this run builds a {OURS}: 8 tensors of this model are missing, "
+        f"x.ckpt: checkpoint of a network, this run builds a {OURS}: 10 tensors of this model are missing, "
         f"e.g. net.pos_embed, net.layers.0.weight, net.layers.0.bias. {ADVICE}"
     )
 

@@ -187,7 +187,7 @@ def _describe(architecture: str | None, state: dict[str, Any]) -> str:
     embed = next((v.shape[-1] for k, v in state.items() if k.endswith("pos_embed")), None)
     if embed is not None:
         sizes.append(f"embed {embed}")
-    layers = {k.split("layers.")[1].split(".")[0] for k in state if ".layers." in k or k.startswith("layers.")}
+    layers = {k.split(".layers.")[1].split(".")[0] for k in state if ".layers." in k}  # a task's keys: net.layers.N
     if layers:
         sizes.append(f"depth {len(layers)}")
     head = state.get("net.head.weight")
