@@ -450,3 +450,76 @@ def test_box_conversions_give_float32_and_leave_their_input_alone() -> None:
     masks[0, 1:3, 2:5] = 1  # rows 1-2, columns 2-4 -> pixel-edge box (2, 1, 5, 3); mask 1 empty -> zeros
     got = masks_to_boxes(masks)
     assert got.dtype == np.float32 and got.tolist() == [[2.0, 1.0, 5.0, 3.0], [0.0, 0.0, 0.0, 0.0]]
+
+
+# ---- the embedded shapes: what is written is what was drawn ----------------------------------------------------------
+def test_uncompressed_rle_counts_by_hand_and_decoded_by_pycocotools() -> None:
+    from vision_mamba.data.shapes_det import _uncompressed_rle
+
+    mask = np.zeros((3, 4), np.uint8)
+    mask[0, 0] = mask[1, 2] = 1
+    # column by column: 1 0 0 | 0 0 0 | 0 1 0 | 0 0 0 -> COCO's counts start with a (here empty) run of zeros
+    assert _uncompressed_rle(mask) == {"size": [3, 4], "counts": [0, 1, 6, 1, 4]}
+    mask = np.zeros((3, 4), np.uint8)
+    mask[1, 0] = mask[2, 3] = 1  # 0 1 0 | 0 0 0 | 0 0 0 | 0 0 1: ends on a run of ones
+    assert _uncompressed_rle(mask) == {"size": [3, 4], "counts": [1, 1, 9, 1]}
+    assert _uncompressed_rle(np.zeros((2, 5), np.uint8))["counts"] == [10]
+    assert _uncompressed_rle(np.ones((2, 5), np.uint8))["counts"] == [0, 10]
+    rng = np.random.default_rng(0)
+    for h, w in ((7, 11), (12, 5), (1, 9)):
+        mask = (rng.random((h, w)) < 0.4).astype(np.uint8)
+        rle = _uncompressed_rle(mask)
+        assert all(type(c) is int for c in rle["counts"])  # plain ints: what json writes
+        decoded = mask_utils.decode(mask_utils.frPyObjects(json.loads(json.dumps(rle)), h, w))
+        assert np.array_equal(decoded, mask), (h, w)
+
+
+def test_shapes_annotations_match_the_drawn_pixels(tmp_path) -> None:
+    """Every annotation's mask is exactly the pixels of one drawn colour (RLE) or their outline (polygon), its box and
+    area are the mask's, its category is the shape's (polygons: 24, 4, 3 corners); crowds are uncompressed RLE."""
+    from vision_mamba.data.shapes_det import draw_split
+
+    data = draw_split(tmp_path, "s", 24, np.random.default_rng(1), crowd_prob=0.5)
+    full = draw_split(tmp_path / "again", "s", 24, np.random.default_rng(1), crowd_prob=0.5, box_only=False)
+    boxes_only = draw_split(tmp_path / "boxes", "s", 24, np.random.default_rng(1), crowd_prob=0.5, box_only=True)
+    assert data == full  # box_only=False is the default
+    assert boxes_only["images"] == data["images"] and boxes_only["annotations"] == [
+        {k: v for k, v in a.items() if k != "segmentation"} for a in data["annotations"]]
+    assert data["categories"] == [{"id": 2, "name": "circle", "supercategory": "shape"},
+                                  {"id": 5, "name": "square", "supercategory": "shape"},
+                                  {"id": 9, "name": "triangle", "supercategory": "shape"}]
+    assert [im["id"] for im in data["images"]] == list(range(1, 25))
+    assert [a["id"] for a in data["annotations"]] == list(range(1, len(data["annotations"]) + 1))
+    assert 1 not in {a["image_id"] for a in data["annotations"]}  # the first image is empty
+    coco = COCO()
+    coco.dataset = data
+    coco.createIndex()
+    kinds = {"polygon": 0, "rle": 0, "crowd": 0}
+    for im in data["images"]:
+        assert im["file_name"] == f"{im['id']:06d}.png"
+        pixels = np.asarray(Image.open(tmp_path / "s" / im["file_name"]))
+        assert pixels.shape == (im["height"], im["width"], 3) and 96 <= min(pixels.shape[:2]) <= max(pixels.shape) <= 160
+        for ann in coco.loadAnns(coco.getAnnIds(imgIds=im["id"])):
+            mask = coco.annToMask(ann).astype(bool)
+            colours, counts = np.unique(pixels[mask], axis=0, return_counts=True)
+            colour = colours[counts.argmax()]
+            assert colour.min() >= 120  # shapes are bright, the background dark
+            painted = (pixels == colour).all(-1)
+            seg = ann["segmentation"]
+            if ann["iscrowd"]:
+                kinds["crowd"] += 1
+                assert ann["category_id"] == 2 and isinstance(seg["counts"], list) and seg["size"] == list(pixels.shape[:2])
+                assert np.array_equal(mask, painted), ann["id"]  # six small circles of one colour
+            elif isinstance(seg, list):
+                kinds["polygon"] += 1
+                assert {24: 2, 4: 5, 3: 9}[len(seg[0]) // 2] == ann["category_id"]
+                # pycocotools rasterises the polygon a little differently from PIL at the edge (small shapes: ~15%)
+                assert (mask & painted).sum() / (mask | painted).sum() > 0.75
+            else:
+                kinds["rle"] += 1
+                assert isinstance(seg["counts"], str) and seg["size"] == list(pixels.shape[:2])
+                assert np.array_equal(mask, painted), ann["id"]
+            ys, xs = np.nonzero(painted)  # box and area: those of the drawn pixels
+            assert ann["bbox"] == [xs.min(), ys.min(), xs.max() - xs.min() + 1, ys.max() - ys.min() + 1]
+            assert ann["area"] == painted.sum()
+    assert min(kinds.values()) >= 2, kinds
