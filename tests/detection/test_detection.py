@@ -523,3 +523,44 @@ def test_shapes_annotations_match_the_drawn_pixels(tmp_path) -> None:
             assert ann["bbox"] == [xs.min(), ys.min(), xs.max() - xs.min() + 1, ys.max() - ys.min() + 1]
             assert ann["area"] == painted.sum()
     assert min(kinds.values()) >= 2, kinds
+
+
+def test_training_batches_are_shuffled_and_full_evaluation_keeps_the_file_order(coco_root) -> None:
+    from torch.utils.data import RandomSampler, SequentialSampler
+
+    dm = CocoDataModule(root=str(coco_root), num_classes=3, img_size=64, batch_size=3, num_workers=0)
+    dm.setup("fit")
+    dm.setup("test")
+    train = dm.train_dataloader()
+    assert isinstance(train.sampler, RandomSampler) and train.collate_fn is collate_detection
+    assert [len(images) for images, _ in train] == [3]  # 4 images with objects in batches of 3: the odd one dropped
+    for loader in (dm.val_dataloader(), dm.test_dataloader()):
+        assert isinstance(loader.sampler, SequentialSampler)
+        batches = list(loader)
+        assert [len(images) for images, _ in batches] == [3, 2]  # every image, the empty one too, in id order
+        assert [int(t["image_id"]) for _, targets in batches for t in targets] == [1, 2, 3, 4, 5]
+
+
+def test_the_data_check_reads_box_only_files_and_skips_boxes_by_data_min_box_size(coco_root, tmp_path) -> None:
+    anns = json.loads((coco_root / "annotations/instances_val2017.json").read_text())["annotations"]
+    narrow = sum(min(a["bbox"][2:]) < 21 for a in anns)  # the triangles (20 high) and the crowd region (16 x 12)
+    assert narrow == 3
+    plans = CocoDataModule(root=str(coco_root), num_classes=3, min_box_size=21).check_plan()
+    assert [p.summary.get("skipped with a degenerate box") for p in plans] == [narrow, narrow]
+    # a box-only file is checked (its images and counts), not refused as it is for training masks
+    root = write_shapes_coco(tmp_path / "boxes", num_train=3, num_val=2, box_only=True)
+    plans = CocoDataModule(root=str(root), num_classes=3).check_plan()
+    for plan, split in zip(plans, ("train2017", "val2017")):
+        data = json.loads((root / f"annotations/instances_{split}.json").read_text())
+        assert plan.name == split and len(plan.items) == len(data["images"])
+        assert plan.summary["box-only (no usable segmentation)"] == plan.summary["annotations"] == len(data["annotations"])
+
+
+def test_shapes_det_datamodule_writes_the_sizes_it_is_given(tmp_path) -> None:
+    from vision_mamba.data.shapes_det import ShapesDetDataModule
+
+    dm = ShapesDetDataModule(root=str(tmp_path / "shapes"), num_train=5, num_val=3, batch_size=2, num_workers=0)
+    dm.prepare_data()
+    for split, n in (("train2017", 5), ("val2017", 3)):
+        assert len(json.loads((tmp_path / "shapes" / f"annotations/instances_{split}.json").read_text())["images"]) == n
+        assert len(list((tmp_path / "shapes" / split).glob("*.png"))) == n
