@@ -178,3 +178,37 @@ def test_results_are_gathered_from_every_process(tmp_path) -> None:
         dist.destroy_process_group()
     assert json.loads((tmp_path / "coco_results_test.json").read_text()) == [{"image_id": 1, "category_id": 3}]
     assert task._results == []
+
+
+def test_the_coco_backend_is_faster_coco_eval_where_installed(monkeypatch) -> None:
+    import importlib.util
+
+    from vision_mamba.tasks.detection import coco_backend
+
+    assert importlib.util.find_spec("faster_coco_eval") is not None  # a dependency of the project
+    assert coco_backend() == "faster_coco_eval"
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None if name == "faster_coco_eval" else find_spec(name))
+    assert coco_backend() == "pycocotools"
+
+
+def test_the_mask_threshold_cuts_the_scored_and_the_written_masks_alike(tmp_path) -> None:
+    """One object, box and mask [0, 0, 100, 100]; the predicted mask is 1 on rows 0-61, exactly the threshold (0.7) on
+    rows 62-79 and 0.6 on rows 80-99. Cut above 0.7: mask IoU 0.62, a hit at 0.50, 0.55, 0.60 -> segm AP 0.3 (the box
+    is exact: bbox AP 1); the results json holds rows 0-61 only."""
+    from pycocotools import mask as mask_utils
+
+    soft = torch.zeros(1, 1, SIZE, SIZE)
+    soft[0, 0, :62, :100], soft[0, 0, 62:80, :100], soft[0, 0, 80:100, :100] = 1.0, 0.7, 0.6
+    pred = {"boxes": torch.tensor([[0.0, 0.0, 100.0, 100.0]]), "labels": torch.tensor([1]),
+            "scores": torch.tensor([0.9]), "masks": soft}
+    samples = [(torch.zeros(3, SIZE, SIZE), target(0, [[0, 0, 100, 100]], [1]))]
+    task = DetectionTask(net=nn.Identity(), detector=partial(Replay, predictions=[pred]), num_classes=1,
+                         draw_predictions=False, mask_threshold=0.7, write_results=True, output_dir=str(tmp_path))
+    trainer = Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
+                      default_root_dir=str(tmp_path))
+    metrics = trainer.validate(task, DataLoader(samples, collate_fn=collate_detection), verbose=False)[0]
+    assert metrics["val/bbox_mAP"] == pytest.approx(1.0) and metrics["val/segm_mAP"] == pytest.approx(0.3)
+    (result,) = json.loads((tmp_path / "coco_results_val.json").read_text())
+    want = box_mask([0, 0, 100, 62]).numpy()
+    assert (mask_utils.decode({"size": [SIZE, SIZE], "counts": result["segmentation"]["counts"].encode()}) == want).all()
