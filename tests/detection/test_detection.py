@@ -109,8 +109,10 @@ def test_box_and_category_conversions_round_trip() -> None:
     cats = CategoryMap(list(reversed(CATS)))
     assert [cats.to_label(c["id"]) for c in CATS] == [1, 2, 3]  # contiguous, sorted by id; 0 stays background
     assert [cats.to_cat_id(label) for label in (1, 2, 3)] == [3, 7, 11]
-    with pytest.raises(KeyError):
-        cats.to_cat_id(0)
+    for label in (0, 4):
+        with pytest.raises(KeyError) as error:
+            cats.to_cat_id(label)
+        assert error.value.args == (f"label {label} is not a foreground label (1..3)",)
 
 
 # ---- the loader ----------------------------------------------------------------------------------------------------
@@ -450,3 +452,172 @@ def test_box_conversions_give_float32_and_leave_their_input_alone() -> None:
     masks[0, 1:3, 2:5] = 1  # rows 1-2, columns 2-4 -> pixel-edge box (2, 1, 5, 3); mask 1 empty -> zeros
     got = masks_to_boxes(masks)
     assert got.dtype == np.float32 and got.tolist() == [[2.0, 1.0, 5.0, 3.0], [0.0, 0.0, 0.0, 0.0]]
+
+
+# ---- the embedded shapes: what is written is what was drawn ----------------------------------------------------------
+def test_uncompressed_rle_counts_by_hand_and_decoded_by_pycocotools() -> None:
+    from vision_mamba.data.shapes_det import _uncompressed_rle
+
+    mask = np.zeros((3, 4), np.uint8)
+    mask[0, 0] = mask[1, 2] = 1
+    # column by column: 1 0 0 | 0 0 0 | 0 1 0 | 0 0 0 -> COCO's counts start with a (here empty) run of zeros
+    assert _uncompressed_rle(mask) == {"size": [3, 4], "counts": [0, 1, 6, 1, 4]}
+    mask = np.zeros((3, 4), np.uint8)
+    mask[1, 0] = mask[2, 3] = 1  # 0 1 0 | 0 0 0 | 0 0 0 | 0 0 1: ends on a run of ones
+    assert _uncompressed_rle(mask) == {"size": [3, 4], "counts": [1, 1, 9, 1]}
+    assert _uncompressed_rle(np.zeros((2, 5), np.uint8))["counts"] == [10]
+    assert _uncompressed_rle(np.ones((2, 5), np.uint8))["counts"] == [0, 10]
+    rng = np.random.default_rng(0)
+    for h, w in ((7, 11), (12, 5), (1, 9)):
+        mask = (rng.random((h, w)) < 0.4).astype(np.uint8)
+        rle = _uncompressed_rle(mask)
+        assert all(type(c) is int for c in rle["counts"])  # plain ints: what json writes
+        decoded = mask_utils.decode(mask_utils.frPyObjects(json.loads(json.dumps(rle)), h, w))
+        assert np.array_equal(decoded, mask), (h, w)
+
+
+def test_shapes_annotations_match_the_drawn_pixels(tmp_path) -> None:
+    """Every annotation's mask is exactly the pixels of one drawn colour (RLE) or their outline (polygon), its box and
+    area are the mask's, its category is the shape's (polygons: 24, 4, 3 corners); crowds are uncompressed RLE."""
+    from vision_mamba.data.shapes_det import draw_split
+
+    data = draw_split(tmp_path, "s", 24, np.random.default_rng(1), crowd_prob=0.5)
+    full = draw_split(tmp_path / "again", "s", 24, np.random.default_rng(1), crowd_prob=0.5, box_only=False)
+    boxes_only = draw_split(tmp_path / "boxes", "s", 24, np.random.default_rng(1), crowd_prob=0.5, box_only=True)
+    assert data == full  # box_only=False is the default
+    assert boxes_only["images"] == data["images"] and boxes_only["annotations"] == [
+        {k: v for k, v in a.items() if k != "segmentation"} for a in data["annotations"]]
+    assert data["categories"] == [{"id": 2, "name": "circle", "supercategory": "shape"},
+                                  {"id": 5, "name": "square", "supercategory": "shape"},
+                                  {"id": 9, "name": "triangle", "supercategory": "shape"}]
+    assert [im["id"] for im in data["images"]] == list(range(1, 25))
+    assert [a["id"] for a in data["annotations"]] == list(range(1, len(data["annotations"]) + 1))
+    assert 1 not in {a["image_id"] for a in data["annotations"]}  # the first image is empty
+    coco = COCO()
+    coco.dataset = data
+    coco.createIndex()
+    kinds = {"polygon": 0, "rle": 0, "crowd": 0}
+    for im in data["images"]:
+        assert im["file_name"] == f"{im['id']:06d}.png"
+        pixels = np.asarray(Image.open(tmp_path / "s" / im["file_name"]))
+        assert pixels.shape == (im["height"], im["width"], 3) and 96 <= min(pixels.shape[:2]) <= max(pixels.shape) <= 160
+        for ann in coco.loadAnns(coco.getAnnIds(imgIds=im["id"])):
+            mask = coco.annToMask(ann).astype(bool)
+            colours, counts = np.unique(pixels[mask], axis=0, return_counts=True)
+            colour = colours[counts.argmax()]
+            assert colour.min() >= 120  # shapes are bright, the background dark
+            painted = (pixels == colour).all(-1)
+            seg = ann["segmentation"]
+            if ann["iscrowd"]:
+                kinds["crowd"] += 1
+                assert ann["category_id"] == 2 and isinstance(seg["counts"], list) and seg["size"] == list(pixels.shape[:2])
+                assert np.array_equal(mask, painted), ann["id"]  # six small circles of one colour
+            elif isinstance(seg, list):
+                kinds["polygon"] += 1
+                assert {24: 2, 4: 5, 3: 9}[len(seg[0]) // 2] == ann["category_id"]
+                # pycocotools rasterises the polygon a little differently from PIL at the edge (small shapes: ~15%)
+                assert (mask & painted).sum() / (mask | painted).sum() > 0.75
+            else:
+                kinds["rle"] += 1
+                assert isinstance(seg["counts"], str) and seg["size"] == list(pixels.shape[:2])
+                assert np.array_equal(mask, painted), ann["id"]
+            ys, xs = np.nonzero(painted)  # box and area: those of the drawn pixels
+            assert ann["bbox"] == [xs.min(), ys.min(), xs.max() - xs.min() + 1, ys.max() - ys.min() + 1]
+            assert ann["area"] == painted.sum()
+    assert min(kinds.values()) >= 2, kinds
+
+
+def test_training_batches_are_shuffled_and_full_evaluation_keeps_the_file_order(coco_root) -> None:
+    from torch.utils.data import RandomSampler, SequentialSampler
+
+    dm = CocoDataModule(root=str(coco_root), num_classes=3, img_size=64, batch_size=3, num_workers=0)
+    dm.setup("fit")
+    dm.setup("test")
+    train = dm.train_dataloader()
+    assert isinstance(train.sampler, RandomSampler) and train.collate_fn is collate_detection
+    (images, _), = list(train)  # 4 images with objects in batches of 3: the odd one dropped
+    assert [tuple(im.shape) for im in images] == [(3, 64, 64)] * 3  # jittered to the img_size square
+    for loader in (dm.val_dataloader(), dm.test_dataloader()):
+        assert isinstance(loader.sampler, SequentialSampler)
+        batches = list(loader)
+        assert [len(images) for images, _ in batches] == [3, 2]  # every image, the empty one too, in id order
+        assert [int(t["image_id"]) for _, targets in batches for t in targets] == [1, 2, 3, 4, 5]
+        assert [tuple(im.shape) for images, _ in batches for im in images] == [(3, 60, 72 + 4 * i) for i in range(1, 6)]
+
+
+def test_the_data_check_reads_box_only_files_and_skips_boxes_by_data_min_box_size(coco_root, tmp_path) -> None:
+    anns = json.loads((coco_root / "annotations/instances_val2017.json").read_text())["annotations"]
+    narrow = sum(min(a["bbox"][2:]) < 21 for a in anns)  # the triangles (20 high) and the crowd region (16 x 12)
+    assert narrow == 3
+    plans = CocoDataModule(root=str(coco_root), num_classes=3, min_box_size=21).check_plan()
+    assert [p.summary.get("skipped with a degenerate box") for p in plans] == [narrow, narrow]
+    # a box-only file is checked (its images and counts), not refused as it is for training masks
+    root = write_shapes_coco(tmp_path / "boxes", num_train=3, num_val=2, box_only=True)
+    plans = CocoDataModule(root=str(root), num_classes=3).check_plan()
+    for plan, split in zip(plans, ("train2017", "val2017")):
+        data = json.loads((root / f"annotations/instances_{split}.json").read_text())
+        assert plan.name == split and len(plan.items) == len(data["images"])
+        assert plan.summary["box-only (no usable segmentation)"] == plan.summary["annotations"] == len(data["annotations"])
+
+
+def test_shapes_det_datamodule_writes_the_sizes_it_is_given(tmp_path) -> None:
+    from vision_mamba.data.shapes_det import ShapesDetDataModule
+
+    dm = ShapesDetDataModule(root=str(tmp_path / "shapes"), num_train=5, num_val=3, batch_size=2, num_workers=0)
+    dm.prepare_data()
+    for split, n in (("train2017", 5), ("val2017", 3)):
+        assert len(json.loads((tmp_path / "shapes" / f"annotations/instances_{split}.json").read_text())["images"]) == n
+        assert len(list((tmp_path / "shapes" / split).glob("*.png"))) == n
+
+
+def test_unusable_polygons_are_skipped_and_counted(tmp_path) -> None:
+    bad = [[], [[1, 1, 20, 1]], [[1, 1, 20, 1, 20, 20, 3]], [1, 1, 20, 1, 20, 20]]  # none, 2 points, odd, not nested
+    root = write_tiny_coco(tmp_path / "coco", extra_anns=[
+        {"id": 900 + i, "image_id": 1, "category_id": 3, "iscrowd": 0, "bbox": [1, 1, 19, 19], "area": 180,
+         "segmentation": seg} for i, seg in enumerate(bad)])
+    ann_file = root / "annotations/instances_val2017.json"
+    data = CocoInstances(root / "val2017", ann_file)
+    assert data.skipped["without a usable segmentation"] == len(bad) and len(data[0][1]["boxes"]) == 2
+    assert len(CocoInstances(root / "val2017", ann_file, masks=False)[0][1]["boxes"]) == 2 + len(bad)  # boxes: kept
+
+
+def test_a_size_that_disagrees_with_the_json_names_file_sizes_and_fix(tmp_path) -> None:
+    from vision_mamba.data.coco import read_coco_image
+    from vision_mamba.data.errors import SKIP_HINT, BadImageError
+
+    Image.new("RGB", (7, 5)).save(tmp_path / "a.png")
+    assert read_coco_image(tmp_path / "a.png", 7, 5, "x.json").shape == (5, 7, 3)
+    with pytest.raises(BadImageError) as error:
+        read_coco_image(tmp_path / "a.png", 5, 7, "instances_val2017.json")
+    assert str(error.value) == (
+        f"{tmp_path / 'a.png'} is 7x5 but its entry in instances_val2017.json says 5x7: fix width/height in the json "
+        f"(annotations are in the stored pixel order: EXIF rotation is not applied), {SKIP_HINT}")
+
+
+def test_augmentation_drops_boxes_under_a_pixel_and_takes_boxes_from_the_masks(coco_root) -> None:
+    """Through an identity transform with the training box settings: what is left is decided by the boxes (box-only)
+    or by the masks (a box is its mask's extent; an emptied mask drops its instance)."""
+    import albumentations as A
+
+    data = CocoInstances(coco_root / "val2017", coco_root / "annotations/instances_val2017.json")
+    data.transform = A.Compose([A.NoOp()], bbox_params=A.BboxParams(
+        format="pascal_voc", label_fields=["labels", "index"], min_visibility=0.0, clip=True))
+    image = np.zeros((20, 30, 3), np.uint8)
+    boxes = np.array([[0, 0, 0.5, 10], [5, 0, 5.5, 10], [0, 5, 10, 5.5],  # under a pixel wide or high
+                      [0.5, 0, 1.5, 10], [2, 2, 12, 3], [2, 2, 12, 12]], np.float32)  # one pixel, or more
+    labels, iscrowd = np.arange(1, 7), np.array([0, 0, 0, 0, 1, 0])
+    out_image, out_boxes, out_labels, out_crowd, out_masks = data._augment(image, boxes, labels, iscrowd, None)
+    assert out_image.shape == (20, 30, 3) and out_masks is None
+    np.testing.assert_allclose(out_boxes, boxes[3:], atol=1e-5)
+    assert out_boxes.dtype == np.float32 and out_labels.tolist() == [4, 5, 6] and out_crowd.tolist() == [0, 1, 0]
+
+    masks = np.zeros((3, 20, 30), np.uint8)
+    masks[0, 2:8, 3] = 1  # one column: box (3, 2, 4, 8)
+    masks[2, 10:14, 20:26] = 1  # mask 1 is empty: its instance goes, whatever its box says
+    loose = np.array([[2, 1, 6, 9], [10, 10, 15, 15], [19, 9, 27, 15]], np.float32)
+    _, out_boxes, out_labels, out_crowd, out_masks = data._augment(image, loose, labels[:3], iscrowd[:3], masks)
+    assert out_boxes.tolist() == [[3, 2, 4, 8], [20, 10, 26, 14]] and out_labels.tolist() == [1, 3]
+    assert np.array_equal(out_masks, masks[[0, 2]]) and out_masks.dtype == np.uint8
+    _, out_boxes, _, _, out_masks = data._augment(image, np.zeros((0, 4), np.float32), labels[:0], iscrowd[:0],
+                                                  np.zeros((0, 20, 30), np.uint8))
+    assert out_boxes.shape == (0, 4) and out_masks.shape == (0, 20, 30) and out_masks.dtype == np.uint8

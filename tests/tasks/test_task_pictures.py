@@ -267,3 +267,12 @@ def test_detection_draws_the_first_image_with_objects_each_validation_epoch(tmp_
     assert args[0] == "val/predictions" and torch.equal(args[1], torch.from_numpy(want).permute(2, 0, 1))
     assert kwargs == {"global_step": 0}
     assert task._drawn is None  # handed over, so the next epoch draws afresh
+
+
+def test_label_one_is_the_first_name_and_only_a_short_side_under_256_is_upscaled(spies) -> None:
+    boxes_spy, _ = spies
+    pred = {"boxes": torch.tensor([[1.0, 1.0, 5.0, 5.0]]), "labels": torch.tensor([1]), "scores": torch.tensor([0.8])}
+    assert draw_predictions(torch.zeros(3, 100, 300), pred, names=["only"]).shape == (3, 256, 768)  # x 2.56
+    assert boxes_spy.calls[0][1]["labels"] == ["only 0.80"]
+    assert torch.allclose(boxes_spy.calls[0][0][1], pred["boxes"] * 2.56)
+    assert draw_predictions(torch.zeros(3, 300, 320), pred).shape == (3, 300, 320)  # both sides over 256: as it is

@@ -20,6 +20,7 @@ from torchmetrics import MaxMetric
 from torchmetrics.detection import MeanAveragePrecision
 from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks
 
+from vision_mamba.data.coco import xyxy_to_xywh
 from vision_mamba.tasks.base import VisionTask
 
 # faster_coco_eval prints its whole summary table at INFO on every evaluation; our own metrics are logged instead
@@ -37,8 +38,7 @@ def coco_backend() -> str:
 
 def to_coco_results(pred: dict[str, torch.Tensor], image_id: int, label_to_cat_id, mask_threshold: float = 0.5):
     """One image's predictions as COCO result entries: original category ids, xywh boxes, RLE segmentations."""
-    boxes = pred["boxes"].detach().float().cpu().numpy()
-    boxes[:, 2:] -= boxes[:, :2]  # xyxy -> xywh
+    boxes = xyxy_to_xywh(pred["boxes"].detach().float().cpu().numpy())  # a copy: the prediction is drawn afterwards
     masks = pred.get("masks")
     rles = None
     if masks is not None and len(masks):
