@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import re
 import shutil
 from pathlib import Path
 
@@ -216,3 +218,52 @@ def test_layout_errors_name_the_folder_or_file(tmp_path) -> None:
     with pytest.raises(DatasetError, match=r"data.batch_size=4 is the global batch size and must divide by the number "
                                            r"of processes \(3\); pick a multiple of 3"):
         per_device_batch_size(4, Trainer())
+
+
+def test_an_embedded_dataset_is_written_once_whole_or_not_at_all(tmp_path) -> None:
+    from vision_mamba.data.common import write_dataset_once
+
+    root = tmp_path / "nested" / "data" / "shapes"  # parents made as needed
+    made = []
+
+    def write(folder: Path) -> str:
+        made.append(folder)
+        (folder / "a.png").write_bytes(b"png")
+        return "one image"
+
+    assert write_dataset_once(root, write) == root
+    # filled in a hidden sibling named after the root and this process, then renamed onto the root
+    assert re.fullmatch(rf"\.shapes-{os.getpid()}-[0-9a-f]{{8}}", made[0].name) and made[0].parent == root.parent
+    assert sorted(p.name for p in root.iterdir()) == [".complete", "a.png"]
+    assert (root / ".complete").read_text() == "one image\n"
+    assert write_dataset_once(root, write) == root and len(made) == 1  # complete: not written again
+    (root / ".complete").unlink()  # a stale, unmarked folder from an interrupted write: replaced whole
+    (root / "half.png").write_bytes(b"")
+    assert write_dataset_once(root, write) == root and len(made) == 2
+    assert sorted(p.name for p in root.iterdir()) == [".complete", "a.png"]
+    assert sorted(p.name for p in root.parent.iterdir()) == ["shapes"]
+
+    # a failed write leaves nothing behind and its own error stands, even where the folder is gone already
+    def fail(folder: Path) -> str:
+        (folder / "a.png").write_bytes(b"png")
+        raise KeyboardInterrupt
+
+    def fail_after_removing(folder: Path) -> str:
+        folder.rmdir()
+        raise ValueError("disk gone")
+
+    other = tmp_path / "other"
+    with pytest.raises(KeyboardInterrupt):
+        write_dataset_once(other, fail)
+    with pytest.raises(ValueError, match="^disk gone$"):
+        write_dataset_once(other, fail_after_removing)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["nested"]
+
+
+def test_a_loader_workers_traceback_is_cut_to_our_own_message() -> None:
+    # the text torch's ExceptionWrapper.reraise builds from a DatasetError raised in a worker
+    worker = ("Caught DatasetError in DataLoader worker process 0.\nOriginal Traceback (most recent call last):\n"
+              '  File "x.py", line 3, in f\n    raise DatasetError("a: b: c")\n'
+              "vision_mamba.data.errors.DatasetError: a: b: c\n")
+    assert str(DatasetError(worker)) == "a: b: c"
+    assert str(DatasetError("a: b: c")) == "a: b: c"

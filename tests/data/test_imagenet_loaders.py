@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -11,6 +12,7 @@ from test_train import write_tiny_imagenet
 from timm.data.distributed_sampler import RepeatAugSampler
 from torch.utils.data import DataLoader, DistributedSampler, SequentialSampler
 
+from vision_mamba.data.bad_files import BadFileReport
 from vision_mamba.data.errors import DatasetError
 from vision_mamba.data.imagenet import ImageFolderDataModule
 from vision_mamba.data.images import check_image
@@ -100,3 +102,46 @@ def test_state_dict_holds_the_class_names_once_set_up(root) -> None:
     dm.setup("validate")
     assert dm.state_dict() == {"class_names": CLASSES}
     assert datamodule(root, "fit").state_dict() == {"class_names": CLASSES}
+
+
+def test_validation_needs_only_the_validation_split_and_training_gets_the_training_transforms(root) -> None:
+    shutil.move(root / "train", root.parent / "train-elsewhere")  # validating or testing never reads train/
+    dm = datamodule(root, "validate")
+    assert dm.data_train is None and len(dm.data_val) == 9
+    shutil.move(root.parent / "train-elsewhere", root / "train")
+    dm = datamodule(root, "fit")
+    # timm's training pipeline (random crop, flip, jitter) for training; resize + centre crop for evaluation
+    assert [type(t).__name__ for t in dm.data_train.transform.transforms] == [
+        "ToRGB", "RandomResizedCropAndInterpolation", "RandomHorizontalFlip", "ColorJitter", "MaybeToTensor",
+        "Normalize"]
+    assert [type(t).__name__ for t in dm.data_val.transform.transforms] == [
+        "ToRGB", "Resize", "CenterCrop", "MaybeToTensor", "Normalize"]
+
+
+def test_skip_has_the_trainer_report_the_skipped_files(root) -> None:
+    trainer = SimpleNamespace(world_size=1, global_rank=0, callbacks=[])
+    dm = datamodule(root, "fit", trainer, bad_images="skip")
+    assert [type(c) for c in trainer.callbacks] == [BadFileReport]
+    assert trainer.callbacks[0].bad_files is dm.bad_files
+    dm.setup("validate")  # once per trainer
+    assert len(trainer.callbacks) == 1
+
+
+def test_layout_messages_name_the_folder_and_the_fix(root, tmp_path) -> None:
+    layout = "expected the ImageNet layout: ROOT/train/<class>/*.JPEG and ROOT/val/<class>/*.JPEG"
+    missing = tmp_path / "nowhere"
+    with pytest.raises(DatasetError) as err:
+        datamodule(missing)
+    assert str(err.value) == f"data.root={missing} does not exist ({layout})"
+    # a class folder holding only files that are not images (any case of torchvision's extensions is an image)
+    folder = root / "val" / CLASSES[1]
+    for p in folder.iterdir():
+        p.unlink()
+    (folder / "notes.txt").write_text("not an image")
+    (folder / "sub.jpg").mkdir()  # a folder, whatever its name
+    with pytest.raises(DatasetError) as err:
+        datamodule(root, "validate")
+    assert str(err.value) == (f"class folder {folder} holds no images (.jpg, .jpeg, .png, .ppm, .bmp, .pgm, .tif, "
+                              ".tiff, .webp): add images or remove the folder")
+    (folder / "scan.TIFF").write_bytes((root / "val" / CLASSES[0] / f"{CLASSES[0]}_0.JPEG").read_bytes())
+    assert datamodule(root, "validate").data_val.classes == CLASSES
