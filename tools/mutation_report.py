@@ -21,8 +21,9 @@ from pathlib import Path
 SECTIONS = {"## Equivalent mutants": "equivalent", "## Survivors that need CUDA or several processes": "needs CUDA/DDP",
             "## Survivors the specification allows": "spec allows"}
 STATUSES = {"killed": "killed", "timeout": "timeout", "no tests": "no tests", "not checked": "not run",
-            "survived": "survived", "suspicious": "timeout", "segfault": "killed", "skipped": "not run"}
-COLUMNS = ["killed", "equivalent", "needs CUDA/DDP", "spec allows", "survived", "timeout", "no tests", "not run"]
+            "survived": "survived", "suspicious": "timeout", "segfault": "crashed", "skipped": "not run"}
+COLUMNS = ["killed", "equivalent", "needs CUDA/DDP", "spec allows", "survived", "timeout", "crashed", "no tests",
+           "not run"]
 MUTANT = re.compile(r"^(?P<module>[\w.]+)\.x(?:ǁ(?P<cls>\w+)ǁ|_)(?P<func>\w+?)__mutmut_(?P<n>\d+)$")
 
 
